@@ -1,0 +1,260 @@
+"""The one config schema: `pipelines.yaml`, the CLI's --set and the Prefect parameter form all go
+through `PipelineConfig`. Defaults live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(Strict):
+    source: str = Field(
+        "builtin:tiny-llama",
+        description="`builtin:NAME` (built in code, offline), a local folder, or a Hugging Face Hub id.",
+    )
+    revision: str | None = Field(None, description="Hub branch, tag or commit (Hub ids only).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype for training: auto = bfloat16 on a GPU that has it, else float32."
+    )
+
+
+class DataSpec(Strict):
+    sources: list[str] = Field(
+        ..., min_length=1,
+        description="JSONL files of {prompt, chosen, rejected}; relative paths resolve against pipelines.yaml.",
+    )
+    heldout_fraction: float = Field(0.1, gt=0, lt=1, description="Share of prompts held out (split by prompt hash).")
+    system_prompt: str | None = Field(None, description="System message put before every prompt.")
+    on_error: Literal["quarantine", "fail"] = Field(
+        "quarantine", description="quarantine: keep bad rows aside in rejected.jsonl; fail: stop at the first."
+    )
+
+
+class LoraSpec(Strict):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+
+
+class TrainSpec(Strict):
+    learning_rate: float = Field(gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: run all epochs).")
+    per_device_batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(8, ge=1)
+    max_length: int = Field(512, ge=8, description="Tokens of prompt + completion kept per sequence.")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    gradient_checkpointing: bool | None = Field(None, description="None: on with a GPU, off on CPU.")
+    logging_steps: int = Field(10, ge=1)
+    lora: LoraSpec = LoraSpec()
+
+
+class SFTSpec(TrainSpec):
+    enabled: bool = False
+    learning_rate: float = Field(2e-4, gt=0)
+
+
+class DPOSpec(TrainSpec):
+    learning_rate: float = Field(5e-6, gt=0)
+    beta: float = Field(0.1, gt=0)
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+
+
+class EvaluateSpec(Strict):
+    enabled: bool = True
+    batch_size: int = Field(16, ge=1)
+
+
+class ExportSpec(Strict):
+    formats: list[Literal["adapter", "merged"]] = ["adapter", "merged"]
+    dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="dtype of the merged weights.")
+
+
+class PipelineConfig(Strict):
+    name: str
+    description: str = ""
+    workdir: str = Field(".dpoflow", description="Cache, stage outputs and run folders; relative to pipelines.yaml.")
+    seed: int = 42
+    cpu_threads: int | None = Field(None, ge=1, description="torch threads on CPU (None: torch's default).")
+    model: ModelSpec = ModelSpec()
+    data: DataSpec
+    sft: SFTSpec = SFTSpec()
+    dpo: DPOSpec = DPOSpec()
+    evaluate: EvaluateSpec = EvaluateSpec()
+    export: ExportSpec = ExportSpec()
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_simple(cls, v: str) -> str:
+        if not v or any(c in v for c in "/\\ "):
+            raise ValueError("a pipeline name has no spaces or slashes")
+        return v
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; `problems` holds one line per bad field."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+DEFAULT_FILE = "pipelines.yaml"
+TOP_LEVEL_KEYS = {"defaults", "pipelines"}
+
+
+def load_pipeline(name: str, file: str | Path = DEFAULT_FILE, overrides: list[str] = ()) -> PipelineConfig:
+    """The named pipeline from `file`: defaults, then its own entry, then --set overrides."""
+    doc, lines, path = _read(file)
+    pipelines = doc.get("pipelines") or {}
+    if name not in pipelines:
+        known = ", ".join(sorted(pipelines)) or "none"
+        raise ConfigError([f"{path}: no pipeline named {name!r} (defined: {known})"])
+    return _build(name, doc, lines, path, overrides)
+
+
+def validate_file(file: str | Path = DEFAULT_FILE, overrides: list[str] = ()) -> list[PipelineConfig]:
+    """Every pipeline in `file`, or a ConfigError listing every problem in all of them."""
+    doc, lines, path = _read(file)
+    configs, problems = [], []
+    for name in doc.get("pipelines") or {}:
+        try:
+            configs.append(_build(name, doc, lines, path, overrides))
+        except ConfigError as e:
+            problems.extend(e.problems)
+    if problems:
+        raise ConfigError(problems)
+    if not configs:
+        raise ConfigError([f"{path}: no pipelines defined under `pipelines:`"])
+    return configs
+
+
+def pipeline_names(file: str | Path = DEFAULT_FILE) -> list[str]:
+    doc, _, _ = _read(file)
+    return list(doc.get("pipelines") or {})
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`dpo.beta=0.2` -> (["dpo", "beta"], 0.2); the value is read as YAML, so lists and numbers work."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError([f"--set {item!r}: expected KEY.PATH=VALUE"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError([f"--set {item!r}: value is not valid YAML ({e.problem})"]) from None
+    return key.strip().split("."), value
+
+
+def _read(file: str | Path) -> tuple[dict, dict[tuple, int], Path]:
+    path = Path(file).resolve()
+    if not path.is_file():
+        raise ConfigError([f"{file}: file not found"])
+    text = path.read_text(encoding="utf-8")
+    try:
+        doc = yaml.safe_load(text) or {}
+        lines = _key_lines(yaml.compose(text))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError([f"{where}: invalid YAML: {getattr(e, 'problem', e)}"]) from None
+    if not isinstance(doc, dict):
+        raise ConfigError([f"{path}: expected a mapping with `pipelines:` at the top"])
+    unknown = set(doc) - TOP_LEVEL_KEYS
+    if unknown:
+        raise ConfigError([f"{path}:{lines.get((k,), '?')}: {k}: unknown top-level key (allowed: defaults, pipelines)"
+                           for k in sorted(unknown)])
+    for key in TOP_LEVEL_KEYS:
+        if doc.get(key) is not None and not isinstance(doc[key], dict):
+            raise ConfigError([f"{path}:{lines.get((key,), '?')}: {key}: expected a mapping"])
+    return doc, lines, path
+
+
+def _build(name: str, doc: dict, lines: dict, path: Path, overrides: list[str]) -> PipelineConfig:
+    entry = doc["pipelines"][name]
+    if entry is not None and not isinstance(entry, dict):
+        raise ConfigError([f"{path}:{lines.get(('pipelines', name), '?')}: pipelines.{name}: expected a mapping"])
+    merged = _deep_merge(copy.deepcopy(doc.get("defaults") or {}), entry or {})
+    overridden: set[tuple] = set()
+    for item in overrides:
+        keys, value = parse_override(item)
+        _set_path(merged, keys, value, item)
+        overridden.add(tuple(keys))
+    merged["name"] = name
+    try:
+        config = PipelineConfig.model_validate(merged)
+    except ValidationError as e:
+        raise ConfigError([_describe(err, name, lines, path, overridden) for err in e.errors()]) from None
+    return _resolve_paths(config, path.parent)
+
+
+def _describe(err: dict, name: str, lines: dict, path: Path, overridden: set[tuple]) -> str:
+    loc = tuple(str(p) for p in err["loc"])
+    dotted = ".".join(loc)
+    for n in range(len(loc), 0, -1):
+        if loc[:n] in overridden:
+            return f"--set {'.'.join(loc[:n])}: {dotted}: {err['msg']}"
+    for n in range(len(loc), -1, -1):
+        for prefix in (("pipelines", name), ("defaults",)):
+            line = lines.get(prefix + loc[:n])
+            if line is not None:
+                where = ".".join(prefix + loc)
+                return f"{path}:{line}: {where}: {err['msg']}"
+    return f"{path}: pipelines.{name}.{dotted}: {err['msg']}"
+
+
+def _resolve_paths(config: PipelineConfig, base: Path) -> PipelineConfig:
+    def absolute(p: str) -> str:
+        return str((base / p).resolve()) if not Path(p).is_absolute() else p
+
+    data = config.data.model_copy(update={"sources": [absolute(s) for s in config.data.sources]})
+    update: dict[str, Any] = {"data": data, "workdir": absolute(config.workdir)}
+    source = config.model.source
+    if not source.startswith("builtin:") and (source.startswith((".", "/", "~")) or (base / source).exists()):
+        update["model"] = config.model.model_copy(update={"source": absolute(str(Path(source).expanduser()))})
+    return config.model_copy(update=update)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            base[k] = _deep_merge(base[k], v)
+        else:
+            base[k] = copy.deepcopy(v)
+    return base
+
+
+def _set_path(doc: dict, keys: list[str], value: Any, item: str) -> None:
+    node = doc
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise ConfigError([f"--set {item!r}: {k} is not a section"])
+        node = child
+    node[keys[-1]] = value
+
+
+def _key_lines(node: yaml.Node | None, prefix: tuple = ()) -> dict[tuple, int]:
+    """(key, path, ...) -> 1-based line of that key in the YAML text."""
+    out: dict[tuple, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            path = prefix + (str(key_node.value),)
+            out[path] = key_node.start_mark.line + 1
+            out.update(_key_lines(value_node, path))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out[prefix + (str(i),)] = item.start_mark.line + 1
+            out.update(_key_lines(item, prefix + (str(i),)))
+    return out

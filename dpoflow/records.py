@@ -1,0 +1,48 @@
+"""What stages hand each other: small JSON-able records of paths, content digests and metrics.
+
+A record's `digest` is the content hash of its sealed output folder; downstream cache keys are built
+from digests, never from paths, so a changed file behind the same path re-runs what depends on it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel
+
+
+class Artifact(BaseModel):
+    path: str  # where the artifact is (a folder)
+    digest: str
+
+
+class ModelRef(Artifact):
+    """A loadable model folder (weights, tokenizer with chat template)."""
+
+    source: str
+    role: Literal["base", "sft"]
+
+
+class PreparedData(Artifact):
+    train: str
+    heldout: str
+    rejected: str
+    counts: dict[str, int]
+
+
+class TrainedAdapter(Artifact):
+    """A LoRA adapter on top of `start`; the DPO reference is `start` with the adapter off."""
+
+    start: ModelRef
+    reference: str
+    metrics: dict[str, float]
+
+
+class EvalReport(Artifact):
+    metrics: dict[str, float]
+
+
+class Exports(Artifact):
+    adapter: str | None
+    merged: str | None
+    checks: dict[str, float]

@@ -1,0 +1,54 @@
+"""The run summary: one row per stage (ran or cached, seconds, key metric), as text and markdown."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .records import EvalReport, Exports, ModelRef, PreparedData, TrainedAdapter
+
+
+@dataclass
+class StageRow:
+    stage: str
+    status: str  # "ran" | "cached"
+    seconds: float
+    metric: str
+    output: str
+
+
+def key_metric(record) -> str:
+    if isinstance(record, PreparedData):
+        c = record.counts
+        return f"train {c['train']}, held-out {c['heldout']}, rejected {c['rejected']}"
+    if isinstance(record, TrainedAdapter):
+        m = record.metrics
+        return (f"reward acc {m.get('rewards/accuracies', float('nan')):.2f}, "
+                f"margin {m.get('rewards/margins', float('nan')):.3f}")
+    if isinstance(record, EvalReport):
+        m = record.metrics
+        return f"held-out pref. acc {m['start_accuracy']:.3f} -> {m['tuned_accuracy']:.3f}"
+    if isinstance(record, Exports):
+        return ", ".join(name for name in ("adapter", "merged") if getattr(record, name))
+    if isinstance(record, ModelRef):
+        return f"{record.role} {record.digest[:12]}"
+    return ""
+
+
+def text_table(rows: list[StageRow]) -> str:
+    header = ("stage", "status", "seconds", "key metric")
+    cells = [header] + [(r.stage, r.status, f"{r.seconds:.1f}", r.metric) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
+    lines = ["  ".join(c[i].ljust(widths[i]) for i in range(len(header))).rstrip() for c in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown(pipeline: str, rows: list[StageRow], notes: list[str]) -> str:
+    out = [f"# dpoflow run: {pipeline}", "", "| stage | status | seconds | key metric |", "|---|---|---|---|"]
+    out += [f"| {r.stage} | {r.status} | {r.seconds:.1f} | {r.metric} |" for r in rows]
+    out += [""] + [f"- {n}" for n in notes]
+    return "\n".join(out) + "\n"
+
+
+def rows_as_dicts(rows: list[StageRow]) -> list[dict]:
+    return [asdict(r) for r in rows]

@@ -1,0 +1,131 @@
+"""The pipeline flow: which stages run, in what order, and what feeds what.
+
+model -> prepare -> [sft] -> dpo -> evaluate -> export. Each stage is a Prefect task cached under a
+key made of its inputs' content digests, its config and its code (dpoflow.cache); a cache hit whose
+output folder is missing or altered on disk is refreshed instead of trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from dpoflow import models
+from dpoflow.artifacts import file_sha256, is_intact
+from dpoflow.cache import Workspace, stage_key
+from dpoflow.config import PipelineConfig
+from dpoflow.runtime import set_cpu_threads
+from dpoflow.summary import StageRow, key_metric, markdown, rows_as_dicts
+from dpoflow.tasks.dpo import dpo_task
+from dpoflow.tasks.evaluate import evaluate_task
+from dpoflow.tasks.export import export_task
+from dpoflow.tasks.model import model_task
+from dpoflow.tasks.prepare import prepare_task
+from dpoflow.tasks.sft import sft_task
+
+
+class StageRunner:
+    """Runs stage tasks with content keys and records what ran, what came from cache, and how long."""
+
+    def __init__(self, workspace: Workspace):
+        self.workspace = workspace
+        self.rows: list[StageRow] = []
+        self.outputs: dict[str, str] = {}
+
+    def __call__(self, task, stage: str, key_inputs: dict[str, Any], **params) -> Any:
+        key = stage_key(stage, task.fn.__module__, key_inputs)
+        out_dir = self.workspace.stage_dir(stage, key)
+        started = time.perf_counter()
+        state = task.with_options(
+            result_storage=self.workspace.results,
+            refresh_cache=not is_intact(out_dir),
+        )(stage=stage, key=key, out_dir=str(out_dir), **params, return_state=True)
+        record = state.result()  # raises the stage's own error if it failed
+        status = "cached" if state.name == "Cached" else "ran"
+        self.rows.append(StageRow(stage, status, time.perf_counter() - started, key_metric(record), str(out_dir)))
+        self.outputs[stage] = str(out_dir)
+        return record
+
+
+@flow(name="dpoflow")
+def pipeline(config: PipelineConfig) -> dict[str, Any]:
+    """Align `config.model` on `config.data` and export it; returns the run summary."""
+    logger = get_run_logger()
+    set_cpu_threads(config.cpu_threads)
+    workspace = Workspace(config.workdir)
+    run = StageRunner(workspace)
+    train_dtype = config.model.dtype
+
+    base = run(model_task, "model", models.key_inputs(config.model), spec=config.model)
+    data = run(prepare_task, "prepare",
+               {"model": base.digest, "sources": [file_sha256(Path(s)) for s in config.data.sources],
+                "spec": config.data.model_dump(exclude={"sources"})},
+               sources=config.data.sources, spec=config.data, model=base)
+    start = base
+    if config.sft.enabled:
+        start = run(sft_task, "sft",
+                    {"model": base.digest, "data": data.digest, "spec": config.sft.model_dump(),
+                     "dtype": train_dtype, "seed": config.seed},
+                    base=base, data=data, spec=config.sft, dtype=train_dtype, seed=config.seed)
+    adapter = run(dpo_task, "dpo",
+                  {"model": start.digest, "data": data.digest, "spec": config.dpo.model_dump(),
+                   "dtype": train_dtype, "seed": config.seed},
+                  start=start, data=data, spec=config.dpo, dtype=train_dtype, seed=config.seed)
+    metrics: dict[str, float] = {}
+    if config.evaluate.enabled:
+        report = run(evaluate_task, "evaluate",
+                     {"base": base.digest, "start": start.digest, "adapter": adapter.digest, "data": data.digest,
+                      "spec": config.evaluate.model_dump(), "beta": config.dpo.beta,
+                      "max_length": config.dpo.max_length},
+                     base=base, adapter=adapter, data=data, spec=config.evaluate,
+                     beta=config.dpo.beta, max_length=config.dpo.max_length)
+        metrics = report.metrics
+    exports = run(export_task, "export",
+                  {"start": start.digest, "adapter": adapter.digest, "spec": config.export.model_dump()},
+                  adapter=adapter, spec=config.export)
+
+    notes = [f"DPO reference: {adapter.reference}",
+             f"exports: {exports.merged or exports.adapter}"]
+    summary = {
+        "pipeline": config.name,
+        "flow_run": flow_run.get_name(),
+        "stages": rows_as_dicts(run.rows),
+        "metrics": metrics,
+        "reference": adapter.reference,
+        "exports": {"adapter": exports.adapter, "merged": exports.merged},
+    }
+    run_dir = write_run_folder(workspace, config, summary, run.outputs, markdown(config.name, run.rows, notes))
+    summary["run_dir"] = str(run_dir)
+    create_markdown_artifact(markdown(config.name, run.rows, notes), key=artifact_key(config.name),
+                             description=f"dpoflow summary of {config.name}")
+    logger.info("run folder: %s", run_dir)
+    return summary
+
+
+def write_run_folder(workspace: Workspace, config: PipelineConfig, summary: dict, outputs: dict[str, str],
+                     summary_md: str) -> Path:
+    """runs/<pipeline>/<time>-<flow run>/: the resolved config, the summary, and a link per stage output."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    run_dir = workspace.runs(config.name) / f"{stamp}-{summary['flow_run']}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(config.model_dump_json(indent=1))
+    (run_dir / "summary.json").write_text(json.dumps({**summary, "run_dir": str(run_dir)}, indent=1))
+    (run_dir / "summary.md").write_text(summary_md)
+    for stage, out_dir in outputs.items():
+        (run_dir / stage).symlink_to(out_dir, target_is_directory=True)
+    latest = run_dir.parent / "latest"
+    latest.unlink(missing_ok=True)
+    latest.symlink_to(run_dir.name, target_is_directory=True)
+    return run_dir
+
+
+def artifact_key(name: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return "dpoflow-" + "".join(c if c.isalnum() else "-" for c in name.lower())

@@ -1,0 +1,19 @@
+"""One module per pipeline stage. Each holds the stage's plain functions (no Prefect needed to call
+them) and, at the bottom, its thin Prefect task. A stage never imports another stage."""
+
+from __future__ import annotations
+
+from prefect import task
+
+from dpoflow.cache import cache_key_from_param
+
+
+def stage_task(fn):
+    """A stage's Prefect task: its result is cached under the content key the flow passes as `key`
+    and persisted as JSON, so a later run (any process) reuses it."""
+    return task(
+        name=fn.__name__.removesuffix("_task"),
+        cache_key_fn=cache_key_from_param,
+        persist_result=True,
+        result_serializer="json",
+    )(fn)

@@ -1,0 +1,67 @@
+"""export: the LoRA adapter, and the adapter merged into the start model as 16-bit safetensors with
+the tokenizer, chat template and generation config; the merged folder is reloaded and checked."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from dpoflow.artifacts import fresh_dir, seal
+from dpoflow.config import ExportSpec
+from dpoflow.models import load_model, load_tokenizer, torch_dtype
+from dpoflow.records import Exports, TrainedAdapter
+
+from . import stage_task
+
+PROBES = ["The capital of France is", "Review: The food was wonderful. Sentiment:", "1 + 1 ="]
+
+
+def probe_logits(model, tokenizer) -> list:
+    import torch
+
+    with torch.no_grad():
+        return [model(input_ids=tokenizer(t, return_tensors="pt")["input_ids"]).logits.float() for t in PROBES]
+
+
+def max_difference(a: list, b: list) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+def export_model(adapter: TrainedAdapter, spec: ExportSpec, out_dir: Path) -> Exports:
+    from peft import PeftModel
+
+    fresh_dir(out_dir)
+    adapter_dir = merged_dir = None
+    checks: dict[str, float] = {}
+    if "adapter" in spec.formats:
+        adapter_dir = out_dir / "adapter"
+        shutil.copytree(adapter.path, adapter_dir)
+    if "merged" in spec.formats:
+        merged_dir = out_dir / "merged"
+        tokenizer = load_tokenizer(adapter.start.path)
+        merged = PeftModel.from_pretrained(load_model(adapter.start.path, "float32"), adapter.path)
+        merged = merged.merge_and_unload().eval()
+        exact = probe_logits(merged, tokenizer)
+        merged.to(torch_dtype(spec.dtype)).save_pretrained(merged_dir)
+        tokenizer.save_pretrained(merged_dir)
+        # The file must hold exactly the weights we merged (reloaded in float32, a 16-bit tensor upcasts
+        # exactly); the logit change from rounding to 16 bits is reported, not gated, here.
+        reloaded = load_model(str(merged_dir), "float32").eval()
+        saved = merged.state_dict()
+        checks["merged_weight_max_diff"] = max(
+            (t.float() - saved[name].float()).abs().max().item() for name, t in reloaded.state_dict().items())
+        checks["merged_max_logit_diff_vs_fp32"] = max_difference(probe_logits(reloaded, tokenizer), exact)
+        if checks["merged_weight_max_diff"] != 0.0:
+            raise RuntimeError(f"{merged_dir}: saved weights differ from the merged model "
+                               f"(max difference {checks['merged_weight_max_diff']:.3g})")
+        if spec.dtype == "float32" and checks["merged_max_logit_diff_vs_fp32"] > 1e-4:
+            raise RuntimeError(f"{merged_dir}: reloaded model's logits differ by "
+                               f"{checks['merged_max_logit_diff_vs_fp32']:.3g} > 1e-4")
+    return Exports(path=str(out_dir), digest=seal(out_dir), checks=checks,
+                   adapter=str(adapter_dir) if adapter_dir else None,
+                   merged=str(merged_dir) if merged_dir else None)
+
+
+@stage_task
+def export_task(stage: str, key: str, out_dir: str, adapter: TrainedAdapter, spec: ExportSpec) -> Exports:
+    return export_model(adapter, spec, Path(out_dir))

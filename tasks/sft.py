@@ -1,0 +1,46 @@
+"""sft (optional): LoRA supervised fine-tuning on the chosen responses, then the adapter is merged so
+DPO starts from (and uses as its reference) the SFT model itself."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from dpoflow.artifacts import fresh_dir, read_jsonl_rows, seal
+from dpoflow.config import SFTSpec
+from dpoflow.models import load_model, load_tokenizer, torch_dtype
+from dpoflow.records import ModelRef, PreparedData
+from dpoflow.training import final_metrics, lora_config, trainer_args
+
+from . import stage_task
+
+
+def train_sft(base: ModelRef, data: PreparedData, spec: SFTSpec, dtype: str, seed: int,
+              out_dir: Path) -> ModelRef:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    fresh_dir(out_dir)
+    tokenizer = load_tokenizer(base.path)
+    model = load_model(base.path, dtype)
+    rows = read_jsonl_rows(data.train)
+    dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows])
+    with tempfile.TemporaryDirectory() as scratch:
+        args = SFTConfig(**trainer_args(spec, Path(scratch), seed, torch_dtype(dtype)),
+                         completion_only_loss=True)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                             peft_config=lora_config(spec.lora))
+        trainer.train()
+    merged = trainer.model.merge_and_unload()
+    merged.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    metrics = final_metrics(trainer.state.log_history, ("loss", "mean_token_accuracy"))
+    (out_dir / "sft_metrics.json").write_text(json.dumps(metrics, indent=1))
+    return ModelRef(path=str(out_dir), digest=seal(out_dir), source=f"sft of {base.source}", role="sft")
+
+
+@stage_task
+def sft_task(stage: str, key: str, out_dir: str, base: ModelRef, data: PreparedData, spec: SFTSpec,
+             dtype: str, seed: int) -> ModelRef:
+    return train_sft(base, data, spec, dtype, seed, Path(out_dir))

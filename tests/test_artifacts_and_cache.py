@@ -1,0 +1,64 @@
+import sys
+
+from dpoflow.artifacts import folder_digest, is_intact, json_digest, seal
+from dpoflow.cache import cache_key_from_param, code_digest, stage_key
+
+
+def make(folder, **files):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    return folder
+
+
+def test_digest_follows_content_not_path(tmp_path):
+    a = make(tmp_path / "a", w="weights", t="tok")
+    b = make(tmp_path / "elsewhere" / "b", w="weights", t="tok")
+    assert folder_digest(a) == folder_digest(b)
+    (b / "w").write_text("weightz")
+    assert folder_digest(a) != folder_digest(b)
+
+
+def test_sealed_folder_detects_changed_added_and_missing_files(tmp_path):
+    folder = make(tmp_path / "out", w="weights", t="tok")
+    assert not is_intact(folder)
+    seal(folder)
+    assert is_intact(folder)
+    (folder / "w").write_text("tampered")
+    assert not is_intact(folder)
+    seal(folder)
+    (folder / "extra").write_text("x")
+    assert not is_intact(folder)
+    (folder / "extra").unlink()
+    assert is_intact(folder)
+    (folder / "t").unlink()
+    assert not is_intact(folder)
+    (folder / "manifest.json").write_text("{broken")
+    assert not is_intact(folder)
+
+
+def test_stage_key_changes_with_inputs_and_stage_not_with_dict_order():
+    module = __name__
+    k = stage_key("dpo", module, {"model": "m1", "spec": {"beta": 0.1, "lr": 1e-3}})
+    assert k == stage_key("dpo", module, {"spec": {"lr": 1e-3, "beta": 0.1}, "model": "m1"})
+    assert k != stage_key("dpo", module, {"model": "m1", "spec": {"beta": 0.2, "lr": 1e-3}})
+    assert k != stage_key("dpo", module, {"model": "m2", "spec": {"beta": 0.1, "lr": 1e-3}})
+    assert k != stage_key("sft", module, {"model": "m1", "spec": {"beta": 0.1, "lr": 1e-3}})
+
+
+def test_code_digest_covers_the_stage_module(tmp_path, monkeypatch):
+    path = tmp_path / "fake_stage.py"
+    path.write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import fake_stage  # noqa: F401
+
+    before = code_digest("fake_stage")
+    path.write_text("X = 2\n")
+    code_digest.cache_clear()
+    assert code_digest("fake_stage") != before
+    del sys.modules["fake_stage"]
+
+
+def test_prefect_key_comes_from_the_key_parameter():
+    assert cache_key_from_param(None, {"stage": "dpo", "key": "abc", "other": 1}) == "dpo-abc"
+    assert json_digest({"a": 1}) == json_digest({"a": 1})

@@ -67,7 +67,8 @@ def run(config) -> int:
     rows = [StageRow(**r) for r in summary["stages"]]
     print(f"\ndpoflow: pipeline {config.name!r} finished\n")
     print(text_table(rows))
-    print(f"\nDPO reference: {summary['reference']}")
+    print(f"\nbackend:       {summary['backend']['name']} ({summary['backend']['reason']})")
+    print(f"DPO reference: {summary['reference']}")
     print(f"run folder:    {summary['run_dir']}")
     for name, path in summary["exports"].items():
         if path:

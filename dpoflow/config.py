@@ -71,6 +71,14 @@ class DPOSpec(TrainSpec):
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
 
 
+class TrainSetup(Strict):
+    backend: Literal["auto", "unsloth", "trl"] = Field(
+        "auto", description="auto: Unsloth when a CUDA GPU and the gpu extra are present, else TRL + PEFT."
+    )
+    load_in_4bit: bool = Field(False, description="QLoRA: 4-bit base weights (unsloth backend).")
+    load_in_fp8: bool = Field(False, description="FP8 base weights (unsloth backend, compute capability >= 8.9).")
+
+
 class EvaluateSpec(Strict):
     enabled: bool = True
     batch_size: int = Field(16, ge=1)
@@ -88,6 +96,7 @@ class PipelineConfig(Strict):
     seed: int = 42
     cpu_threads: int | None = Field(None, ge=1, description="torch threads on CPU (None: torch's default).")
     model: ModelSpec = ModelSpec()
+    train: TrainSetup = TrainSetup()
     data: DataSpec
     sft: SFTSpec = SFTSpec()
     dpo: DPOSpec = DPOSpec()

@@ -19,6 +19,7 @@ from prefect.runtime import flow_run
 
 from dpoflow import models
 from dpoflow.artifacts import file_sha256, is_intact
+from dpoflow.backends import activate, choose_backend
 from dpoflow.cache import Workspace, stage_key
 from dpoflow.config import PipelineConfig
 from dpoflow.runtime import set_cpu_threads
@@ -62,6 +63,11 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
     workspace = Workspace(config.workdir)
     run = StageRunner(workspace)
     train_dtype = config.model.dtype
+    backend = choose_backend(config.train)
+    activate(backend)  # before any stage imports TRL
+    logger.info("training backend: %s (%s)", backend.name, backend.reason)
+    train_inputs = {"dtype": train_dtype, "seed": config.seed, "setup": config.train.model_dump(),
+                    "backend": backend.name}
 
     base = run(model_task, "model", models.key_inputs(config.model), spec=config.model)
     data = run(prepare_task, "prepare",
@@ -71,13 +77,11 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
     start = base
     if config.sft.enabled:
         start = run(sft_task, "sft",
-                    {"model": base.digest, "data": data.digest, "spec": config.sft.model_dump(),
-                     "dtype": train_dtype, "seed": config.seed},
-                    base=base, data=data, spec=config.sft, dtype=train_dtype, seed=config.seed)
+                    {"model": base.digest, "data": data.digest, "spec": config.sft.model_dump(), **train_inputs},
+                    base=base, data=data, spec=config.sft, setup=config.train, dtype=train_dtype, seed=config.seed)
     adapter = run(dpo_task, "dpo",
-                  {"model": start.digest, "data": data.digest, "spec": config.dpo.model_dump(),
-                   "dtype": train_dtype, "seed": config.seed},
-                  start=start, data=data, spec=config.dpo, dtype=train_dtype, seed=config.seed)
+                  {"model": start.digest, "data": data.digest, "spec": config.dpo.model_dump(), **train_inputs},
+                  start=start, data=data, spec=config.dpo, setup=config.train, dtype=train_dtype, seed=config.seed)
     metrics: dict[str, float] = {}
     if config.evaluate.enabled:
         report = run(evaluate_task, "evaluate",
@@ -91,7 +95,8 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
                   {"start": start.digest, "adapter": adapter.digest, "spec": config.export.model_dump()},
                   adapter=adapter, spec=config.export)
 
-    notes = [f"DPO reference: {adapter.reference}",
+    notes = [f"training backend: {backend.name} ({backend.reason})",
+             f"DPO reference: {adapter.reference}",
              f"exports: {exports.merged or exports.adapter}"]
     summary = {
         "pipeline": config.name,
@@ -99,6 +104,7 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
         "stages": rows_as_dicts(run.rows),
         "metrics": metrics,
         "reference": adapter.reference,
+        "backend": {"name": backend.name, "reason": backend.reason},
         "exports": {"adapter": exports.adapter, "merged": exports.merged},
     }
     run_dir = write_run_folder(workspace, config, summary, run.outputs, markdown(config.name, run.rows, notes))

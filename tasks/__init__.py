@@ -3,14 +3,19 @@ them) and, at the bottom, its thin Prefect task. A stage never imports another s
 
 from __future__ import annotations
 
-from prefect import task
-
 from dpoflow.cache import cache_key_from_param
+
+try:
+    from prefect import task
+except ImportError:  # stage logic alone (e.g. a bare GPU box running bench/): no tasks, same functions
+    task = None
 
 
 def stage_task(fn):
     """A stage's Prefect task: its result is cached under the content key the flow passes as `key`
     and persisted as JSON, so a later run (any process) reuses it."""
+    if task is None:
+        return fn
     return task(
         name=fn.__name__.removesuffix("_task"),
         cache_key_fn=cache_key_from_param,

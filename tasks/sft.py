@@ -8,29 +8,34 @@ import tempfile
 from pathlib import Path
 
 from dpoflow.artifacts import fresh_dir, read_jsonl_rows, seal
-from dpoflow.config import SFTSpec
-from dpoflow.models import load_model, load_tokenizer, torch_dtype
+from dpoflow.backends import BackendError, choose_backend, load_for_training
+from dpoflow.config import SFTSpec, TrainSetup
+from dpoflow.models import torch_dtype
 from dpoflow.records import ModelRef, PreparedData
-from dpoflow.training import final_metrics, lora_config, trainer_args
+from dpoflow.training import final_metrics, trainer_args
 
 from . import stage_task
 
 
-def train_sft(base: ModelRef, data: PreparedData, spec: SFTSpec, dtype: str, seed: int,
+def train_sft(base: ModelRef, data: PreparedData, spec: SFTSpec, setup: TrainSetup, dtype: str, seed: int,
               out_dir: Path) -> ModelRef:
+    if setup.load_in_4bit or setup.load_in_fp8:
+        raise BackendError("sft: merging an adapter into 4-bit/FP8 weights is not supported; "
+                           "run SFT in 16-bit or set sft.enabled: false")
+    backend = choose_backend(setup)
+    model, tokenizer, peft_config = load_for_training(backend, base.path, dtype, spec.lora, setup,
+                                                      spec.max_length, seed)
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     fresh_dir(out_dir)
-    tokenizer = load_tokenizer(base.path)
-    model = load_model(base.path, dtype)
     rows = read_jsonl_rows(data.train)
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows])
     with tempfile.TemporaryDirectory() as scratch:
         args = SFTConfig(**trainer_args(spec, Path(scratch), seed, torch_dtype(dtype)),
                          completion_only_loss=True)
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                             peft_config=lora_config(spec.lora))
+                             peft_config=peft_config)
         trainer.train()
     merged = trainer.model.merge_and_unload()
     merged.save_pretrained(out_dir)
@@ -42,5 +47,5 @@ def train_sft(base: ModelRef, data: PreparedData, spec: SFTSpec, dtype: str, see
 
 @stage_task
 def sft_task(stage: str, key: str, out_dir: str, base: ModelRef, data: PreparedData, spec: SFTSpec,
-             dtype: str, seed: int) -> ModelRef:
-    return train_sft(base, data, spec, dtype, seed, Path(out_dir))
+             setup: TrainSetup, dtype: str, seed: int) -> ModelRef:
+    return train_sft(base, data, spec, setup, dtype, seed, Path(out_dir))

@@ -1,0 +1,92 @@
+"""The one place that decides how a model is trained: Unsloth on an NVIDIA GPU when the `gpu` extra is
+installed, else TRL + PEFT (the CPU path CI runs). Everything else asks this module."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+from .config import LoraSpec, TrainSetup
+
+# Unsloth takes explicit module names; "all-linear" means these on Llama-style models.
+LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class BackendError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    name: str  # "unsloth" | "trl"
+    reason: str
+
+
+def choose_backend(setup: TrainSetup) -> BackendChoice:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    has_unsloth = importlib.util.find_spec("unsloth") is not None
+    if setup.backend == "trl":
+        return BackendChoice("trl", "train.backend is trl")
+    if setup.backend == "unsloth":
+        if not cuda:
+            raise BackendError("train.backend: unsloth needs an NVIDIA GPU and none is visible; use auto or trl")
+        if not has_unsloth:
+            raise BackendError("train.backend: unsloth is not installed; pip install 'dpoflow[gpu]'")
+        return BackendChoice("unsloth", "train.backend is unsloth")
+    if cuda and has_unsloth:
+        return BackendChoice("unsloth", "auto: CUDA GPU and the gpu extra (Unsloth) are present")
+    if cuda:
+        return BackendChoice("trl", "auto: CUDA GPU but Unsloth is not installed (pip install 'dpoflow[gpu]')")
+    return BackendChoice("trl", "auto: no CUDA GPU, TRL + PEFT")
+
+
+def activate(choice: BackendChoice) -> None:
+    """Unsloth patches TRL and transformers when it is imported, so it must be imported before TRL."""
+    if choice.name == "unsloth":
+        import sys
+
+        if "trl" in sys.modules and "unsloth" not in sys.modules:
+            raise BackendError("Unsloth must be imported before TRL; call backends.activate() first")
+        import unsloth  # noqa: F401
+
+
+def load_for_training(choice: BackendChoice, path: str, dtype: str, lora: LoraSpec, setup: TrainSetup,
+                      max_length: int, seed: int):
+    """(model, tokenizer, peft_config) ready for a TRL trainer with ref_model=None.
+
+    TRL: a plain model plus `peft_config`; TRL adds a fresh adapter and the reference is the model with
+    adapters off. Unsloth ignores `peft_config`, so the adapter is attached here; TRL then copies the
+    fresh (zero-effect) adapter as a frozen "ref", which again makes the reference the loaded model.
+    """
+    from .models import load_model, load_tokenizer, torch_dtype
+    from .training import lora_config
+
+    if choice.name == "trl":
+        if setup.load_in_4bit or setup.load_in_fp8:
+            raise BackendError("train.load_in_4bit / load_in_fp8 need the unsloth backend")
+        return load_model(path, dtype), load_tokenizer(path), lora_config(lora)
+
+    activate(choice)
+    from unsloth import FastLanguageModel, PatchDPOTrainer
+
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=path,
+        max_seq_length=max_length,
+        dtype=torch_dtype(dtype),
+        load_in_4bit=setup.load_in_4bit,
+        load_in_fp8=setup.load_in_fp8,
+        random_state=seed,
+    )
+    targets = LLAMA_LINEAR if lora.target_modules == "all-linear" else lora.target_modules
+    model = FastLanguageModel.get_peft_model(
+        model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+        use_gradient_checkpointing="unsloth", random_state=seed,
+    )
+    PatchDPOTrainer()  # a no-op in current Unsloth (import does the patching); older releases need it
+    reference_tokenizer = load_tokenizer(path)
+    tokenizer.chat_template = tokenizer.chat_template or reference_tokenizer.chat_template
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, None

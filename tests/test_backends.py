@@ -1,0 +1,64 @@
+import pytest
+import torch
+
+from dpoflow.backends import BackendError, choose_backend, load_for_training
+from dpoflow.config import LoraSpec, PipelineConfig, TrainSetup
+
+no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
+
+
+@no_gpu
+def test_auto_falls_back_to_trl_without_a_gpu():
+    choice = choose_backend(TrainSetup())
+    assert choice.name == "trl" and "no CUDA GPU" in choice.reason
+
+
+@no_gpu
+def test_unsloth_requested_without_a_gpu_is_a_clear_error():
+    with pytest.raises(BackendError, match="unsloth needs an NVIDIA GPU"):
+        choose_backend(TrainSetup(backend="unsloth"))
+
+
+def test_quantized_loading_needs_unsloth(tiny_model):
+    setup = TrainSetup(backend="trl", load_in_4bit=True)
+    with pytest.raises(BackendError, match="need the unsloth backend"):
+        load_for_training(choose_backend(setup), str(tiny_model), "float32", LoraSpec(), setup, 64, 0)
+
+
+def test_trl_backend_gives_a_plain_model_and_a_peft_config(tiny_model):
+    setup = TrainSetup(backend="trl")
+    model, tokenizer, peft_config = load_for_training(choose_backend(setup), str(tiny_model), "float32",
+                                                      LoraSpec(r=4), setup, 64, 0)
+    assert not hasattr(model, "peft_config") and peft_config.r == 4
+    assert tokenizer.chat_template
+
+
+def test_backend_is_a_config_field():
+    config = PipelineConfig(name="x", data={"sources": ["a"]}, train={"backend": "trl"})
+    assert config.train.backend == "trl"
+
+
+@pytest.mark.gpu
+def test_unsloth_dpo_on_gpu_starts_at_ln2(tiny_model, tmp_path):
+    """On a GPU with the gpu extra: the dpo stage trains through Unsloth and step 1 has policy ==
+    reference (loss ln 2)."""
+    pytest.importorskip("unsloth")
+    import json
+    import math
+
+    from dpoflow.artifacts import write_jsonl
+    from dpoflow.config import DPOSpec
+    from dpoflow.records import ModelRef, PreparedData
+    from dpoflow.tasks.dpo import train_dpo
+
+    rows = [{"prompt": f"<|begin|><|user|>\nq{i}<|end|>\n<|assistant|>\n", "chosen": "yes<|end|>",
+             "rejected": "no<|end|>"} for i in range(16)]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    data = PreparedData(path=str(tmp_path), digest="t", train=str(tmp_path / "train.jsonl"), heldout="",
+                        rejected="", counts={})
+    start = ModelRef(path=str(tiny_model), digest="t", source="builtin:tiny-llama", role="base")
+    spec = DPOSpec(max_steps=2, per_device_batch_size=4, gradient_accumulation_steps=1, logging_steps=1)
+    adapter = train_dpo(start, data, spec, TrainSetup(backend="unsloth"), "bfloat16", 0, tmp_path / "out")
+    log = json.loads((tmp_path / "out" / "log_history.json").read_text())
+    assert math.isclose(log[0]["loss"], math.log(2), abs_tol=1e-3)
+    assert "[unsloth]" in adapter.reference

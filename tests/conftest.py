@@ -43,3 +43,18 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture
 def python() -> str:
     return sys.executable
+
+
+@pytest.fixture
+def yes_no_pairs(tiny_model, tmp_path):
+    """(start model record, prepared-data record) for 16 rendered yes/no pairs: enough for a few steps."""
+    from dpoflow.artifacts import write_jsonl
+    from dpoflow.records import ModelRef, PreparedData
+
+    rows = [{"prompt": f"<|begin|><|user|>\nquestion {i}<|end|>\n<|assistant|>\n", "chosen": "yes<|end|>",
+             "rejected": "no<|end|>"} for i in range(16)]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    data = PreparedData(path=str(tmp_path), digest="test", train=str(tmp_path / "train.jsonl"), heldout="",
+                        rejected="", counts={})
+    start = ModelRef(path=str(tiny_model), digest="test", source="builtin:tiny-llama", role="base")
+    return start, data, rows

@@ -39,24 +39,17 @@ def test_backend_is_a_config_field():
 
 
 @pytest.mark.gpu
-def test_unsloth_dpo_on_gpu_starts_at_ln2(tiny_model, tmp_path):
+def test_unsloth_dpo_on_gpu_starts_at_ln2(tmp_path, yes_no_pairs):
     """On a GPU with the gpu extra: the dpo stage trains through Unsloth and step 1 has policy ==
     reference (loss ln 2)."""
     pytest.importorskip("unsloth")
     import json
     import math
 
-    from dpoflow.artifacts import write_jsonl
     from dpoflow.config import DPOSpec
-    from dpoflow.records import ModelRef, PreparedData
     from dpoflow.tasks.dpo import train_dpo
 
-    rows = [{"prompt": f"<|begin|><|user|>\nq{i}<|end|>\n<|assistant|>\n", "chosen": "yes<|end|>",
-             "rejected": "no<|end|>"} for i in range(16)]
-    write_jsonl(tmp_path / "train.jsonl", rows)
-    data = PreparedData(path=str(tmp_path), digest="t", train=str(tmp_path / "train.jsonl"), heldout="",
-                        rejected="", counts={})
-    start = ModelRef(path=str(tiny_model), digest="t", source="builtin:tiny-llama", role="base")
+    start, data, _ = yes_no_pairs
     spec = DPOSpec(max_steps=2, per_device_batch_size=4, gradient_accumulation_steps=1, logging_steps=1)
     adapter = train_dpo(start, data, spec, TrainSetup(backend="unsloth"), "bfloat16", 0, tmp_path / "out")
     log = json.loads((tmp_path / "out" / "log_history.json").read_text())

@@ -3,21 +3,15 @@ import math
 
 import torch
 
-from dpoflow.artifacts import is_intact, write_jsonl
+from dpoflow.artifacts import is_intact
 from dpoflow.config import DPOSpec, TrainSetup
 from dpoflow.models import load_model, load_tokenizer
-from dpoflow.records import ModelRef, PreparedData
 from dpoflow.scoring import completion_logps
 from dpoflow.tasks.dpo import train_dpo
 
 
-def test_reference_is_the_start_model_with_the_adapter_off(tiny_model, tmp_path):
-    rows = [{"prompt": f"<|begin|><|user|>\nquestion {i}<|end|>\n<|assistant|>\n", "chosen": "yes<|end|>",
-             "rejected": "no<|end|>"} for i in range(16)]
-    write_jsonl(tmp_path / "train.jsonl", rows)
-    data = PreparedData(path=str(tmp_path), digest="t", train=str(tmp_path / "train.jsonl"), heldout="",
-                        rejected="", counts={})
-    start = ModelRef(path=str(tiny_model), digest="t", source="builtin:tiny-llama", role="base")
+def test_reference_is_the_start_model_with_the_adapter_off(tiny_model, tmp_path, yes_no_pairs):
+    start, data, rows = yes_no_pairs
     spec = DPOSpec(learning_rate=1e-2, max_steps=3, per_device_batch_size=4, gradient_accumulation_steps=1,
                    logging_steps=1, lr_scheduler="constant")
     adapter = train_dpo(start, data, spec, TrainSetup(backend="trl"), "float32", 0, tmp_path / "out")

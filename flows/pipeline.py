@@ -71,7 +71,7 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
 
     base = run(model_task, "model", models.key_inputs(config.model), spec=config.model)
     data = run(prepare_task, "prepare",
-               {"model": base.digest, "sources": [file_sha256(Path(s)) for s in config.data.sources],
+               {"model": base.digest, "sources": [source_digest(s) for s in config.data.sources],
                 "spec": config.data.model_dump(exclude={"sources"})},
                sources=config.data.sources, spec=config.data, model=base)
     start = base
@@ -107,9 +107,10 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
         "backend": {"name": backend.name, "reason": backend.reason},
         "exports": {"adapter": exports.adapter, "merged": exports.merged},
     }
-    run_dir = write_run_folder(workspace, config, summary, run.outputs, markdown(config.name, run.rows, notes))
+    summary_md = markdown(config.name, run.rows, notes)
+    run_dir = write_run_folder(workspace, config, summary, run.outputs, summary_md)
     summary["run_dir"] = str(run_dir)
-    create_markdown_artifact(markdown(config.name, run.rows, notes), key=artifact_key(config.name),
+    create_markdown_artifact(summary_md, key=artifact_key(config.name),
                              description=f"dpoflow summary of {config.name}")
     logger.info("run folder: %s", run_dir)
     return summary
@@ -130,6 +131,11 @@ def write_run_folder(workspace: Workspace, config: PipelineConfig, summary: dict
     latest.unlink(missing_ok=True)
     latest.symlink_to(run_dir.name, target_is_directory=True)
     return run_dir
+
+
+def source_digest(path: str) -> str:
+    """Content of a data file for the prepare key; a missing file is left for prepare to report."""
+    return file_sha256(Path(path)) if Path(path).is_file() else "missing"
 
 
 def artifact_key(name: str) -> str:

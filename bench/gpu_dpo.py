@@ -3,13 +3,12 @@
 peak GPU memory, whether every logged loss was finite.
 
     python bench/gpu_dpo.py --modes bf16,4bit [--shape llama-3.2-1b] [--steps 13]
-    UNSLOTH_COMPILE_DISABLE=1 python bench/gpu_dpo.py --modes fp8
+    python bench/gpu_dpo.py --modes fp8      # sets UNSLOTH_COMPILE_DISABLE=1 (see docs/benchmarks.md)
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import random
@@ -27,17 +26,6 @@ SHAPES = {
     "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=False),
 }
-
-
-def import_stage(name: str):
-    """tasks/ installs as dpoflow.tasks; from a bare checkout, map it by hand."""
-    if "dpoflow.tasks" not in sys.modules and importlib.util.find_spec("dpoflow.tasks") is None:
-        spec = importlib.util.spec_from_file_location("dpoflow.tasks", REPO / "tasks" / "__init__.py",
-                                                      submodule_search_locations=[str(REPO / "tasks")])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["dpoflow.tasks"] = module
-        spec.loader.exec_module(module)
-    return importlib.import_module(f"dpoflow.tasks.{name}")
 
 
 def build_model(shape: str, out: Path) -> None:
@@ -90,13 +78,16 @@ def main() -> None:
     from dpoflow.backends import activate, choose_backend
     from dpoflow.config import DPOSpec, LoraSpec, TrainSetup
 
-    activate(choose_backend(TrainSetup(backend="unsloth")))  # Unsloth before transformers, peft, trl
+    # Unsloth before transformers, peft, trl (and with its compile off when FP8 is measured)
+    activate(choose_backend(TrainSetup(backend="unsloth")),
+             TrainSetup(backend="unsloth", precision="fp8" if "fp8" in args.modes else "bf16"))
     import torch
     from transformers import TrainerCallback
 
+    from dpoflow.hardware import plan_stage
     from dpoflow.models import load_tokenizer
     from dpoflow.records import ModelRef, PreparedData
-    dpo = import_stage("dpo")
+    from dpoflow.tasks import dpo
     work = Path(tempfile.mkdtemp())
     build_model(args.shape, work / "model")
     tok = load_tokenizer(str(work / "model"))
@@ -115,7 +106,8 @@ def main() -> None:
             self.times.append(time.perf_counter())
 
     for mode in args.modes.split(","):
-        setup = TrainSetup(backend="unsloth", load_in_4bit=mode == "4bit", load_in_fp8=mode == "fp8")
+        setup = TrainSetup(backend="unsloth", precision="fp8" if mode == "fp8" else "bf16",
+                           quantize="4bit" if mode == "4bit" else "none")
         spec = DPOSpec(learning_rate=5e-6, beta=0.1, per_device_batch_size=pairs_per_step,
                        gradient_accumulation_steps=1, max_steps=args.steps, max_length=seq, logging_steps=1,
                        lr_scheduler="constant", lora=LoraSpec(r=16, alpha=16))
@@ -125,7 +117,10 @@ def main() -> None:
         began = time.perf_counter()
         result = {"mode": mode, "shape": args.shape, "gpu": torch.cuda.get_device_name()}
         try:
-            adapter = dpo.train_dpo(start, data, spec, setup, "bfloat16", 0, work / f"out-{mode}", callbacks=(timer,))
+            plan = plan_stage(setup, spec, start.path)
+            result["plan"] = {"precision": plan.precision, "load_in_4bit": plan.load_in_4bit,
+                              "per_device_batch": plan.per_device_batch}
+            adapter = dpo.train_dpo(start, data, spec, setup, plan, 0, work / f"out-{mode}", callbacks=(timer,))
             log = json.loads((Path(adapter.path).parent / "log_history.json").read_text())
             losses = [e["loss"] for e in log if "loss" in e]
             steady = timer.times[3:]

@@ -7,6 +7,7 @@ import importlib.util
 from dataclasses import dataclass
 
 from .config import LoraSpec, TrainSetup
+from .hardware import TrainingPlan, weights_dtype
 
 # Unsloth takes explicit module names; "all-linear" means these on Llama-style models.
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -42,18 +43,22 @@ def choose_backend(setup: TrainSetup) -> BackendChoice:
     return BackendChoice("trl", "auto: no CUDA GPU, TRL + PEFT")
 
 
-def activate(choice: BackendChoice) -> None:
+def activate(choice: BackendChoice, setup: TrainSetup | None = None) -> None:
     """Unsloth patches TRL and transformers when it is imported, so it must be imported before TRL."""
     if choice.name == "unsloth":
+        import os
         import sys
 
         if "trl" in sys.modules and "unsloth" not in sys.modules:
             raise BackendError("Unsloth must be imported before TRL; call backends.activate() first")
+        if setup is not None and setup.precision == "fp8":
+            # docs/benchmarks.md: with Unsloth's compile the first FP8 step never finished on an H100.
+            os.environ.setdefault("UNSLOTH_COMPILE_DISABLE", "1")
         import unsloth  # noqa: F401
 
 
-def load_for_training(choice: BackendChoice, path: str, dtype: str, lora: LoraSpec, setup: TrainSetup,
-                      max_length: int, seed: int):
+def load_for_training(choice: BackendChoice, path: str, plan: TrainingPlan, lora: LoraSpec, max_length: int,
+                      seed: int):
     """(model, tokenizer, peft_config) ready for a TRL trainer with ref_model=None.
 
     TRL: a plain model plus `peft_config`; TRL adds a fresh adapter and the reference is the model with
@@ -63,9 +68,11 @@ def load_for_training(choice: BackendChoice, path: str, dtype: str, lora: LoraSp
     from .models import load_model, load_tokenizer, torch_dtype
     from .training import lora_config
 
+    dtype = weights_dtype(plan)
     if choice.name == "trl":
-        if setup.load_in_4bit or setup.load_in_fp8:
-            raise BackendError("train.load_in_4bit / load_in_fp8 need the unsloth backend")
+        if plan.load_in_4bit or plan.precision == "fp8":
+            raise BackendError("4-bit and FP8 weights need the unsloth backend (pip install 'dpoflow[gpu]' on a "
+                               "CUDA machine), or set train.quantize: none and train.precision: bf16")
         return load_model(path, dtype), load_tokenizer(path), lora_config(lora)
 
     activate(choice)
@@ -75,8 +82,8 @@ def load_for_training(choice: BackendChoice, path: str, dtype: str, lora: LoraSp
         model_name=path,
         max_seq_length=max_length,
         dtype=torch_dtype(dtype),
-        load_in_4bit=setup.load_in_4bit,
-        load_in_fp8=setup.load_in_fp8,
+        load_in_4bit=plan.load_in_4bit,
+        load_in_fp8=plan.precision == "fp8",
         random_state=seed,
     )
     targets = LLAMA_LINEAR if lora.target_modules == "all-linear" else lora.target_modules

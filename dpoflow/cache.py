@@ -70,5 +70,9 @@ class Workspace:
     def stage_dir(self, stage: str, key: str) -> Path:
         return self.root / "stages" / stage / key[:24]
 
+    def checkpoints(self, stage: str, key: str) -> Path:
+        """Resumable training state of a stage still in progress (removed when it succeeds)."""
+        return self.root / "checkpoints" / stage / key[:24]
+
     def runs(self, pipeline: str) -> Path:
         return self.root / "runs" / pipeline

@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     add_common(sub.add_parser("run", help="run a pipeline end to end (cached stages are reused)"), True)
     add_common(sub.add_parser("validate", help="check the pipelines file; non-zero exit on any bad field"), False)
     add_common(sub.add_parser("show", help="print a pipeline's fully resolved config as JSON"), True)
+    add_common(sub.add_parser("doctor", help="check this machine: GPU, backend and a training plan"), False)
     p = sub.add_parser("list", help="list the pipelines in the file")
     p.add_argument("-f", "--file", default=DEFAULT_FILE)
     args = parser.parse_args(argv)
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
             for c in configs:
                 print(f"ok: {c.name}")
             return 0
+        if args.command == "doctor":
+            return doctor(load_pipeline(args.pipeline, args.file, args.overrides) if args.pipeline else None)
         config = load_pipeline(args.pipeline, args.file, args.overrides)
         if args.command == "show":
             print(json.dumps(config.model_dump(mode="json"), indent=2))
@@ -73,6 +76,73 @@ def run(config) -> int:
     for name, path in summary["exports"].items():
         if path:
             print(f"{name + ':':<15}{path}")
+    return 0
+
+
+
+def doctor(config) -> int:
+    """Print what this machine offers and what the hardware decision tree would do with `config`."""
+    import importlib.util
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from .backends import BackendError, choose_backend
+    from .config import TrainSetup
+    from .hardware import GiB, count_parameters, describe, detect_gpu, model_shape, plan_training
+    from .models import BUILTIN, source_kind
+
+    gpu = detect_gpu()
+    print(f"torch:    {torch.__version__}")
+    print(f"CUDA:     {'available (' + str(torch.version.cuda) + ')' if gpu else 'not available'}")
+    if gpu:
+        cc = ".".join(map(str, gpu.compute_capability))
+        print(f"GPU:      {gpu.name}, compute capability {cc}, {gpu.free_bytes / GiB:.1f} of "
+              f"{gpu.total_bytes / GiB:.1f} GiB free, bf16 {'yes' if gpu.bf16_supported else 'no'}")
+    # find_spec only: importing unsloth takes tens of seconds and patches TRL and transformers
+    print(f"unsloth:  {'installed' if importlib.util.find_spec('unsloth') else 'not installed'}")
+    backend = None
+    try:
+        choice = choose_backend(config.train if config else TrainSetup())
+        backend = choice.name
+        print(f"backend:  {choice.name} ({choice.reason})")
+    except BackendError as e:
+        print(f"backend:  not usable: {e}")
+    if config is None:
+        print("(name a pipeline for its model and training plan)")
+        return 0
+
+    kind = source_kind(config.model)
+    if kind == "hub":
+        print(f"plan:     skipped: {config.model.source} is a Hub id (not downloaded here)")
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(config.model.source)
+        if kind == "builtin":  # built in code in a second or two; exact counts beat a formula
+            from .tiny import build_tiny_model
+
+            folder = build_tiny_model(config.model.source[len(BUILTIN):], Path(tmp) / "model")
+        n_params, shape = count_parameters(folder), model_shape(folder)
+    print(f"model:    {config.model.source}: {n_params:,} parameters, hidden {shape['hidden_size']}, "
+          f"{shape['num_hidden_layers']} layers, vocab {shape['vocab_size']:,}")
+
+    dpo, setup = config.dpo, config.train
+    print(f"plan for the dpo stage (precision {setup.precision}, quantize {setup.quantize}, "
+          f"max_length {dpo.max_length}):")
+    try:
+        plan = plan_training(gpu, setup.precision, setup.quantize, n_params, shape, dpo.max_length,
+                             dpo.per_device_batch_size, dpo.per_device_batch_size * dpo.gradient_accumulation_steps)
+    except ValueError as e:
+        print(f"  not possible: {e}")
+        return 0
+    print("\n".join("  " + line for line in describe(plan).splitlines()))
+    if (plan.load_in_4bit or plan.precision == "fp8") and backend != "unsloth":
+        print("  ! 4-bit and FP8 weights load only through the unsloth backend (pip install 'dpoflow[gpu]')")
+    return 0
+    print("\n".join("  " + line for line in describe(plan).splitlines()))
+    if (plan.load_in_4bit or plan.precision == "fp8") and backend != "unsloth":
+        print("  ! 4-bit and FP8 weights load only through the unsloth backend (pip install 'dpoflow[gpu]')")
     return 0
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class Strict(BaseModel):
@@ -22,9 +22,6 @@ class ModelSpec(Strict):
         description="`builtin:NAME` (built in code, offline), a local folder, or a Hugging Face Hub id.",
     )
     revision: str | None = Field(None, description="Hub branch, tag or commit (Hub ids only).")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights dtype for training: auto = bfloat16 on a GPU that has it, else float32."
-    )
 
 
 class DataSpec(Strict):
@@ -65,18 +62,50 @@ class SFTSpec(TrainSpec):
     learning_rate: float = Field(2e-4, gt=0)
 
 
+class GuardSpec(Strict):
+    checkpoint_steps: int = Field(50, ge=1, description="Save a resumable checkpoint every N optimizer steps.")
+    max_chosen_logp_drop_per_token: float = Field(
+        2.0, gt=0,
+        description="Collapse: the chosen responses' log-prob stays this many nats per token below its first "
+                    "logged value for `collapse_patience` logs in a row.")
+    collapse_patience: int = Field(3, ge=1, description="Consecutive log lines past the limit that make a collapse "
+                                                        "(a short dip that recovers is normal DPO).")
+    max_retries: int = Field(2, ge=0, description="Retries after a collapse, each from the last good "
+                                                  "checkpoint with the learning rate halved.")
+
+
+LossName = Literal["sigmoid", "ipo", "robust", "hinge", "sft"]
+
+
 class DPOSpec(TrainSpec):
     learning_rate: float = Field(5e-6, gt=0)
     beta: float = Field(0.1, gt=0)
-    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    loss_type: list[LossName] = Field(["sigmoid"], min_length=1,
+                                      description="TRL loss terms, e.g. [sigmoid, sft] with loss_weights [1.0, 0.2].")
+    loss_weights: list[float] | None = None
+    precompute_ref_log_probs: bool = Field(
+        False, description="Compute the reference log-probs once as a cached artifact, reused by runs that "
+                           "differ only in beta, lr or loss.")
+    guards: GuardSpec = GuardSpec()
+
+    @model_validator(mode="after")
+    def _weights_match_losses(self):
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ValueError(f"loss_weights has {len(self.loss_weights)} entries for "
+                             f"{len(self.loss_type)} loss_type entries")
+        return self
 
 
 class TrainSetup(Strict):
     backend: Literal["auto", "unsloth", "trl"] = Field(
         "auto", description="auto: Unsloth when a CUDA GPU and the gpu extra are present, else TRL + PEFT."
     )
-    load_in_4bit: bool = Field(False, description="QLoRA: 4-bit base weights (unsloth backend).")
-    load_in_fp8: bool = Field(False, description="FP8 base weights (unsloth backend, compute capability >= 8.9).")
+    precision: Literal["auto", "bf16", "fp16", "fp8"] = Field(
+        "auto", description="auto: bf16 where the GPU has it, else fp16 (with a warning); fp32 on CPU. fp8 needs "
+                            "compute capability >= 8.9 and the unsloth backend.")
+    quantize: Literal["auto", "none", "4bit"] = Field(
+        "auto", description="auto: 4-bit base weights (QLoRA, unsloth backend) only when 16-bit ones would not "
+                            "fit in free GPU memory.")
 
 
 class EvaluateSpec(Strict):

@@ -30,12 +30,20 @@ class PreparedData(Artifact):
     counts: dict[str, int]
 
 
+class ReferenceLogps(Artifact):
+    """Reference log-probs of the train pairs under `start` (TRL's own computation), one row per pair."""
+
+    file: str
+    start: ModelRef
+
+
 class TrainedAdapter(Artifact):
     """A LoRA adapter on top of `start`; the DPO reference is `start` with the adapter off."""
 
     start: ModelRef
     reference: str
     metrics: dict[str, float]
+    retries: list[dict] = []
 
 
 class EvalReport(Artifact):

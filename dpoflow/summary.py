@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .records import EvalReport, Exports, ModelRef, PreparedData, TrainedAdapter
+from .records import EvalReport, Exports, ModelRef, PreparedData, ReferenceLogps, TrainedAdapter
 
 
 @dataclass
@@ -22,8 +22,11 @@ def key_metric(record) -> str:
         return f"train {c['train']}, held-out {c['heldout']}, rejected {c['rejected']}"
     if isinstance(record, TrainedAdapter):
         m = record.metrics
+        retried = f", {len(record.retries)} collapse retries" if record.retries else ""
         return (f"reward acc {m.get('rewards/accuracies', float('nan')):.2f}, "
-                f"margin {m.get('rewards/margins', float('nan')):.3f}")
+                f"margin {m.get('rewards/margins', float('nan')):.3f}{retried}")
+    if isinstance(record, ReferenceLogps):
+        return f"reference log-probs {record.digest[:12]}"
     if isinstance(record, EvalReport):
         m = record.metrics
         return f"held-out pref. acc {m['start_accuracy']:.3f} -> {m['tuned_accuracy']:.3f}"

@@ -20,8 +20,9 @@ def lora_config(spec: LoraSpec):
     )
 
 
-def trainer_args(spec: TrainSpec, scratch_dir: Path, seed: int, weights_dtype) -> dict[str, Any]:
-    """Keyword arguments shared by SFTConfig and DPOConfig (both are transformers TrainingArguments)."""
+def trainer_args(spec: TrainSpec, scratch_dir: Path, seed: int, plan) -> dict[str, Any]:
+    """Keyword arguments shared by SFTConfig and DPOConfig (both are transformers TrainingArguments);
+    batch, accumulation and precision come from the hardware plan."""
     import torch
 
     on_gpu = torch.cuda.is_available()
@@ -31,16 +32,16 @@ def trainer_args(spec: TrainSpec, scratch_dir: Path, seed: int, weights_dtype) -
         learning_rate=spec.learning_rate,
         num_train_epochs=spec.epochs,
         max_steps=spec.max_steps,
-        per_device_train_batch_size=spec.per_device_batch_size,
-        gradient_accumulation_steps=spec.gradient_accumulation_steps,
+        per_device_train_batch_size=plan.per_device_batch,
+        gradient_accumulation_steps=plan.gradient_accumulation_steps,
         max_length=spec.max_length,
         lr_scheduler_type=spec.lr_scheduler,
         warmup_steps=spec.warmup_steps,
         logging_steps=spec.logging_steps,
         gradient_checkpointing=checkpointing,
         # TRL's defaults assume a bf16 GPU; follow the weights instead.
-        bf16=on_gpu and weights_dtype == torch.bfloat16,
-        fp16=on_gpu and weights_dtype == torch.float16,
+        bf16=on_gpu and plan.precision in ("bf16", "fp8"),
+        fp16=on_gpu and plan.precision == "fp16",
         use_cpu=not on_gpu,
         seed=seed,
         data_seed=seed,

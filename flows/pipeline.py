@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,10 @@ from dpoflow.artifacts import file_sha256, is_intact
 from dpoflow.backends import activate, choose_backend
 from dpoflow.cache import Workspace, stage_key
 from dpoflow.config import PipelineConfig
+from dpoflow.hardware import TrainingPlan, plan_key, plan_stage
 from dpoflow.runtime import set_cpu_threads
 from dpoflow.summary import StageRow, key_metric, markdown, rows_as_dicts
-from dpoflow.tasks.dpo import dpo_task
+from dpoflow.tasks.dpo import dpo_task, reference_task
 from dpoflow.tasks.evaluate import evaluate_task
 from dpoflow.tasks.export import export_task
 from dpoflow.tasks.model import model_task
@@ -40,9 +42,11 @@ class StageRunner:
         self.rows: list[StageRow] = []
         self.outputs: dict[str, str] = {}
 
-    def __call__(self, task, stage: str, key_inputs: dict[str, Any], **params) -> Any:
+    def __call__(self, task, stage: str, key_inputs: dict[str, Any], checkpoints: bool = False, **params) -> Any:
         key = stage_key(stage, task.fn.__module__, key_inputs)
         out_dir = self.workspace.stage_dir(stage, key)
+        if checkpoints:
+            params["checkpoint_dir"] = str(self.workspace.checkpoints(stage, key))
         started = time.perf_counter()
         state = task.with_options(
             result_storage=self.workspace.results,
@@ -62,26 +66,34 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
     set_cpu_threads(config.cpu_threads)
     workspace = Workspace(config.workdir)
     run = StageRunner(workspace)
-    train_dtype = config.model.dtype
     backend = choose_backend(config.train)
-    activate(backend)  # before any stage imports TRL
+    activate(backend, config.train)  # before any stage imports transformers or TRL
     logger.info("training backend: %s (%s)", backend.name, backend.reason)
-    train_inputs = {"dtype": train_dtype, "seed": config.seed, "setup": config.train.model_dump(),
-                    "backend": backend.name}
 
     base = run(model_task, "model", models.key_inputs(config.model), spec=config.model)
     data = run(prepare_task, "prepare",
                {"model": base.digest, "sources": [source_digest(s) for s in config.data.sources],
                 "spec": config.data.model_dump(exclude={"sources"})},
                sources=config.data.sources, spec=config.data, model=base)
+    plans: dict[str, TrainingPlan] = {}
     start = base
     if config.sft.enabled:
+        plans["sft"] = plan = plan_stage(config.train, config.sft, base.path)
         start = run(sft_task, "sft",
-                    {"model": base.digest, "data": data.digest, "spec": config.sft.model_dump(), **train_inputs},
-                    base=base, data=data, spec=config.sft, setup=config.train, dtype=train_dtype, seed=config.seed)
+                    {"model": base.digest, "data": data.digest, "spec": config.sft.model_dump(),
+                     **training_inputs(config, backend, plan)},
+                    base=base, data=data, spec=config.sft, setup=config.train, plan=plan, seed=config.seed)
+    plans["dpo"] = plan = plan_stage(config.train, config.dpo, start.path)
+    dpo_inputs = {"model": start.digest, "data": data.digest, **training_inputs(config, backend, plan)}
+    reference = None
+    if config.dpo.precompute_ref_log_probs:
+        # Keyed only by what the reference pass depends on, so beta/lr/loss sweeps share it.
+        reference = run(reference_task, "reference", {**dpo_inputs, "max_length": config.dpo.max_length},
+                        start=start, data=data, spec=config.dpo, setup=config.train, plan=plan, seed=config.seed)
     adapter = run(dpo_task, "dpo",
-                  {"model": start.digest, "data": data.digest, "spec": config.dpo.model_dump(), **train_inputs},
-                  start=start, data=data, spec=config.dpo, setup=config.train, dtype=train_dtype, seed=config.seed)
+                  {**dpo_inputs, "spec": config.dpo.model_dump(), "reference": reference and reference.digest},
+                  start=start, data=data, spec=config.dpo, setup=config.train, plan=plan, seed=config.seed,
+                  reference=reference, checkpoints=True)
     metrics: dict[str, float] = {}
     if config.evaluate.enabled:
         report = run(evaluate_task, "evaluate",
@@ -96,7 +108,12 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
                   adapter=adapter, spec=config.export)
 
     notes = [f"training backend: {backend.name} ({backend.reason})",
+             *[f"{stage} plan: {p.precision}, 4-bit {'yes' if p.load_in_4bit else 'no'}, per-device batch "
+               f"{p.per_device_batch} x accumulation {p.gradient_accumulation_steps}; "
+               + "; ".join(p.reasons + [f"WARNING {w}" for w in p.warnings]) for stage, p in plans.items()],
              f"DPO reference: {adapter.reference}",
+             *[f"collapse guard: attempt {r['attempt']} collapsed at step {r['step']} (lr {r['learning_rate']:g}); "
+               f"retried from {r['restart_from']} with lr halved" for r in adapter.retries],
              f"exports: {exports.merged or exports.adapter}"]
     summary = {
         "pipeline": config.name,
@@ -105,6 +122,8 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
         "metrics": metrics,
         "reference": adapter.reference,
         "backend": {"name": backend.name, "reason": backend.reason},
+        "retries": adapter.retries,
+        "plans": {stage: asdict(p) for stage, p in plans.items()},
         "exports": {"adapter": exports.adapter, "merged": exports.merged},
     }
     summary_md = markdown(config.name, run.rows, notes)
@@ -131,6 +150,11 @@ def write_run_folder(workspace: Workspace, config: PipelineConfig, summary: dict
     latest.unlink(missing_ok=True)
     latest.symlink_to(run_dir.name, target_is_directory=True)
     return run_dir
+
+
+def training_inputs(config: PipelineConfig, backend, plan: TrainingPlan) -> dict[str, Any]:
+    """The cache-key part shared by the training stages: how and where they train."""
+    return {"seed": config.seed, "setup": config.train.model_dump(), "backend": backend.name, "plan": plan_key(plan)}
 
 
 def source_digest(path: str) -> str:

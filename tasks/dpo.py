@@ -1,53 +1,245 @@
 """dpo: TRL DPOTrainer with a fresh LoRA adapter and `ref_model=None`, so the reference log-probs come
-from the same weights with the adapter switched off: the start model (SFT-merged, or the base)."""
+from the same weights with the adapter switched off: the start model (SFT-merged, or the base).
+
+Guards: a non-finite loss, gradient or log-prob stops the stage (checkpoints are kept); a collapse
+(chosen log-probs falling far below where they started) is retried from the last good checkpoint
+with the learning rate halved, a bounded number of times. Checkpoints are saved every
+`guards.checkpoint_steps` steps, and a stage killed mid-way resumes from the newest one when re-run.
+
+Optionally the reference pass runs once as its own cached task (`reference_task`), so runs that
+differ only in beta, learning rate or loss reuse it.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import shutil
 import tempfile
 from pathlib import Path
 
-from dpoflow.artifacts import fresh_dir, read_jsonl_rows, seal
-from dpoflow.backends import choose_backend, load_for_training
+from dpoflow.artifacts import fresh_dir, read_jsonl_rows, seal, write_jsonl
+from dpoflow.backends import BackendChoice, choose_backend, load_for_training
 from dpoflow.config import DPOSpec, TrainSetup
-from dpoflow.models import torch_dtype
-from dpoflow.records import ModelRef, PreparedData, TrainedAdapter
+from dpoflow.hardware import TrainingPlan
+from dpoflow.records import ModelRef, PreparedData, ReferenceLogps, TrainedAdapter
 from dpoflow.training import deterministic_log, final_metrics, trainer_args
 
 from . import stage_task
 
 LOGGED = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
           "logps/chosen", "logps/rejected")
+WATCHED = ("loss", "grad_norm", "logps/chosen", "logps/rejected", "rewards/margins")
+STATE = "attempt.json"
 
 
-def train_dpo(start: ModelRef, data: PreparedData, spec: DPOSpec, setup: TrainSetup, dtype: str, seed: int,
-              out_dir: Path, callbacks: tuple = ()) -> TrainedAdapter:
-    backend = choose_backend(setup)
-    model, tokenizer, peft_config = load_for_training(backend, start.path, dtype, spec.lora, setup,
-                                                      spec.max_length, seed)
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class CollapseError(RuntimeError):
+    pass
+
+
+class _Collapsed(Exception):
+    def __init__(self, step: int, drop: float):
+        self.step, self.drop = step, drop
+
+
+def _guard_callback(limit_per_token: float, patience: int, tokens_per_completion: float, checkpoints: Path):
+    from transformers import TrainerCallback
+
+    class TrainingGuard(TrainerCallback):
+        """Watches every log line: non-finite numbers stop training, a collapse asks for a retry."""
+
+        first_chosen: float | None = None
+        strikes = 0
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            bad = [k for k in WATCHED if k in logs and not math.isfinite(logs[k])]
+            if bad:
+                raise NonFiniteLoss(
+                    f"dpo: {', '.join(bad)} became non-finite at step {state.global_step}; training stopped. "
+                    f"Last good checkpoint: {_latest_checkpoint(checkpoints) or 'none yet'} (kept). Lower "
+                    f"dpo.learning_rate, or use bf16 rather than fp16.")
+            chosen = logs.get("logps/chosen")
+            if chosen is None:
+                return
+            if self.first_chosen is None:
+                self.first_chosen = chosen
+            drop = (self.first_chosen - chosen) / tokens_per_completion
+            self.strikes = self.strikes + 1 if drop > limit_per_token else 0
+            if self.strikes >= patience:
+                raise _Collapsed(state.global_step - (self.strikes - 1) * args.logging_steps, drop)
+
+    return TrainingGuard()
+
+
+def _checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first (one cut short by a kill has no trainer_state.json yet)."""
+    found = folder.glob("checkpoint-*/trainer_state.json") if folder.exists() else []
+    return sorted((int(p.parent.name.split("-")[1]), p.parent) for p in found)
+
+
+def _latest_checkpoint(folder: Path) -> Path | None:
+    found = _checkpoints(folder)
+    return found[-1][1] if found else None
+
+
+def _checkpoint_before(folder: Path, step: int) -> Path | None:
+    good = [path for s, path in _checkpoints(folder) if s < step]
+    return good[-1] if good else None
+
+
+def _train_rows(data: PreparedData, reference: ReferenceLogps | None):
     from datasets import Dataset
+
+    rows = [{"row": i, **{k: r[k] for k in ("prompt", "chosen", "rejected")}}
+            for i, r in enumerate(read_jsonl_rows(data.train))]
+    if reference is not None:
+        ref = {r["row"]: r for r in read_jsonl_rows(reference.file)}
+        # Rows TRL drops as fully truncated have no reference value; TRL drops them again here.
+        for r in rows:
+            r["ref_chosen_logps"] = ref.get(r["row"], {}).get("ref_chosen_logps", 0.0)
+            r["ref_rejected_logps"] = ref.get(r["row"], {}).get("ref_rejected_logps", 0.0)
+    return Dataset.from_list(rows)
+
+
+def _trainer(backend: BackendChoice, start: ModelRef, dataset, spec: DPOSpec, plan: TrainingPlan, seed: int,
+             output_dir: Path, learning_rate: float, max_steps: int, callbacks: list):
+    model, tokenizer, peft_config = load_for_training(backend, start.path, plan, spec.lora, spec.max_length, seed)
     from trl import DPOConfig, DPOTrainer
 
+    args = trainer_args(spec, output_dir, seed, plan)
+    args.update(learning_rate=learning_rate, max_steps=max_steps, save_strategy="steps",
+                save_steps=spec.guards.checkpoint_steps)
+    config = DPOConfig(**args, beta=spec.beta, loss_type=list(spec.loss_type), loss_weights=spec.loss_weights)
+    # ref_model=None: the reference is the start model (see backends.load_for_training).
+    return DPOTrainer(model=model, ref_model=None, args=config, train_dataset=dataset,
+                      processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+
+
+def _free_accelerator_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _load_adapter_weights(trainer, checkpoint: Path) -> None:
+    """Start a retry from a checkpoint's adapter weights, into the trained ("default") adapter only, so
+    the reference (adapter off, or the frozen "ref" copy) stays the start model."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(trainer.model, load_file(checkpoint / "adapter_model.safetensors"),
+                              adapter_name="default")
+
+
+def train_dpo(start: ModelRef, data: PreparedData, spec: DPOSpec, setup: TrainSetup, plan: TrainingPlan, seed: int,
+              out_dir: Path, checkpoint_dir: Path | None = None, reference: ReferenceLogps | None = None,
+              callbacks: tuple = ()) -> TrainedAdapter:
+    backend = choose_backend(setup)
+    dataset = _train_rows(data, reference)
+    scratch = None
+    if checkpoint_dir is None:
+        scratch = checkpoint_dir = Path(tempfile.mkdtemp(prefix="dpoflow-dpo-"))
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    state_file = checkpoint_dir / STATE
+    # What attempt we are in survives a killed process, so a re-run resumes that attempt.
+    state = json.loads(state_file.read_text()) if state_file.exists() else {
+        "attempt": 0, "learning_rate": spec.learning_rate, "init_from": None, "max_steps": spec.max_steps,
+        "retries": []}
+    while True:
+        attempt_dir = checkpoint_dir / f"attempt-{state['attempt']}"
+        state_file.write_text(json.dumps(state, indent=1))
+        trainer = _trainer(backend, start, dataset, spec, plan, seed, attempt_dir, state["learning_rate"],
+                           state["max_steps"], list(callbacks))
+        if reference is not None:
+            trainer.precompute_ref_logps = True  # use the dataset's ref_* columns (TRL's own switch)
+        tokens = sum(len(ids) for ids in trainer.train_dataset["chosen_ids"]) / len(trainer.train_dataset)
+        guards = spec.guards
+        trainer.add_callback(_guard_callback(guards.max_chosen_logp_drop_per_token, guards.collapse_patience,
+                                             tokens, attempt_dir))
+        resume = _latest_checkpoint(attempt_dir)
+        if resume is None and state["init_from"]:
+            _load_adapter_weights(trainer, Path(state["init_from"]))
+        try:
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            break
+        except _Collapsed as c:
+            good = _checkpoint_before(attempt_dir, c.step)
+            remaining = trainer.state.max_steps - (int(good.name.split("-")[1]) if good else 0)
+            record = {"attempt": state["attempt"], "step": c.step, "drop_per_token": round(c.drop, 3),
+                      "learning_rate": state["learning_rate"], "restart_from": str(good) if good else "start"}
+            if state["attempt"] >= spec.guards.max_retries:
+                raise CollapseError(
+                    f"dpo: collapse at step {c.step} (chosen log-prob {c.drop:.2f} nats/token below start) after "
+                    f"{state['attempt']} retries with the learning rate halved each time; last attempt lr "
+                    f"{state['learning_rate']:g}. Checkpoints kept in {checkpoint_dir}.") from None
+            state = {"attempt": state["attempt"] + 1, "learning_rate": state["learning_rate"] / 2,
+                     "init_from": str(good) if good else state["init_from"],
+                     "max_steps": max(remaining, 1), "retries": state["retries"] + [record]}
+            del trainer
+            _free_accelerator_memory()
+
     fresh_dir(out_dir)
-    rows = read_jsonl_rows(data.train)
-    dataset = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
-    with tempfile.TemporaryDirectory() as scratch:
-        args = DPOConfig(**trainer_args(spec, Path(scratch), seed, torch_dtype(dtype)),
-                         beta=spec.beta, loss_type=[spec.loss_type])
-        # ref_model=None: the reference is the start model (see backends.load_for_training).
-        trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset,
-                             processing_class=tokenizer, peft_config=peft_config, callbacks=list(callbacks))
-        trainer.train()
     trainer.model.save_pretrained(out_dir / "adapter", selected_adapters=["default"])
-    metrics = final_metrics(trainer.state.log_history, LOGGED)
+    log = deterministic_log(trainer.state.log_history)
+    metrics = final_metrics(log, LOGGED)
+    metrics["retries"] = float(len(state["retries"]))
+    metrics["final_learning_rate"] = state["learning_rate"]
     (out_dir / "dpo_metrics.json").write_text(json.dumps(metrics, indent=1))
-    (out_dir / "log_history.json").write_text(json.dumps(deterministic_log(trainer.state.log_history), indent=1))
-    reference = f"{start.role} model ({start.source}) with the DPO adapter disabled [{backend.name}]"
-    return TrainedAdapter(path=str(out_dir / "adapter"), digest=seal(out_dir), start=start,
-                          reference=reference, metrics=metrics)
+    (out_dir / "log_history.json").write_text(json.dumps(log, indent=1))
+    (out_dir / "retries.json").write_text(json.dumps(state["retries"], indent=1))
+    shutil.rmtree(scratch or checkpoint_dir, ignore_errors=True)
+    how = "precomputed once from" if reference is not None else "computed on the fly from"
+    ref_text = f"{start.role} model ({start.source}) with the DPO adapter disabled [{backend.name}; {how} it]"
+    return TrainedAdapter(path=str(out_dir / "adapter"), digest=seal(out_dir), start=start, reference=ref_text,
+                          metrics=metrics, retries=state["retries"])
+
+
+def compute_reference_logps(start: ModelRef, data: PreparedData, spec: DPOSpec, setup: TrainSetup,
+                            plan: TrainingPlan, seed: int, out_dir: Path) -> ReferenceLogps:
+    """The start model's log-probs of every train pair, computed by TRL itself (same tokenization,
+    truncation and masking as training), stored per row."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    backend = choose_backend(setup)
+    fresh_dir(out_dir)
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = _trainer(backend, start, _train_rows(data, None), spec, plan, seed, Path(scratch),
+                           spec.learning_rate, 1, [])
+        dataset = trainer.train_dataset
+        token_columns = ["prompt_ids", "chosen_ids", "rejected_ids"]
+        loader = trainer.accelerator.prepare(DataLoader(
+            dataset.select_columns(token_columns), batch_size=plan.per_device_batch, collate_fn=trainer.data_collator, shuffle=False))
+        chosen, rejected = [], []
+        trainer.model.eval()
+        with torch.no_grad():
+            for batch in loader:
+                c, r = trainer.compute_ref_log_probs(trainer.model, batch)
+                chosen += c.float().cpu().tolist()
+                rejected += r.float().cpu().tolist()
+    file = out_dir / "reference_logps.jsonl"
+    write_jsonl(file, [{"row": row, "ref_chosen_logps": c, "ref_rejected_logps": r}
+                       for row, c, r in zip(dataset["row"], chosen, rejected)])
+    return ReferenceLogps(path=str(out_dir), digest=seal(out_dir), file=str(file), start=start)
 
 
 @stage_task
-def dpo_task(stage: str, key: str, out_dir: str, start: ModelRef, data: PreparedData, spec: DPOSpec,
-             setup: TrainSetup, dtype: str, seed: int) -> TrainedAdapter:
-    return train_dpo(start, data, spec, setup, dtype, seed, Path(out_dir))
+def reference_task(stage: str, key: str, out_dir: str, start: ModelRef, data: PreparedData, spec: DPOSpec,
+                   setup: TrainSetup, plan: TrainingPlan, seed: int) -> ReferenceLogps:
+    return compute_reference_logps(start, data, spec, setup, plan, seed, Path(out_dir))
+
+
+@stage_task
+def dpo_task(stage: str, key: str, out_dir: str, checkpoint_dir: str, start: ModelRef, data: PreparedData,
+             spec: DPOSpec, setup: TrainSetup, plan: TrainingPlan, seed: int,
+             reference: ReferenceLogps | None = None) -> TrainedAdapter:
+    return train_dpo(start, data, spec, setup, plan, seed, Path(out_dir), Path(checkpoint_dir), reference)

@@ -10,21 +10,20 @@ from pathlib import Path
 from dpoflow.artifacts import fresh_dir, read_jsonl_rows, seal
 from dpoflow.backends import BackendError, choose_backend, load_for_training
 from dpoflow.config import SFTSpec, TrainSetup
-from dpoflow.models import torch_dtype
+from dpoflow.hardware import TrainingPlan
 from dpoflow.records import ModelRef, PreparedData
 from dpoflow.training import final_metrics, trainer_args
 
 from . import stage_task
 
 
-def train_sft(base: ModelRef, data: PreparedData, spec: SFTSpec, setup: TrainSetup, dtype: str, seed: int,
+def train_sft(base: ModelRef, data: PreparedData, spec: SFTSpec, setup: TrainSetup, plan: TrainingPlan, seed: int,
               out_dir: Path) -> ModelRef:
-    if setup.load_in_4bit or setup.load_in_fp8:
+    if plan.load_in_4bit or plan.precision == "fp8":
         raise BackendError("sft: merging an adapter into 4-bit/FP8 weights is not supported; "
-                           "run SFT in 16-bit or set sft.enabled: false")
+                           "set train.quantize: none and train.precision: bf16 for SFT, or sft.enabled: false")
     backend = choose_backend(setup)
-    model, tokenizer, peft_config = load_for_training(backend, base.path, dtype, spec.lora, setup,
-                                                      spec.max_length, seed)
+    model, tokenizer, peft_config = load_for_training(backend, base.path, plan, spec.lora, spec.max_length, seed)
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -32,7 +31,7 @@ def train_sft(base: ModelRef, data: PreparedData, spec: SFTSpec, setup: TrainSet
     rows = read_jsonl_rows(data.train)
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows])
     with tempfile.TemporaryDirectory() as scratch:
-        args = SFTConfig(**trainer_args(spec, Path(scratch), seed, torch_dtype(dtype)),
+        args = SFTConfig(**trainer_args(spec, Path(scratch), seed, plan),
                          completion_only_loss=True)
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                              peft_config=peft_config)
@@ -47,5 +46,5 @@ def train_sft(base: ModelRef, data: PreparedData, spec: SFTSpec, setup: TrainSet
 
 @stage_task
 def sft_task(stage: str, key: str, out_dir: str, base: ModelRef, data: PreparedData, spec: SFTSpec,
-             setup: TrainSetup, dtype: str, seed: int) -> ModelRef:
-    return train_sft(base, data, spec, setup, dtype, seed, Path(out_dir))
+             setup: TrainSetup, plan: TrainingPlan, seed: int) -> ModelRef:
+    return train_sft(base, data, spec, setup, plan, seed, Path(out_dir))

@@ -3,6 +3,7 @@ import torch
 
 from dpoflow.backends import BackendError, choose_backend, load_for_training
 from dpoflow.config import LoraSpec, PipelineConfig, TrainSetup
+from dpoflow.hardware import TrainingPlan
 
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
 
@@ -20,15 +21,16 @@ def test_unsloth_requested_without_a_gpu_is_a_clear_error():
 
 
 def test_quantized_loading_needs_unsloth(tiny_model):
-    setup = TrainSetup(backend="trl", load_in_4bit=True)
+    plan = TrainingPlan(precision="bf16", load_in_4bit=True, per_device_batch=4, gradient_accumulation_steps=1)
     with pytest.raises(BackendError, match="need the unsloth backend"):
-        load_for_training(choose_backend(setup), str(tiny_model), "float32", LoraSpec(), setup, 64, 0)
+        load_for_training(choose_backend(TrainSetup(backend="trl")), str(tiny_model), plan, LoraSpec(), 64, 0)
 
 
 def test_trl_backend_gives_a_plain_model_and_a_peft_config(tiny_model):
     setup = TrainSetup(backend="trl")
-    model, tokenizer, peft_config = load_for_training(choose_backend(setup), str(tiny_model), "float32",
-                                                      LoraSpec(r=4), setup, 64, 0)
+    plan = TrainingPlan(precision="fp32", load_in_4bit=False, per_device_batch=4, gradient_accumulation_steps=1)
+    model, tokenizer, peft_config = load_for_training(choose_backend(setup), str(tiny_model), plan, LoraSpec(r=4),
+                                                      64, 0)
     assert not hasattr(model, "peft_config") and peft_config.r == 4
     assert tokenizer.chat_template
 
@@ -47,11 +49,13 @@ def test_unsloth_dpo_on_gpu_starts_at_ln2(tmp_path, yes_no_pairs):
     import math
 
     from dpoflow.config import DPOSpec
+    from dpoflow.hardware import plan_stage
     from dpoflow.tasks.dpo import train_dpo
 
     start, data, _ = yes_no_pairs
     spec = DPOSpec(max_steps=2, per_device_batch_size=4, gradient_accumulation_steps=1, logging_steps=1)
-    adapter = train_dpo(start, data, spec, TrainSetup(backend="unsloth"), "bfloat16", 0, tmp_path / "out")
+    setup = TrainSetup(backend="unsloth")
+    adapter = train_dpo(start, data, spec, setup, plan_stage(setup, spec, start.path), 0, tmp_path / "out")
     log = json.loads((tmp_path / "out" / "log_history.json").read_text())
     assert math.isclose(log[0]["loss"], math.log(2), abs_tol=1e-3)
-    assert "[unsloth]" in adapter.reference
+    assert "[unsloth;" in adapter.reference

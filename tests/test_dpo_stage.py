@@ -5,16 +5,19 @@ import torch
 
 from dpoflow.artifacts import is_intact
 from dpoflow.config import DPOSpec, TrainSetup
+from dpoflow.hardware import plan_stage
 from dpoflow.models import load_model, load_tokenizer
 from dpoflow.scoring import completion_logps
 from dpoflow.tasks.dpo import train_dpo
+
+TRL = TrainSetup(backend="trl")
 
 
 def test_reference_is_the_start_model_with_the_adapter_off(tiny_model, tmp_path, yes_no_pairs):
     start, data, rows = yes_no_pairs
     spec = DPOSpec(learning_rate=1e-2, max_steps=3, per_device_batch_size=4, gradient_accumulation_steps=1,
                    logging_steps=1, lr_scheduler="constant")
-    adapter = train_dpo(start, data, spec, TrainSetup(backend="trl"), "float32", 0, tmp_path / "out")
+    adapter = train_dpo(start, data, spec, TRL, plan_stage(TRL, spec, start.path), 0, tmp_path / "out")
     assert is_intact(tmp_path / "out")
     log = json.loads((tmp_path / "out" / "log_history.json").read_text())
     # Step 1: policy == reference, so the sigmoid loss is exactly ln 2 and the margin 0.
@@ -31,4 +34,53 @@ def test_reference_is_the_start_model_with_the_adapter_off(tiny_model, tmp_path,
         reference = completion_logps(tuned, tok, prompts, chosen)
     assert torch.allclose(reference, base, atol=1e-5)
     assert not torch.allclose(completion_logps(tuned, tok, prompts, chosen), base, atol=1e-3)
-    assert "base model" in adapter.reference and "[trl]" in adapter.reference
+    assert "base model" in adapter.reference and "[trl;" in adapter.reference
+
+
+def test_precomputed_reference_is_trl_s_own_and_equals_the_start_model(tiny_model, tmp_path, yes_no_pairs):
+    """The trainer's reference log-probs (TRL's computation, stored by the reference task) equal the
+    log-probs of the intended model computed independently; training on them starts at ln 2."""
+    from dpoflow.artifacts import read_jsonl_rows
+    from dpoflow.tasks.dpo import compute_reference_logps
+
+    start, data, rows = yes_no_pairs
+    spec = DPOSpec(learning_rate=1e-3, max_steps=2, per_device_batch_size=4, gradient_accumulation_steps=1,
+                   logging_steps=1, lr_scheduler="constant", precompute_ref_log_probs=True)
+    reference = compute_reference_logps(start, data, spec, TRL, plan_stage(TRL, spec, start.path), 0,
+                                        tmp_path / "ref")
+    stored = read_jsonl_rows(reference.file)
+    assert [r["row"] for r in stored] == list(range(len(rows)))
+
+    tok, model = load_tokenizer(str(tiny_model)), load_model(str(tiny_model), "float32")
+    prompts = [r["prompt"] for r in rows]
+    for field in ("chosen", "rejected"):
+        intended = completion_logps(model, tok, prompts, [r[field] for r in rows])
+        assert torch.allclose(torch.tensor([r[f"ref_{field}_logps"] for r in stored]), intended, atol=1e-4)
+
+    adapter = train_dpo(start, data, spec, TRL, plan_stage(TRL, spec, start.path), 0, tmp_path / "out",
+                        reference=reference)
+    log = json.loads((tmp_path / "out" / "log_history.json").read_text())
+    assert math.isclose(log[0]["loss"], math.log(2), abs_tol=1e-5)
+    assert "precomputed" in adapter.reference
+
+
+def test_loss_types_and_weights_are_validated():
+    import pytest
+    from pydantic import ValidationError
+
+    spec = DPOSpec(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.2])
+    assert spec.loss_type == ["sigmoid", "sft"]
+    with pytest.raises(ValidationError, match="loss_weights has 1 entries for 2 loss_type"):
+        DPOSpec(loss_type=["sigmoid", "sft"], loss_weights=[1.0])
+    with pytest.raises(ValidationError):
+        DPOSpec(loss_type=["made_up"])
+
+
+def test_sigmoid_plus_sft_loss_trains(tmp_path, yes_no_pairs):
+    start, data, _ = yes_no_pairs
+    spec = DPOSpec(learning_rate=1e-3, max_steps=2, per_device_batch_size=4, gradient_accumulation_steps=1,
+                   logging_steps=1, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5])
+    train_dpo(start, data, spec, TRL, plan_stage(TRL, spec, start.path), 0, tmp_path / "out")
+    log = json.loads((tmp_path / "out" / "log_history.json").read_text())
+    # The sft term adds 0.5 * NLL of the chosen answer: well above the sigmoid loss's ln 2 at step 1.
+    assert log[0]["loss"] > math.log(2) + 1.0

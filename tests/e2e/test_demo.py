@@ -42,6 +42,7 @@ def _run_dir(stdout: str) -> str:
 def test_demo_learns_then_caches_then_reruns_only_what_changed(demo):
     first = demo()
     assert list(first["status"]) == STAGES
+    assert first["plans"]["dpo"]["precision"] == "fp32" and first["backend"]["name"] == "trl"
     assert set(first["status"].values()) == {"ran"}
     m = first["metrics"]
     assert m["tuned_accuracy"] >= 0.9
@@ -74,3 +75,14 @@ def test_bad_data_fails_the_run_naming_file_line_and_field(demo, tmp_path):
     bad.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": "a"}\n')
     out = demo(f"data.sources=[{bad}]", "data.on_error=fail", expect=1)
     assert f"{bad}:2: field 'rejected': missing" in out["stderr"]
+
+
+def test_a_beta_sweep_pays_the_precomputed_reference_pass_once(demo):
+    first = demo("dpo.precompute_ref_log_probs=true")
+    assert first["status"]["reference"] == "ran" and first["status"]["sft"] == "cached"
+    assert "precomputed once" in first["reference"]
+    assert first["metrics"]["tuned_accuracy"] >= 0.9
+    second = demo("dpo.precompute_ref_log_probs=true", "dpo.beta=0.3", "dpo.loss_type=[sigmoid,sft]",
+                  "dpo.loss_weights=[1.0,0.1]")
+    assert second["status"]["reference"] == "cached"
+    assert second["status"]["dpo"] == "ran"

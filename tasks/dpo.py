@@ -87,9 +87,26 @@ def _latest_checkpoint(folder: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def _checkpoint_before(folder: Path, step: int) -> Path | None:
-    good = [path for s, path in _checkpoints(folder) if s < step]
-    return good[-1] if good else None
+def _checkpoint_before(folder: Path, step: int) -> tuple[int, Path | None]:
+    """(step, folder) of the newest complete checkpoint older than `step`; (0, None) if there is none."""
+    good = [(s, path) for s, path in _checkpoints(folder) if s < step]
+    return good[-1] if good else (0, None)
+
+
+def _retry_after(collapse: _Collapsed, state: dict, attempt_dir: Path, total_steps: int, guards) -> dict:
+    """The next attempt's state: from the last good checkpoint, with the learning rate halved; or a
+    CollapseError once the retries are spent."""
+    done, good = _checkpoint_before(attempt_dir, collapse.step)
+    record = {"attempt": state["attempt"], "step": collapse.step, "drop_per_token": round(collapse.drop, 3),
+              "learning_rate": state["learning_rate"], "restart_from": str(good) if good else "start"}
+    if state["attempt"] >= guards.max_retries:
+        raise CollapseError(
+            f"dpo: collapse at step {collapse.step} (chosen log-prob {collapse.drop:.2f} nats/token below start) "
+            f"after {state['attempt']} retries with the learning rate halved each time; last attempt lr "
+            f"{state['learning_rate']:g}. Checkpoints kept in {attempt_dir.parent}.")
+    return {"attempt": state["attempt"] + 1, "learning_rate": state["learning_rate"] / 2,
+            "init_from": str(good) if good else state["init_from"],
+            "max_steps": max(total_steps - done, 1), "retries": state["retries"] + [record]}
 
 
 def _train_rows(data: PreparedData, reference: ReferenceLogps | None):
@@ -162,28 +179,16 @@ def train_dpo(start: ModelRef, data: PreparedData, spec: DPOSpec, setup: TrainSe
         if reference is not None:
             trainer.precompute_ref_logps = True  # use the dataset's ref_* columns (TRL's own switch)
         tokens = sum(len(ids) for ids in trainer.train_dataset["chosen_ids"]) / len(trainer.train_dataset)
-        guards = spec.guards
-        trainer.add_callback(_guard_callback(guards.max_chosen_logp_drop_per_token, guards.collapse_patience,
-                                             tokens, attempt_dir))
+        trainer.add_callback(_guard_callback(spec.guards.max_chosen_logp_drop_per_token,
+                                             spec.guards.collapse_patience, tokens, attempt_dir))
         resume = _latest_checkpoint(attempt_dir)
         if resume is None and state["init_from"]:
             _load_adapter_weights(trainer, Path(state["init_from"]))
         try:
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)
             break
-        except _Collapsed as c:
-            good = _checkpoint_before(attempt_dir, c.step)
-            remaining = trainer.state.max_steps - (int(good.name.split("-")[1]) if good else 0)
-            record = {"attempt": state["attempt"], "step": c.step, "drop_per_token": round(c.drop, 3),
-                      "learning_rate": state["learning_rate"], "restart_from": str(good) if good else "start"}
-            if state["attempt"] >= spec.guards.max_retries:
-                raise CollapseError(
-                    f"dpo: collapse at step {c.step} (chosen log-prob {c.drop:.2f} nats/token below start) after "
-                    f"{state['attempt']} retries with the learning rate halved each time; last attempt lr "
-                    f"{state['learning_rate']:g}. Checkpoints kept in {checkpoint_dir}.") from None
-            state = {"attempt": state["attempt"] + 1, "learning_rate": state["learning_rate"] / 2,
-                     "init_from": str(good) if good else state["init_from"],
-                     "max_steps": max(remaining, 1), "retries": state["retries"] + [record]}
+        except _Collapsed as collapse:
+            state = _retry_after(collapse, state, attempt_dir, trainer.state.max_steps, spec.guards)
             del trainer
             _free_accelerator_memory()
 
@@ -218,7 +223,8 @@ def compute_reference_logps(start: ModelRef, data: PreparedData, spec: DPOSpec, 
         dataset = trainer.train_dataset
         token_columns = ["prompt_ids", "chosen_ids", "rejected_ids"]
         loader = trainer.accelerator.prepare(DataLoader(
-            dataset.select_columns(token_columns), batch_size=plan.per_device_batch, collate_fn=trainer.data_collator, shuffle=False))
+            dataset.select_columns(token_columns), batch_size=plan.per_device_batch,
+            collate_fn=trainer.data_collator, shuffle=False))
         chosen, rejected = [], []
         trainer.model.eval()
         with torch.no_grad():

@@ -59,3 +59,31 @@ def test_unsloth_dpo_on_gpu_starts_at_ln2(tmp_path, yes_no_pairs):
     log = json.loads((tmp_path / "out" / "log_history.json").read_text())
     assert math.isclose(log[0]["loss"], math.log(2), abs_tol=1e-3)
     assert "[unsloth;" in adapter.reference
+
+
+@pytest.mark.gpu
+def test_unsloth_reference_logps_equal_the_start_model(tmp_path, yes_no_pairs, tiny_model):
+    """Unsloth backend: the reference log-probs the trainer uses (TRL's computation on the patched
+    model with the frozen fresh "ref" adapter) equal the start model's own, computed by plain
+    transformers in float32, within bf16 rounding."""
+    pytest.importorskip("unsloth")
+    from dpoflow.artifacts import read_jsonl_rows
+    from dpoflow.config import DPOSpec
+    from dpoflow.hardware import plan_stage
+    from dpoflow.models import load_model, load_tokenizer
+    from dpoflow.scoring import completion_logps
+    from dpoflow.tasks.dpo import compute_reference_logps
+
+    start, data, rows = yes_no_pairs
+    setup = TrainSetup(backend="unsloth", precision="bf16", quantize="none")
+    spec = DPOSpec(per_device_batch_size=4, gradient_accumulation_steps=1)
+    reference = compute_reference_logps(start, data, spec, setup, plan_stage(setup, spec, start.path), 0,
+                                        tmp_path / "ref")
+    stored = read_jsonl_rows(reference.file)
+    tok = load_tokenizer(str(tiny_model))
+    model = load_model(str(tiny_model), "float32").cuda()
+    prompts = [r["prompt"] for r in rows]
+    for field in ("chosen", "rejected"):
+        intended = completion_logps(model, tok, prompts, [r[field] for r in rows])
+        got = torch.tensor([r[f"ref_{field}_logps"] for r in stored])
+        assert torch.allclose(got, intended, rtol=0.02, atol=0.1), (field, got[:4], intended[:4])

@@ -37,7 +37,8 @@ def test_non_finite_numbers_stop_the_stage_and_keep_checkpoints(tmp_path, yes_no
     spec = DPOSpec(learning_rate=1e-3, max_steps=30, per_device_batch_size=4, gradient_accumulation_steps=1,
                    logging_steps=1, lr_scheduler="constant", guards=GuardSpec(checkpoint_steps=2))
     with pytest.raises(NonFiniteLoss, match=r"became non-finite at step 6.*Last good checkpoint: .*checkpoint-4 "):
-        train_dpo(start, data, spec, TRL, plan_stage(TRL, spec, start.path), 0, tmp_path / "out", tmp_path / "ckpt", callbacks=(Diverge(),))
+        train_dpo(start, data, spec, TRL, plan_stage(TRL, spec, start.path), 0, tmp_path / "out", tmp_path / "ckpt",
+                  callbacks=(Diverge(),))
     kept = sorted(p.name for p in (tmp_path / "ckpt" / "attempt-0").glob("checkpoint-*"))
     assert kept == ["checkpoint-2", "checkpoint-4"]  # the diverged state is never saved
     assert not (tmp_path / "out").exists()
@@ -65,7 +66,8 @@ def test_forced_collapse_is_retried_from_the_last_good_checkpoint_with_lr_halved
     spec = DPOSpec(learning_rate=1e-2, max_steps=24, per_device_batch_size=8, gradient_accumulation_steps=1,
                    logging_steps=2, lr_scheduler="constant", max_length=128, guards=guards)
     try:
-        adapter = train_dpo(start, data, spec, TRL, plan_stage(TRL, spec, start.path), 0, tmp_path / "out", tmp_path / "ckpt")
+        adapter = train_dpo(start, data, spec, TRL, plan_stage(TRL, spec, start.path), 0, tmp_path / "out",
+                            tmp_path / "ckpt")
         retries = adapter.retries
         assert adapter.metrics["retries"] == len(retries) >= 1
         assert adapter.metrics["final_learning_rate"] == pytest.approx(1e-2 / 2 ** len(retries))

@@ -9,6 +9,7 @@ content digests and config values. Prefect stores the stage's result under that 
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import sys
 from functools import cache
 from pathlib import Path
@@ -43,13 +44,13 @@ def code_digest(module_name: str) -> str:
     return json_digest(files)
 
 
+def key_material(stage: str, module_name: str, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Everything a stage's key is made of; kept on disk so `explain` can say what changed."""
+    return {"stage": stage, "code": code_digest(module_name), "libraries": library_versions(), "inputs": inputs}
+
+
 def stage_key(stage: str, module_name: str, inputs: dict[str, Any]) -> str:
-    return json_digest({
-        "stage": stage,
-        "code": code_digest(module_name),
-        "libraries": library_versions(),
-        "inputs": inputs,
-    })
+    return json_digest(key_material(stage, module_name, inputs))
 
 
 def cache_key_from_param(context: Any, parameters: dict[str, Any]) -> str:
@@ -73,6 +74,18 @@ class Workspace:
     def checkpoints(self, stage: str, key: str) -> Path:
         """Resumable training state of a stage still in progress (removed when it succeeds)."""
         return self.root / "checkpoints" / stage / key[:24]
+
+    def key_file(self, stage: str, key: str) -> Path:
+        return self.root / "keys" / stage / f"{key[:24]}.json"
+
+    def save_key_material(self, stage: str, key: str, material: dict) -> None:
+        path = self.key_file(stage, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(material, indent=1, sort_keys=True, default=str))
+
+    def result_file(self, stage: str, key: str) -> Path:
+        """Where Prefect persists the stage's result (the name is cache_key_from_param's)."""
+        return self.results / f"{stage}-{key}"
 
     def runs(self, pipeline: str) -> Path:
         return self.root / "runs" / pipeline

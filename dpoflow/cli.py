@@ -27,11 +27,36 @@ def main(argv: list[str] | None = None) -> int:
     add_common(sub.add_parser("validate", help="check the pipelines file; non-zero exit on any bad field"), False)
     add_common(sub.add_parser("show", help="print a pipeline's fully resolved config as JSON"), True)
     add_common(sub.add_parser("doctor", help="check this machine: GPU, backend and a training plan"), False)
+    add_common(sub.add_parser("explain", help="resolved config, which stages would run or come from cache and "
+                                              "why, and the hardware plan; runs nothing"), True)
+    p = sub.add_parser("init", help="write a new pipeline into the file, asking for what flags leave open")
+    p.add_argument("name", nargs="?")
+    p.add_argument("-f", "--file", default=DEFAULT_FILE)
+    p.add_argument("--model")
+    p.add_argument("--data", action="append", help="a JSONL file of prompt/chosen/rejected (repeatable)")
+    p.add_argument("--sft", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--hardware", help="auto, cpu, gpu, gpu-small (4-bit) or gpu-fp8")
+    p.add_argument("--export", help="comma separated: adapter,merged")
+    p.add_argument("--yes", action="store_true", help="take defaults for anything not given; never prompt")
+    p = sub.add_parser("schema", help="print the JSON Schema of pipelines.yaml (or --write it to schema/)")
+    p.add_argument("--write", action="store_true")
     p = sub.add_parser("list", help="list the pipelines in the file")
     p.add_argument("-f", "--file", default=DEFAULT_FILE)
     args = parser.parse_args(argv)
 
     try:
+        if args.command == "init":
+            return init(args)
+        if args.command == "schema":
+            from .schema import SCHEMA_PATH, schema_text
+
+            if args.write:
+                SCHEMA_PATH.parent.mkdir(exist_ok=True)
+                SCHEMA_PATH.write_text(schema_text())
+                print(f"wrote {SCHEMA_PATH}")
+            else:
+                print(schema_text(), end="")
+            return 0
         if args.command == "list":
             print("\n".join(pipeline_names(args.file)))
             return 0
@@ -48,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
         config = load_pipeline(args.pipeline, args.file, args.overrides)
         if args.command == "show":
             print(json.dumps(config.model_dump(mode="json"), indent=2))
+            return 0
+        if args.command == "explain":
+            configure_environment()
+            from dpoflow.flows.explain import explain, render
+
+            print(render(config, explain(config)))
             return 0
     except ConfigError as e:
         print("invalid config:", file=sys.stderr)
@@ -78,6 +109,30 @@ def run(config) -> int:
             print(f"{name + ':':<15}{path}")
     return 0
 
+
+
+def init(args) -> int:
+    from pathlib import Path
+
+    from .wizard import ask_all, write_pipeline
+
+    partial = {"name": args.name, "model": args.model, "data": args.data, "sft": args.sft,
+               "hardware": args.hardware, "exports": args.export.split(",") if args.export else None}
+
+    def ask(question: str, default: str) -> str:
+        if args.yes:
+            return default
+        answer = input(f"{question} [{default}]: ").strip()
+        return answer or default
+
+    try:
+        answers = ask_all(partial, ask, print)
+        write_pipeline(Path(args.file), answers, print)
+    except (ValueError, OSError) as e:
+        print(f"dpoflow init: {e}", file=sys.stderr)
+        return 2
+    print(f"added pipeline {answers.name!r} to {args.file}; check it with: dpoflow explain {answers.name}")
+    return 0
 
 
 def doctor(config) -> int:

@@ -236,8 +236,10 @@ def plan_stage(setup, spec, model_dir: str | Path, gpu: GpuFacts | None = None) 
                          spec.per_device_batch_size * spec.gradient_accumulation_steps)
 
 
-def plan_key(plan: TrainingPlan) -> dict:
+def plan_key(plan: TrainingPlan | None) -> dict | None:
     """What of a plan changes training results (its reasons quote free memory, which does not)."""
+    if plan is None:
+        return None
     return {"precision": plan.precision, "load_in_4bit": plan.load_in_4bit,
             "per_device_batch": plan.per_device_batch, "gradient_accumulation_steps": plan.gradient_accumulation_steps}
 

@@ -14,6 +14,7 @@ class StageRow:
     seconds: float
     metric: str
     output: str
+    key: str = ""
 
 
 def key_metric(record) -> str:

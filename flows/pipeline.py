@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -19,9 +19,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from dpoflow import models
-from dpoflow.artifacts import file_sha256, is_intact
+from dpoflow.artifacts import file_sha256, is_intact, json_digest
 from dpoflow.backends import activate, choose_backend
-from dpoflow.cache import Workspace, stage_key
+from dpoflow.cache import Workspace, key_material
 from dpoflow.config import PipelineConfig
 from dpoflow.hardware import TrainingPlan, plan_key, plan_stage
 from dpoflow.runtime import set_cpu_threads
@@ -43,7 +43,9 @@ class StageRunner:
         self.outputs: dict[str, str] = {}
 
     def __call__(self, task, stage: str, key_inputs: dict[str, Any], checkpoints: bool = False, **params) -> Any:
-        key = stage_key(stage, task.fn.__module__, key_inputs)
+        material = key_material(stage, task.fn.__module__, key_inputs)
+        key = json_digest(material)
+        self.workspace.save_key_material(stage, key, material)  # lets `dpoflow explain` say what changed
         out_dir = self.workspace.stage_dir(stage, key)
         if checkpoints:
             params["checkpoint_dir"] = str(self.workspace.checkpoints(stage, key))
@@ -54,9 +56,65 @@ class StageRunner:
         )(stage=stage, key=key, out_dir=str(out_dir), **params, return_state=True)
         record = state.result()  # raises the stage's own error if it failed
         status = "cached" if state.name == "Cached" else "ran"
-        self.rows.append(StageRow(stage, status, time.perf_counter() - started, key_metric(record), str(out_dir)))
+        self.rows.append(StageRow(stage, status, time.perf_counter() - started, key_metric(record), str(out_dir),
+                                  key))
         self.outputs[stage] = str(out_dir)
         return record
+
+
+@dataclass
+class Outputs:
+    """The records one pass over the pipeline produced (or, for `explain`, will produce)."""
+
+    base: Any
+    data: Any
+    start: Any
+    reference: Any
+    adapter: Any
+    report: Any
+    exports: Any
+    plans: dict[str, TrainingPlan]
+
+
+def compose(config: PipelineConfig, backend, run, plan_for) -> Outputs:
+    """The stages, their order and what feeds what: the one place the pipeline is wired. `run` runs
+    (or looks up) a stage by its content key; `plan_for(spec, model)` is the hardware plan."""
+    base = run(model_task, "model", models.key_inputs(config.model), spec=config.model)
+    data = run(prepare_task, "prepare",
+               {"model": base.digest, "sources": [source_digest(s) for s in config.data.sources],
+                "spec": config.data.model_dump(exclude={"sources"})},
+               sources=config.data.sources, spec=config.data, model=base)
+    plans: dict[str, TrainingPlan] = {}
+    start = base
+    if config.sft.enabled:
+        plans["sft"] = plan = plan_for(config.sft, base)
+        start = run(sft_task, "sft",
+                    {"model": base.digest, "data": data.digest, "spec": config.sft.model_dump(),
+                     **training_inputs(config, backend, plan)},
+                    base=base, data=data, spec=config.sft, setup=config.train, plan=plan, seed=config.seed)
+    plans["dpo"] = plan = plan_for(config.dpo, start)
+    dpo_inputs = {"model": start.digest, "data": data.digest, **training_inputs(config, backend, plan)}
+    reference = None
+    if config.dpo.precompute_ref_log_probs:
+        # Keyed only by what the reference pass depends on, so beta/lr/loss sweeps share it.
+        reference = run(reference_task, "reference", {**dpo_inputs, "max_length": config.dpo.max_length},
+                        start=start, data=data, spec=config.dpo, setup=config.train, plan=plan, seed=config.seed)
+    adapter = run(dpo_task, "dpo",
+                  {**dpo_inputs, "spec": config.dpo.model_dump(), "reference": reference and reference.digest},
+                  start=start, data=data, spec=config.dpo, setup=config.train, plan=plan, seed=config.seed,
+                  reference=reference, checkpoints=True)
+    report = None
+    if config.evaluate.enabled:
+        report = run(evaluate_task, "evaluate",
+                     {"base": base.digest, "start": start.digest, "adapter": adapter.digest, "data": data.digest,
+                      "spec": config.evaluate.model_dump(), "beta": config.dpo.beta,
+                      "max_length": config.dpo.max_length},
+                     base=base, adapter=adapter, data=data, spec=config.evaluate,
+                     beta=config.dpo.beta, max_length=config.dpo.max_length)
+    exports = run(export_task, "export",
+                  {"start": start.digest, "adapter": adapter.digest, "spec": config.export.model_dump()},
+                  adapter=adapter, spec=config.export)
+    return Outputs(base, data, start, reference, adapter, report, exports, {k: v for k, v in plans.items() if v})
 
 
 @flow(name="dpoflow")
@@ -69,43 +127,9 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
     backend = choose_backend(config.train)
     activate(backend, config.train)  # before any stage imports transformers or TRL
     logger.info("training backend: %s (%s)", backend.name, backend.reason)
-
-    base = run(model_task, "model", models.key_inputs(config.model), spec=config.model)
-    data = run(prepare_task, "prepare",
-               {"model": base.digest, "sources": [source_digest(s) for s in config.data.sources],
-                "spec": config.data.model_dump(exclude={"sources"})},
-               sources=config.data.sources, spec=config.data, model=base)
-    plans: dict[str, TrainingPlan] = {}
-    start = base
-    if config.sft.enabled:
-        plans["sft"] = plan = plan_stage(config.train, config.sft, base.path)
-        start = run(sft_task, "sft",
-                    {"model": base.digest, "data": data.digest, "spec": config.sft.model_dump(),
-                     **training_inputs(config, backend, plan)},
-                    base=base, data=data, spec=config.sft, setup=config.train, plan=plan, seed=config.seed)
-    plans["dpo"] = plan = plan_stage(config.train, config.dpo, start.path)
-    dpo_inputs = {"model": start.digest, "data": data.digest, **training_inputs(config, backend, plan)}
-    reference = None
-    if config.dpo.precompute_ref_log_probs:
-        # Keyed only by what the reference pass depends on, so beta/lr/loss sweeps share it.
-        reference = run(reference_task, "reference", {**dpo_inputs, "max_length": config.dpo.max_length},
-                        start=start, data=data, spec=config.dpo, setup=config.train, plan=plan, seed=config.seed)
-    adapter = run(dpo_task, "dpo",
-                  {**dpo_inputs, "spec": config.dpo.model_dump(), "reference": reference and reference.digest},
-                  start=start, data=data, spec=config.dpo, setup=config.train, plan=plan, seed=config.seed,
-                  reference=reference, checkpoints=True)
-    metrics: dict[str, float] = {}
-    if config.evaluate.enabled:
-        report = run(evaluate_task, "evaluate",
-                     {"base": base.digest, "start": start.digest, "adapter": adapter.digest, "data": data.digest,
-                      "spec": config.evaluate.model_dump(), "beta": config.dpo.beta,
-                      "max_length": config.dpo.max_length},
-                     base=base, adapter=adapter, data=data, spec=config.evaluate,
-                     beta=config.dpo.beta, max_length=config.dpo.max_length)
-        metrics = report.metrics
-    exports = run(export_task, "export",
-                  {"start": start.digest, "adapter": adapter.digest, "spec": config.export.model_dump()},
-                  adapter=adapter, spec=config.export)
+    out = compose(config, backend, run, lambda spec, model: plan_stage(config.train, spec, model.path))
+    adapter, exports, plans = out.adapter, out.exports, out.plans
+    metrics: dict[str, float] = out.report.metrics if out.report else {}
 
     notes = [f"training backend: {backend.name} ({backend.reason})",
              *[f"{stage} plan: {p.precision}, 4-bit {'yes' if p.load_in_4bit else 'no'}, per-device batch "

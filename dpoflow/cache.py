@@ -8,6 +8,7 @@ content digests and config values. Prefect stores the stage's result under that 
 
 from __future__ import annotations
 
+import ast
 import importlib.metadata
 import json
 import sys
@@ -19,8 +20,7 @@ from .artifacts import file_sha256, json_digest
 
 # Libraries whose upgrade can change a stage's outputs.
 VERSIONED = ("torch", "transformers", "trl", "peft", "datasets", "tokenizers", "accelerate")
-# Shared modules that do not shape outputs: editing them must not invalidate caches.
-NOT_CODE = {"cli.py", "summary.py", "runtime.py"}
+PACKAGE = Path(__file__).resolve().parent
 
 
 @cache
@@ -36,12 +36,37 @@ def library_versions() -> dict[str, str]:
 
 @cache
 def code_digest(module_name: str) -> str:
-    shared = Path(__file__).parent
+    """Digest of a stage module's source and of every dpoflow module it imports, directly or not
+    (function-level imports included), plus the data files built-in models are made from. Editing a
+    module the stage never imports (the CLI, say) leaves its cache valid."""
     files = {"stage": file_sha256(Path(sys.modules[module_name].__file__))}
-    for p in sorted(shared.rglob("*")):
-        if p.is_file() and p.suffix in {".py", ".txt"} and p.name not in NOT_CODE and "__pycache__" not in p.parts:
-            files[p.relative_to(shared).as_posix()] = file_sha256(p)
+    for path in sorted(_dpoflow_imports(Path(sys.modules[module_name].__file__))):
+        files[path.relative_to(PACKAGE).as_posix()] = file_sha256(path)
+    for path in sorted((PACKAGE / "builtin").glob("*")):
+        files[path.relative_to(PACKAGE).as_posix()] = file_sha256(path)
     return json_digest(files)
+
+
+def _dpoflow_imports(source: Path, seen: set[Path] | None = None) -> set[Path]:
+    """dpoflow's own module files that `source` imports, transitively (read from the code, not run)."""
+    seen = set() if seen is None else seen
+    for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: only dpoflow's own modules count (".x" inside dpoflow/)
+                base = "dpoflow." + base if source.parent == PACKAGE else ""
+            names = [base] + [f"{base}.{a.name}" for a in node.names]
+        for name in names:
+            if not name.startswith("dpoflow."):
+                continue
+            path = PACKAGE.joinpath(*name.split(".")[1:]).with_suffix(".py")
+            if path.is_file() and path not in seen:
+                seen.add(path)
+                _dpoflow_imports(path, seen)
+    return seen
 
 
 def key_material(stage: str, module_name: str, inputs: dict[str, Any]) -> dict[str, Any]:

@@ -62,3 +62,16 @@ def test_code_digest_covers_the_stage_module(tmp_path, monkeypatch):
 def test_prefect_key_comes_from_the_key_parameter():
     assert cache_key_from_param(None, {"stage": "dpo", "key": "abc", "other": 1}) == "dpo-abc"
     assert json_digest({"a": 1}) == json_digest({"a": 1})
+
+
+def test_code_digest_follows_only_the_dpoflow_modules_a_stage_imports(tmp_path):
+    from pathlib import Path
+
+    from dpoflow.cache import PACKAGE, _dpoflow_imports
+
+    stage = tmp_path / "stage.py"
+    stage.write_text("from dpoflow.records import ModelRef\n\ndef f():\n    from dpoflow.models import load_model\n")
+    found = {p.relative_to(PACKAGE).as_posix() for p in _dpoflow_imports(stage)}
+    assert {"records.py", "models.py", "config.py", "artifacts.py", "tiny.py"} <= found  # transitive too
+    assert "cli.py" not in found and "wizard.py" not in found
+    assert all(Path(PACKAGE / f).is_file() for f in found)

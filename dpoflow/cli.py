@@ -103,6 +103,9 @@ def run(config) -> int:
     print(text_table(rows))
     print(f"\nbackend:       {summary['backend']['name']} ({summary['backend']['reason']})")
     print(f"DPO reference: {summary['reference']}")
+    if summary.get("forgetting"):
+        print(f"forgetting:    {'passed' if summary['forgetting']['passed'] else 'FAILED (warn mode)'} "
+              f"({len(summary['forgetting']['table'])} tasks, start model vs tuned)")
     print(f"run folder:    {summary['run_dir']}")
     for name, path in summary["exports"].items():
         if path:

@@ -108,9 +108,25 @@ class TrainSetup(Strict):
                             "fit in free GPU memory.")
 
 
+class GateSpec(Strict):
+    mode: Literal["enforce", "warn"] = Field(
+        "enforce", description="enforce: a failed check stops the run before export (exit code 1); warn: report only.")
+    max_drop: float = Field(2.0, ge=0, description="Largest allowed drop per task, in accuracy points.")
+    per_task_max_drop: dict[str, float] = Field({}, description="Task name -> its own allowed drop.")
+    required_gain: dict[str, float] = Field(
+        {}, description="Task name -> least gain the tuned model must show, e.g. {dpoflow_preference: 5}.")
+
+
 class EvaluateSpec(Strict):
     enabled: bool = True
     batch_size: int = Field(16, ge=1)
+    tasks: list[str] = Field(
+        ["dpoflow_knowledge", "dpoflow_arithmetic", "dpoflow_reading", "dpoflow_instructions", "dpoflow_preference"],
+        description="lm-evaluation-harness tasks of the forgetting check. The dpoflow_* tasks ship with dpoflow "
+                    "(dpoflow_preference: the held-out pairs); registry tasks (hellaswag, arc_easy, ...) need "
+                    "the network.")
+    limit: int | None = Field(None, ge=1, description="Items per task (None: all).")
+    gate: GateSpec = GateSpec()
 
 
 class ExportSpec(Strict):

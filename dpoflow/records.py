@@ -46,8 +46,16 @@ class TrainedAdapter(Artifact):
     retries: list[dict] = []
 
 
+class TaskScores(Artifact):
+    """lm-eval accuracy (points) per task of one model: the start model's are cached on their own."""
+
+    scores: dict[str, float]
+
+
 class EvalReport(Artifact):
     metrics: dict[str, float]
+    base_scores: dict[str, float] = {}  # lm-eval accuracy points per task, the start model
+    tuned_scores: dict[str, float] = {}
 
 
 class Exports(Artifact):

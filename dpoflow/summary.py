@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .records import EvalReport, Exports, ModelRef, PreparedData, ReferenceLogps, TrainedAdapter
+from .records import EvalReport, Exports, ModelRef, PreparedData, ReferenceLogps, TaskScores, TrainedAdapter
 
 
 @dataclass
@@ -26,6 +26,8 @@ def key_metric(record) -> str:
         retried = f", {len(record.retries)} collapse retries" if record.retries else ""
         return (f"reward acc {m.get('rewards/accuracies', float('nan')):.2f}, "
                 f"margin {m.get('rewards/margins', float('nan')):.3f}{retried}")
+    if isinstance(record, TaskScores):
+        return f"start model scored on {len(record.scores)} tasks"
     if isinstance(record, ReferenceLogps):
         return f"reference log-probs {record.digest[:12]}"
     if isinstance(record, EvalReport):

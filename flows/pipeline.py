@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
-from dpoflow import models
+from dpoflow import forgetting, models
 from dpoflow.artifacts import file_sha256, is_intact, json_digest
 from dpoflow.backends import activate, choose_backend
 from dpoflow.cache import Workspace, key_material
@@ -27,7 +27,7 @@ from dpoflow.hardware import TrainingPlan, plan_key, plan_stage
 from dpoflow.runtime import set_cpu_threads
 from dpoflow.summary import StageRow, key_metric, markdown, rows_as_dicts
 from dpoflow.tasks.dpo import dpo_task, reference_task
-from dpoflow.tasks.evaluate import evaluate_task
+from dpoflow.tasks.evaluate import apply_gate, evaluate_task, start_scores_task, write_gate_report
 from dpoflow.tasks.export import export_task
 from dpoflow.tasks.model import model_task
 from dpoflow.tasks.prepare import prepare_task
@@ -62,6 +62,15 @@ class StageRunner:
         return record
 
 
+class GateBlocked(RuntimeError):
+    """The forgetting check failed in enforce mode: nothing is exported or published."""
+
+    def __init__(self, outputs):
+        self.outputs = outputs
+        super().__init__("forgetting check failed, export skipped: " + "; ".join(outputs.gate.failures)
+                         + " (table: forgetting.md in the run folder)")
+
+
 @dataclass
 class Outputs:
     """The records one pass over the pipeline produced (or, for `explain`, will produce)."""
@@ -74,6 +83,7 @@ class Outputs:
     report: Any
     exports: Any
     plans: dict[str, TrainingPlan]
+    gate: Any = None  # forgetting.GateResult
 
 
 def compose(config: PipelineConfig, backend, run, plan_for) -> Outputs:
@@ -103,18 +113,27 @@ def compose(config: PipelineConfig, backend, run, plan_for) -> Outputs:
                   {**dpo_inputs, "spec": config.dpo.model_dump(), "reference": reference and reference.digest},
                   start=start, data=data, spec=config.dpo, setup=config.train, plan=plan, seed=config.seed,
                   reference=reference, checkpoints=True)
-    report = None
+    report = gate = None
     if config.evaluate.enabled:
+        ev = config.evaluate
+        tasks = {"tasks": ev.tasks, "limit": ev.limit, "evals": forgetting.tasks_digest()}
+        # The start model's scores depend on neither DPO nor the gate: a sweep scores it once.
+        baseline = run(start_scores_task, "baseline", {"model": start.digest, "data": data.digest, **tasks},
+                       start=start, data=data, spec=ev)
         report = run(evaluate_task, "evaluate",
                      {"base": base.digest, "start": start.digest, "adapter": adapter.digest, "data": data.digest,
-                      "spec": config.evaluate.model_dump(), "beta": config.dpo.beta,
+                      "baseline": baseline.digest, "spec": ev.model_dump(exclude={"gate"}), **tasks, "beta": config.dpo.beta,
                       "max_length": config.dpo.max_length},
-                     base=base, adapter=adapter, data=data, spec=config.evaluate,
+                     base=base, adapter=adapter, data=data, spec=ev, start_scores=baseline,
                      beta=config.dpo.beta, max_length=config.dpo.max_length)
+        gate = apply_gate(report, ev.gate) if hasattr(report, "tuned_scores") else None  # not in explain
+        if gate is not None and not gate.passed and ev.gate.mode == "enforce":
+            raise GateBlocked(Outputs(base, data, start, reference, adapter, report, None, plans, gate))
     exports = run(export_task, "export",
                   {"start": start.digest, "adapter": adapter.digest, "spec": config.export.model_dump()},
                   adapter=adapter, spec=config.export)
-    return Outputs(base, data, start, reference, adapter, report, exports, {k: v for k, v in plans.items() if v})
+    return Outputs(base, data, start, reference, adapter, report, exports, {k: v for k, v in plans.items() if v},
+                   gate)
 
 
 @flow(name="dpoflow")
@@ -127,53 +146,80 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
     backend = choose_backend(config.train)
     activate(backend, config.train)  # before any stage imports transformers or TRL
     logger.info("training backend: %s (%s)", backend.name, backend.reason)
-    out = compose(config, backend, run, lambda spec, model: plan_stage(config.train, spec, model.path))
-    adapter, exports, plans = out.adapter, out.exports, out.plans
-    metrics: dict[str, float] = out.report.metrics if out.report else {}
+    blocked = None
+    try:
+        out = compose(config, backend, run, lambda spec, model: plan_stage(config.train, spec, model.path))
+    except GateBlocked as e:  # still leave the summary and the score table before failing the run
+        blocked, out = e, e.outputs
+    run_dir = new_run_folder(workspace, config)
+    if out.gate is not None:
+        write_gate_report(out.gate, run_dir)
+        create_table_artifact(out.gate.rows, key=artifact_key(config.name) + "-forgetting",
+                              description="Forgetting check: start model vs tuned, accuracy points per task")
+    summary, summary_md = summarize(config, backend, run, out, blocked, run_dir)
+    write_run_folder(run_dir, summary, run.outputs, summary_md)
+    create_markdown_artifact(summary_md, key=artifact_key(config.name),
+                             description=f"dpoflow summary of {config.name}")
+    logger.info("run folder: %s", run_dir)
+    if blocked:
+        raise blocked
+    return summary
 
+
+def summarize(config: PipelineConfig, backend, run: StageRunner, out: Outputs, blocked: GateBlocked | None,
+              run_dir: Path) -> tuple[dict[str, Any], str]:
+    """The run summary as JSON-able dict and as markdown (notes under the stage table)."""
+    adapter, exports, gate = out.adapter, out.exports, out.gate
     notes = [f"training backend: {backend.name} ({backend.reason})",
              *[f"{stage} plan: {p.precision}, 4-bit {'yes' if p.load_in_4bit else 'no'}, per-device batch "
                f"{p.per_device_batch} x accumulation {p.gradient_accumulation_steps}; "
-               + "; ".join(p.reasons + [f"WARNING {w}" for w in p.warnings]) for stage, p in plans.items()],
+               + "; ".join(p.reasons + [f"WARNING {w}" for w in p.warnings]) for stage, p in out.plans.items()],
              f"DPO reference: {adapter.reference}",
              *[f"collapse guard: attempt {r['attempt']} collapsed at step {r['step']} (lr {r['learning_rate']:g}); "
-               f"retried from {r['restart_from']} with lr halved" for r in adapter.retries],
-             f"exports: {exports.merged or exports.adapter}"]
+               f"retried from {r['restart_from']} with lr halved" for r in adapter.retries]]
+    if gate is not None:
+        verdict = "passed" if gate.passed else f"FAILED ({config.evaluate.gate.mode})"
+        notes.append(f"forgetting check {verdict}: {run_dir}/forgetting.md"
+                     + ("" if gate.passed else "; " + "; ".join(gate.failures)))
+    notes.append(f"exports: {exports.merged or exports.adapter}" if exports else
+                 f"exports: none: {blocked}")
     summary = {
         "pipeline": config.name,
         "flow_run": flow_run.get_name(),
         "stages": rows_as_dicts(run.rows),
-        "metrics": metrics,
+        "run_dir": str(run_dir),
+        "metrics": out.report.metrics if out.report else {},
+        "forgetting": {"passed": gate.passed, "failures": gate.failures, "table": gate.rows} if gate else None,
         "reference": adapter.reference,
         "backend": {"name": backend.name, "reason": backend.reason},
         "retries": adapter.retries,
-        "plans": {stage: asdict(p) for stage, p in plans.items()},
-        "exports": {"adapter": exports.adapter, "merged": exports.merged},
+        "plans": {stage: asdict(p) for stage, p in out.plans.items()},
+        "exports": {"adapter": exports.adapter, "merged": exports.merged} if exports else {},
     }
-    summary_md = markdown(config.name, run.rows, notes)
-    run_dir = write_run_folder(workspace, config, summary, run.outputs, summary_md)
-    summary["run_dir"] = str(run_dir)
-    create_markdown_artifact(summary_md, key=artifact_key(config.name),
-                             description=f"dpoflow summary of {config.name}")
-    logger.info("run folder: %s", run_dir)
-    return summary
+    md = markdown(config.name, run.rows, notes)
+    if gate is not None:
+        md += "\n" + (run_dir / "forgetting.md").read_text()
+    return summary, md
 
 
-def write_run_folder(workspace: Workspace, config: PipelineConfig, summary: dict, outputs: dict[str, str],
-                     summary_md: str) -> Path:
-    """runs/<pipeline>/<time>-<flow run>/: the resolved config, the summary, and a link per stage output."""
+def new_run_folder(workspace: Workspace, config: PipelineConfig) -> Path:
+    """runs/<pipeline>/<time>-<flow run>/, with the resolved config."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    run_dir = workspace.runs(config.name) / f"{stamp}-{summary['flow_run']}"
+    run_dir = workspace.runs(config.name) / f"{stamp}-{flow_run.get_name()}"
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(config.model_dump_json(indent=1))
-    (run_dir / "summary.json").write_text(json.dumps({**summary, "run_dir": str(run_dir)}, indent=1))
+    return run_dir
+
+
+def write_run_folder(run_dir: Path, summary: dict, outputs: dict[str, str], summary_md: str) -> None:
+    """The summary, a link per stage output, and runs/<pipeline>/latest pointing here."""
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     (run_dir / "summary.md").write_text(summary_md)
     for stage, out_dir in outputs.items():
         (run_dir / stage).symlink_to(out_dir, target_is_directory=True)
     latest = run_dir.parent / "latest"
     latest.unlink(missing_ok=True)
     latest.symlink_to(run_dir.name, target_is_directory=True)
-    return run_dir
 
 
 def training_inputs(config: PipelineConfig, backend, plan: TrainingPlan) -> dict[str, Any]:

@@ -1,16 +1,24 @@
-"""evaluate: held-out preference accuracy of the model DPO started from vs the tuned model, and the
-tuned model's implicit DPO reward accuracy and margin. (The lm-evaluation-harness forgetting check
-and its gate plug in here.)"""
+"""evaluate: did DPO help, and did the model forget anything?
+
+1. Held-out preference accuracy of the model DPO started from vs the tuned model, and the tuned
+   model's implicit DPO reward accuracy and margin.
+2. The forgetting check: lm-evaluation-harness tasks (dpoflow/evals/ plus the held-out pairs as
+   `dpoflow_preference`) on the start model (`start_scores_task`, cached by its content, so sweeps
+   score it once) and on the tuned model. The gate (per-task allowed drops and required gains) is a
+   policy applied to these cached scores on every run (`apply_gate`), so changing it re-scores
+   nothing; the flow stops before export when it fails in enforce mode.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from dpoflow import forgetting
 from dpoflow.artifacts import fresh_dir, read_jsonl_rows, seal
-from dpoflow.config import EvaluateSpec
+from dpoflow.config import EvaluateSpec, GateSpec
 from dpoflow.models import load_model, load_tokenizer
-from dpoflow.records import EvalReport, ModelRef, PreparedData, TrainedAdapter
+from dpoflow.records import EvalReport, ModelRef, PreparedData, TaskScores, TrainedAdapter
 from dpoflow.scoring import completion_logps
 
 from . import stage_task
@@ -27,8 +35,24 @@ def preference_metrics(chosen, rejected, ref_chosen, ref_rejected, beta: float) 
     }
 
 
-def evaluate_preferences(base: ModelRef, adapter: TrainedAdapter, data: PreparedData, spec: EvaluateSpec,
-                         beta: float, max_length: int, out_dir: Path) -> EvalReport:
+def score_tasks(model: ModelRef, adapter: TrainedAdapter | None, data: PreparedData, spec: EvaluateSpec,
+                out_dir: Path) -> dict[str, float]:
+    """lm-eval accuracy per configured task, written to `out_dir/scores.json`."""
+    include = forgetting.materialize_tasks(out_dir / "tasks", heldout_pairs=data.heldout)
+    scores = forgetting.run_tasks(model.path, adapter.path if adapter else None, spec.tasks, include,
+                                  limit=spec.limit, batch_size=spec.batch_size, device=_device())
+    (out_dir / "scores.json").write_text(json.dumps(dict(scores), indent=1, sort_keys=True))
+    return dict(scores)
+
+
+def score_start_model(start: ModelRef, data: PreparedData, spec: EvaluateSpec, out_dir: Path) -> TaskScores:
+    fresh_dir(out_dir)
+    scores = score_tasks(start, None, data, spec, out_dir)
+    return TaskScores(path=str(out_dir), digest=seal(out_dir), scores=scores)
+
+
+def evaluate_model(base: ModelRef, adapter: TrainedAdapter, data: PreparedData, spec: EvaluateSpec,
+                   start_scores: TaskScores, beta: float, max_length: int, out_dir: Path) -> EvalReport:
     from peft import PeftModel
 
     fresh_dir(out_dir)
@@ -52,8 +76,27 @@ def evaluate_preferences(base: ModelRef, adapter: TrainedAdapter, data: Prepared
         base_scores = score(load_model(base.path, "float32").to(_device()))
         metrics["base_accuracy"] = (base_scores[0] > base_scores[1]).float().mean().item()
     metrics["heldout_pairs"] = float(len(rows))
+    del model
+
+    tuned_scores = score_tasks(start, adapter, data, spec, out_dir)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
-    return EvalReport(path=str(out_dir), digest=seal(out_dir), metrics=metrics)
+    return EvalReport(path=str(out_dir), digest=seal(out_dir), metrics=metrics, base_scores=start_scores.scores,
+                      tuned_scores=tuned_scores)
+
+
+def apply_gate(report: EvalReport, spec: GateSpec):
+    """The forgetting check's verdict on a report's scores (start model vs tuned)."""
+    return forgetting.gate(report.base_scores, report.tuned_scores, spec.max_drop, spec.per_task_max_drop,
+                           spec.required_gain)
+
+
+def write_gate_report(verdict, folder: Path) -> None:
+    """forgetting.md (base vs tuned with deltas and the verdict), forgetting.png and gate.json."""
+    (folder / "forgetting.md").write_text("# Forgetting check: start model vs tuned\n\n"
+                                          + forgetting.report_markdown(verdict))
+    forgetting.report_chart(verdict, folder / "forgetting.png")
+    (folder / "gate.json").write_text(json.dumps({"passed": verdict.passed, "failures": verdict.failures,
+                                                  "rows": verdict.rows}, indent=1))
 
 
 def _device():
@@ -63,6 +106,13 @@ def _device():
 
 
 @stage_task
+def start_scores_task(stage: str, key: str, out_dir: str, start: ModelRef, data: PreparedData,
+                      spec: EvaluateSpec) -> TaskScores:
+    return score_start_model(start, data, spec, Path(out_dir))
+
+
+@stage_task
 def evaluate_task(stage: str, key: str, out_dir: str, base: ModelRef, adapter: TrainedAdapter,
-                  data: PreparedData, spec: EvaluateSpec, beta: float, max_length: int) -> EvalReport:
-    return evaluate_preferences(base, adapter, data, spec, beta, max_length, Path(out_dir))
+                  data: PreparedData, spec: EvaluateSpec, start_scores: TaskScores, beta: float,
+                  max_length: int) -> EvalReport:
+    return evaluate_model(base, adapter, data, spec, start_scores, beta, max_length, Path(out_dir))

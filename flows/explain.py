@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dpoflow.artifacts import is_intact, json_digest
+from dpoflow.artifacts import is_intact
 from dpoflow.backends import BackendError, choose_backend
-from dpoflow.cache import Workspace, key_material
+from dpoflow.cache import Workspace, stage_key
 from dpoflow.config import PipelineConfig
 from dpoflow.hardware import TrainingPlan, describe, plan_stage
 from dpoflow.models import BUILTIN, source_kind
@@ -53,8 +53,7 @@ class CachePeek:
         if waiting:
             self.forecasts.append(Forecast(stage, "runs", f"after {', '.join(waiting)}, whose output will be new"))
             return Pending(stage)
-        material = key_material(stage, task.fn.__module__, key_inputs)
-        key = json_digest(material)
+        key, material = stage_key(stage, task.fn.__module__, key_inputs)
         result = self.workspace.result_file(stage, key)
         if result.is_file() and is_intact(self.workspace.stage_dir(stage, key)):
             from prefect.results import ResultRecord

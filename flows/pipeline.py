@@ -19,9 +19,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from dpoflow import forgetting, models
-from dpoflow.artifacts import file_sha256, is_intact, json_digest
+from dpoflow.artifacts import file_sha256, is_intact
 from dpoflow.backends import activate, choose_backend
-from dpoflow.cache import Workspace, key_material
+from dpoflow.cache import Workspace, stage_key
 from dpoflow.config import PipelineConfig
 from dpoflow.hardware import TrainingPlan, plan_key, plan_stage
 from dpoflow.runtime import set_cpu_threads
@@ -43,8 +43,7 @@ class StageRunner:
         self.outputs: dict[str, str] = {}
 
     def __call__(self, task, stage: str, key_inputs: dict[str, Any], checkpoints: bool = False, **params) -> Any:
-        material = key_material(stage, task.fn.__module__, key_inputs)
-        key = json_digest(material)
+        key, material = stage_key(stage, task.fn.__module__, key_inputs)
         self.workspace.save_key_material(stage, key, material)  # lets `dpoflow explain` say what changed
         out_dir = self.workspace.stage_dir(stage, key)
         if checkpoints:

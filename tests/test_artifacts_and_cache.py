@@ -39,11 +39,12 @@ def test_sealed_folder_detects_changed_added_and_missing_files(tmp_path):
 
 def test_stage_key_changes_with_inputs_and_stage_not_with_dict_order():
     module = __name__
-    k = stage_key("dpo", module, {"model": "m1", "spec": {"beta": 0.1, "lr": 1e-3}})
-    assert k == stage_key("dpo", module, {"spec": {"lr": 1e-3, "beta": 0.1}, "model": "m1"})
-    assert k != stage_key("dpo", module, {"model": "m1", "spec": {"beta": 0.2, "lr": 1e-3}})
-    assert k != stage_key("dpo", module, {"model": "m2", "spec": {"beta": 0.1, "lr": 1e-3}})
-    assert k != stage_key("sft", module, {"model": "m1", "spec": {"beta": 0.1, "lr": 1e-3}})
+    k, material = stage_key("dpo", module, {"model": "m1", "spec": {"beta": 0.1, "lr": 1e-3}})
+    assert k == json_digest(material) and material["inputs"]["model"] == "m1"
+    assert k == stage_key("dpo", module, {"spec": {"lr": 1e-3, "beta": 0.1}, "model": "m1"})[0]
+    assert k != stage_key("dpo", module, {"model": "m1", "spec": {"beta": 0.2, "lr": 1e-3}})[0]
+    assert k != stage_key("dpo", module, {"model": "m2", "spec": {"beta": 0.1, "lr": 1e-3}})[0]
+    assert k != stage_key("sft", module, {"model": "m1", "spec": {"beta": 0.1, "lr": 1e-3}})[0]
 
 
 def test_code_digest_covers_the_stage_module(tmp_path, monkeypatch):

@@ -30,7 +30,12 @@ class DataSpec(Strict):
         description="JSONL files of {prompt, chosen, rejected}; relative paths resolve against pipelines.yaml.",
     )
     heldout_fraction: float = Field(0.1, gt=0, lt=1, description="Share of prompts held out (split by prompt hash).")
-    system_prompt: str | None = Field(None, description="System message put before every prompt.")
+    format: Literal["auto", "explicit", "conversational", "implicit"] = Field(
+        "auto", description="explicit: prompt/chosen/rejected strings; conversational: chosen/rejected message "
+                            "lists (an optional prompt list); implicit: two full HH-RLHF style transcripts "
+                            "('\\n\\nHuman: ... \\n\\nAssistant: ...'); auto: detected per row.")
+    columns: dict[str, str] = Field({}, description="Your column names, e.g. {prompt: question, chosen: good}.")
+    system_prompt: str | None = Field(None, description="System message put before every prompt that has none.")
     on_error: Literal["quarantine", "fail"] = Field(
         "quarantine", description="quarantine: keep bad rows aside in rejected.jsonl; fail: stop at the first."
     )

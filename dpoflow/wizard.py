@@ -37,25 +37,29 @@ class Answers:
 
 
 def inspect_data(path: Path, show: int = 3) -> tuple[str, list[dict], int]:
-    """(format, first `show` usable pairs, rows read). Raises ValueError naming file and line when the
-    file cannot be used."""
-    from dpoflow.tasks.prepare import check_pair, read_jsonl
+    """(format, first `show` usable pairs as {prompt, chosen, rejected}, rows read). Raises ValueError
+    naming file and line when the file cannot be used."""
+    from dpoflow.tasks.prepare import Rejection, detect_format, read_jsonl, to_pair
 
-    pairs, read, problems = [], 0, []
+    pairs, read, problems, formats = [], 0, [], set()
     for where, row, rejection in read_jsonl(path):
         read += 1
-        rejection = rejection or check_pair(where, row)
-        if rejection:
-            problems.append(rejection.message())
-        elif len(pairs) < show:
-            pairs.append(row)
+        pair = rejection or to_pair(where, row)
+        if isinstance(pair, Rejection):
+            problems.append(pair.message())
+        else:
+            formats.add(detect_format(row))
+            if len(pairs) < show:
+                pairs.append({"prompt": pair.messages[-1]["content"], "chosen": pair.chosen,
+                              "rejected": pair.rejected})
         if read >= 200 and pairs:
             break
     if not pairs:
         first = problems[0] if problems else f"{path}: no rows"
-        raise ValueError(f"no usable preference pair found; first problem: {first}. "
-                         "Expected JSONL rows with string fields prompt, chosen, rejected.")
-    return "explicit prompt/chosen/rejected (JSONL)", pairs, read
+        raise ValueError(f"no usable preference pair found; first problem: {first}. Expected JSONL rows "
+                         "with prompt/chosen/rejected strings, chosen/rejected message lists, or two "
+                         "'\\n\\nHuman: ... \\n\\nAssistant: ...' transcripts.")
+    return " + ".join(sorted(formats)), pairs, read
 
 
 def render_entry(a: Answers, indent: str = "  ") -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -59,6 +60,117 @@ def read_jsonl(path: Path) -> Iterator[tuple[str, dict | None, Rejection | None]
             yield where, row, None
 
 
+@dataclass
+class Pair:
+    messages: list[dict]  # the prompt as a conversation, ending with a user turn
+    chosen: str
+    rejected: str
+
+
+ROLES = {"system", "user", "assistant"}
+HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
+
+
+def to_pair(where: str, row: dict, fmt: str = "auto", columns: dict[str, str] | None = None) -> Pair | Rejection:
+    """One input row in any supported format as a Pair, or the reason it cannot be one."""
+    for canonical, column in (columns or {}).items():
+        if column in row:
+            row = {**row, canonical: row[column]}
+    if fmt == "auto":
+        fmt = detect_format(row)
+    if fmt == "conversational":
+        return _conversational(where, row)
+    if fmt == "implicit":
+        return _implicit(where, row)
+    return check_pair(where, row) or Pair([{"role": "user", "content": row["prompt"]}], row["chosen"],
+                                          row["rejected"])
+
+
+def detect_format(row: dict) -> str:
+    if isinstance(row.get("chosen"), list) or isinstance(row.get("prompt"), list):
+        return "conversational"
+    if "prompt" not in row and isinstance(row.get("chosen"), str) and "\n\nAssistant:" in row["chosen"]:
+        return "implicit"
+    return "explicit"
+
+
+def _conversational(where: str, row: dict) -> Pair | Rejection:
+    for field in ("chosen", "rejected"):
+        if field not in row:
+            return Rejection(where, "missing_field", field, "missing")
+        bad = _bad_messages(row[field])
+        if bad:
+            return Rejection(where, "bad_messages", field, bad)
+    chosen, rejected = row["chosen"], row["rejected"]
+    if isinstance(row.get("prompt"), list):  # TRL style: prompt turns apart, one answer each
+        bad = _bad_messages(row["prompt"])
+        if bad:
+            return Rejection(where, "bad_messages", "prompt", bad)
+        prompt, chosen, rejected = row["prompt"], chosen[-1:], rejected[-1:]
+    else:  # whole conversations (UltraFeedback binarized style) that differ in the last turn only
+        prompt = chosen[:-1]
+        if rejected[:-1] != prompt:
+            return Rejection(where, "prompts_differ", "rejected", "the turns before the last differ from 'chosen'")
+    for field, answer in (("chosen", chosen), ("rejected", rejected)):
+        if not answer or answer[-1]["role"] != "assistant":
+            return Rejection(where, "no_assistant_turn", field, "does not end with an assistant turn")
+    order = _role_order_problem(prompt)
+    if order:
+        return Rejection(where, "roles_out_of_order", "chosen", order)
+    return _checked(where, Pair(prompt, chosen[-1]["content"], rejected[-1]["content"]))
+
+
+def _implicit(where: str, row: dict) -> Pair | Rejection:
+    for field in ("chosen", "rejected"):
+        if not isinstance(row.get(field), str):
+            return Rejection(where, "missing_field" if field not in row else "wrong_type", field,
+                             "missing" if field not in row else "expected a transcript string")
+    cut = row["chosen"].rfind("\n\nAssistant:")
+    if cut < 0:
+        return Rejection(where, "no_assistant_turn", "chosen", "no '\\n\\nAssistant:' turn")
+    head = row["chosen"][:cut + len("\n\nAssistant:")]
+    if not row["rejected"].startswith(head):
+        return Rejection(where, "prompts_differ", "rejected", "does not share the conversation before the last "
+                                                                "assistant turn with 'chosen'")
+    parts = HH_TURN.split(row["chosen"][:cut])  # ["", "Human", text, "Assistant", text, ...]
+    if parts[0].strip() or len(parts) < 3:
+        return Rejection(where, "roles_out_of_order", "chosen", "must start with '\\n\\nHuman:'")
+    messages = [{"role": "user" if who == "Human" else "assistant", "content": text.strip()}
+                for who, text in zip(parts[1::2], parts[2::2])]
+    order = _role_order_problem(messages)
+    if order:
+        return Rejection(where, "roles_out_of_order", "chosen", order)
+    return _checked(where, Pair(messages, row["chosen"][len(head):].strip(), row["rejected"][len(head):].strip()))
+
+
+def _bad_messages(messages) -> str | None:
+    if not isinstance(messages, list) or not messages:
+        return "expected a non-empty list of {role, content} messages"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            return f"message {i}: expected {{role: system|user|assistant, content: string}}"
+    return None
+
+
+def _role_order_problem(prompt: list[dict]) -> str | None:
+    turns = prompt[1:] if prompt and prompt[0]["role"] == "system" else prompt
+    expected = ["user", "assistant"] * len(turns)
+    if not turns or [m["role"] for m in turns] != expected[:len(turns)] or turns[-1]["role"] != "user":
+        return ("roles out of order: expected (system,) user, assistant, ..., user before the answer; got "
+                + ", ".join(m["role"] for m in prompt))
+    return None
+
+
+def _checked(where: str, pair: Pair) -> Pair | Rejection:
+    for field, text in (("prompt", pair.messages[-1]["content"]), ("chosen", pair.chosen),
+                        ("rejected", pair.rejected)):
+        if not text.strip():
+            return Rejection(where, "empty_field", field, "empty")
+    if pair.chosen.strip() == pair.rejected.strip():
+        return Rejection(where, "chosen_equals_rejected", "rejected", "identical to 'chosen'")
+    return pair
+
+
 def check_pair(where: str, row: dict) -> Rejection | None:
     for field in FIELDS:
         if field not in row:
@@ -78,15 +190,16 @@ def is_heldout(prompt: str, fraction: float) -> bool:
     return bucket < fraction
 
 
-def render(tokenizer, row: dict, system_prompt: str | None) -> dict:
+def render(tokenizer, pair: Pair, system_prompt: str | None) -> dict:
     """The one place the chat template is applied; SFT, DPO and evaluation all read its output."""
-    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else [])
-    messages.append({"role": "user", "content": row["prompt"]})
+    messages = pair.messages
+    if system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}, *messages]
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return {
         "prompt": prompt,
-        "chosen": row["chosen"] + tokenizer.eos_token,
-        "rejected": row["rejected"] + tokenizer.eos_token,
+        "chosen": pair.chosen + tokenizer.eos_token,
+        "rejected": pair.rejected + tokenizer.eos_token,
     }
 
 
@@ -99,15 +212,16 @@ def prepare_data(sources: list[str], spec: DataSpec, model: ModelRef, out_dir: P
     for source in sources:
         for where, row, rejection in read_jsonl(Path(source)):
             counts["read"] += 1
-            rejection = rejection or check_pair(where, row)
-            if rejection:
+            pair = rejection or to_pair(where, row, spec.format, spec.columns)
+            if isinstance(pair, Rejection):
                 if spec.on_error == "fail":
-                    raise DataError(rejection.message())
-                rejected.append(rejection)
-                counts[f"rejected_{rejection.reason}"] += 1
+                    raise DataError(pair.message())
+                rejected.append(pair)
+                counts[f"rejected_{pair.reason}"] += 1
                 continue
-            split = "heldout" if is_heldout(row["prompt"], spec.heldout_fraction) else "train"
-            splits[split].append({**render(tokenizer, row, spec.system_prompt), "source": where})
+            rendered = render(tokenizer, pair, spec.system_prompt)
+            split = "heldout" if is_heldout(rendered["prompt"], spec.heldout_fraction) else "train"
+            splits[split].append({**rendered, "source": where})
     counts.update(train=len(splits["train"]), heldout=len(splits["heldout"]), rejected=len(rejected))
     if counts["read"] == 0:
         raise DataError(f"{', '.join(sources)}: no rows (empty data)")

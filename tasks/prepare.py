@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -161,6 +162,25 @@ def _role_order_problem(prompt: list[dict]) -> str | None:
     return None
 
 
+def normalize_text(text: str) -> str:
+    """Unicode NFC, runs of spaces/tabs as one space, no trailing spaces on a line, no blank edges.
+    Newlines stay: they carry meaning in prompts (lists, code, a review after an instruction)."""
+    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
+    lines = [re.sub(r"[ \t\u00a0]+", " ", line).strip(" ") for line in text.split("\n")]
+    return "\n".join(lines).strip("\n")
+
+
+def normalized(pair: Pair) -> Pair:
+    return Pair([{**m, "content": normalize_text(m["content"])} for m in pair.messages],
+                normalize_text(pair.chosen), normalize_text(pair.rejected))
+
+
+def dedup_key(pair: Pair) -> str:
+    """Equal for pairs that differ only in case and spacing (after normalize_text)."""
+    text = json.dumps([[m["role"], m["content"]] for m in pair.messages] + [pair.chosen, pair.rejected])
+    return hashlib.sha256(re.sub(r"\s+", " ", text.casefold()).encode("utf-8")).hexdigest()
+
+
 def _checked(where: str, pair: Pair) -> Pair | Rejection:
     for field, text in (("prompt", pair.messages[-1]["content"]), ("chosen", pair.chosen),
                         ("rejected", pair.rejected)):
@@ -209,12 +229,22 @@ def prepare_data(sources: list[str], spec: DataSpec, model: ModelRef, out_dir: P
     splits: dict[str, list[dict]] = {"train": [], "heldout": []}
     rejected: list[Rejection] = []
     counts: Counter[str] = Counter()
+    seen: dict[str, str] = {}  # dedup key -> where it was first seen
     for source in sources:
         for where, row, rejection in read_jsonl(Path(source)):
             counts["read"] += 1
             pair = rejection or to_pair(where, row, spec.format, spec.columns)
+            if isinstance(pair, Pair):
+                pair = _checked(where, normalized(pair))  # normalizing can empty a field or equalize a pair
+            if isinstance(pair, Pair):
+                key = dedup_key(pair)
+                if key in seen:
+                    pair = Rejection(where, "duplicate", None, f"same pair as {seen[key]} (after normalization)")
+                else:
+                    seen[key] = where
             if isinstance(pair, Rejection):
-                if spec.on_error == "fail":
+                # A duplicate is a cleaning outcome, not bad input: counted and kept aside in both modes.
+                if spec.on_error == "fail" and pair.reason != "duplicate":
                     raise DataError(pair.message())
                 rejected.append(pair)
                 counts[f"rejected_{pair.reason}"] += 1

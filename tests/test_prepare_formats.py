@@ -86,3 +86,21 @@ def test_mixed_formats_in_one_file_prepare_together(tiny_model, tmp_path):
     prompts = {r["prompt"] for r in read_jsonl_rows(out.train) + read_jsonl_rows(out.heldout)}
     assert "<|begin|><|user|>\nhh 3?<|end|>\n<|assistant|>\n" in prompts
     assert "<|begin|><|user|>\nconv 3?<|end|>\n<|assistant|>\n" in prompts
+
+
+def test_text_is_normalized_and_duplicates_are_counted_and_kept_aside(tiny_model, tmp_path):
+    from dpoflow.tasks.prepare import normalize_text
+
+    assert normalize_text("  Cafe\u0301  is\t\tnice \r\nline two  \n") == "Caf\u00e9 is nice\nline two"
+    rows = [{"prompt": f"Question {i}?", "chosen": "Yes", "rejected": "No"} for i in range(20)]
+    rows += [{"prompt": "Question  3?", "chosen": " yes", "rejected": "NO "},  # normalized duplicate of row 4
+             {"prompt": "Question 5?", "chosen": "Yes", "rejected": "No"},  # exact duplicate of row 6
+             {"prompt": "Q?", "chosen": "same \t answer", "rejected": "same answer"}]  # equal once normalized
+    src = tmp_path / "dups.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = ModelRef(path=str(tiny_model), digest="x", source="builtin:tiny-llama", role="base")
+    out = prepare_data([str(src)], DataSpec(sources=[str(src)], heldout_fraction=0.2), base, tmp_path / "out")
+    assert out.counts["rejected_duplicate"] == 2 and out.counts["rejected_chosen_equals_rejected"] == 1
+    assert out.counts["train"] + out.counts["heldout"] == 20
+    dups = [r for r in read_jsonl_rows(out.rejected) if r["reason"] == "duplicate"]
+    assert dups[0]["source"] == f"{src}:21" and dups[0]["detail"] == f"same pair as {src}:4 (after normalization)"

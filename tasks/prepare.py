@@ -73,18 +73,21 @@ HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 
 
 def to_pair(where: str, row: dict, fmt: str = "auto", columns: dict[str, str] | None = None) -> Pair | Rejection:
-    """One input row in any supported format as a Pair, or the reason it cannot be one."""
+    """One input row in any supported format as a normalized Pair, or the reason it cannot be one."""
     for canonical, column in (columns or {}).items():
         if column in row:
             row = {**row, canonical: row[column]}
     if fmt == "auto":
         fmt = detect_format(row)
     if fmt == "conversational":
-        return _conversational(where, row)
-    if fmt == "implicit":
-        return _implicit(where, row)
-    return check_pair(where, row) or Pair([{"role": "user", "content": row["prompt"]}], row["chosen"],
-                                          row["rejected"])
+        pair = _conversational(where, row)
+    elif fmt == "implicit":
+        pair = _implicit(where, row)
+    else:
+        pair = check_pair(where, row) or Pair([{"role": "user", "content": row["prompt"]}], row["chosen"],
+                                              row["rejected"])
+    # Checked after normalizing: normalizing can empty a field or make the two answers equal.
+    return _checked(where, normalized(pair)) if isinstance(pair, Pair) else pair
 
 
 def detect_format(row: dict) -> str:
@@ -118,7 +121,7 @@ def _conversational(where: str, row: dict) -> Pair | Rejection:
     order = _role_order_problem(prompt)
     if order:
         return Rejection(where, "roles_out_of_order", "chosen", order)
-    return _checked(where, Pair(prompt, chosen[-1]["content"], rejected[-1]["content"]))
+    return Pair(prompt, chosen[-1]["content"], rejected[-1]["content"])
 
 
 def _implicit(where: str, row: dict) -> Pair | Rejection:
@@ -141,7 +144,7 @@ def _implicit(where: str, row: dict) -> Pair | Rejection:
     order = _role_order_problem(messages)
     if order:
         return Rejection(where, "roles_out_of_order", "chosen", order)
-    return _checked(where, Pair(messages, row["chosen"][len(head):].strip(), row["rejected"][len(head):].strip()))
+    return Pair(messages, row["chosen"][len(head):].strip(), row["rejected"][len(head):].strip())
 
 
 def _bad_messages(messages) -> str | None:
@@ -234,8 +237,6 @@ def prepare_data(sources: list[str], spec: DataSpec, model: ModelRef, out_dir: P
         for where, row, rejection in read_jsonl(Path(source)):
             counts["read"] += 1
             pair = rejection or to_pair(where, row, spec.format, spec.columns)
-            if isinstance(pair, Pair):
-                pair = _checked(where, normalized(pair))  # normalizing can empty a field or equalize a pair
             if isinstance(pair, Pair):
                 key = dedup_key(pair)
                 if key in seen:

@@ -17,6 +17,14 @@ def msg(role, content):
     return {"role": role, "content": content}
 
 
+def prepare_rows(tiny_model, tmp_path, rows: list[dict]):
+    """prepare_data on `rows` written as one JSONL file; returns (file, PreparedData)."""
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = ModelRef(path=str(tiny_model), digest="x", source="builtin:tiny-llama", role="base")
+    return src, prepare_data([str(src)], DataSpec(sources=[str(src)], heldout_fraction=0.2), base, tmp_path / "out")
+
+
 def test_explicit_conversational_and_implicit_rows_give_the_same_pair():
     explicit = {"prompt": "Is water wet?", "chosen": "Yes.", "rejected": "No."}
     conversational = {"chosen": [msg(USER, "Is water wet?"), msg(ASSISTANT, "Yes.")],
@@ -77,10 +85,7 @@ def test_mixed_formats_in_one_file_prepare_together(tiny_model, tmp_path):
         rows.append({"chosen": f"\n\nHuman: hh {i}?\n\nAssistant: yes",
                      "rejected": f"\n\nHuman: hh {i}?\n\nAssistant: no"})
     rows.append({"chosen": [msg(USER, "q")], "rejected": [msg(USER, "q")]})
-    src = tmp_path / "mixed.jsonl"
-    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    base = ModelRef(path=str(tiny_model), digest="x", source="builtin:tiny-llama", role="base")
-    out = prepare_data([str(src)], DataSpec(sources=[str(src)], heldout_fraction=0.2), base, tmp_path / "out")
+    _, out = prepare_rows(tiny_model, tmp_path, rows)
     assert out.counts["read"] == 91 and out.counts["rejected_no_assistant_turn"] == 1
     assert out.counts["train"] + out.counts["heldout"] == 90
     prompts = {r["prompt"] for r in read_jsonl_rows(out.train) + read_jsonl_rows(out.heldout)}
@@ -96,10 +101,7 @@ def test_text_is_normalized_and_duplicates_are_counted_and_kept_aside(tiny_model
     rows += [{"prompt": "Question  3?", "chosen": " yes", "rejected": "NO "},  # normalized duplicate of row 4
              {"prompt": "Question 5?", "chosen": "Yes", "rejected": "No"},  # exact duplicate of row 6
              {"prompt": "Q?", "chosen": "same \t answer", "rejected": "same answer"}]  # equal once normalized
-    src = tmp_path / "dups.jsonl"
-    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    base = ModelRef(path=str(tiny_model), digest="x", source="builtin:tiny-llama", role="base")
-    out = prepare_data([str(src)], DataSpec(sources=[str(src)], heldout_fraction=0.2), base, tmp_path / "out")
+    src, out = prepare_rows(tiny_model, tmp_path, rows)
     assert out.counts["rejected_duplicate"] == 2 and out.counts["rejected_chosen_equals_rejected"] == 1
     assert out.counts["train"] + out.counts["heldout"] == 20
     dups = [r for r in read_jsonl_rows(out.rejected) if r["reason"] == "duplicate"]

@@ -154,12 +154,9 @@ def _hub_commit(repo_id: str, revision: str | None) -> str:
 
 
 def torch_dtype(name: str):
+    """float32 / bfloat16 / float16 -> the torch dtype (which one to train in is hardware.py's call)."""
     import torch
 
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
     return getattr(torch, name)
 
 
@@ -181,7 +178,7 @@ def load_tokenizer(path: str, **kwargs):
     return tokenizer
 
 
-def load_model(path: str, dtype: str = "auto"):
+def load_model(path: str, dtype: str):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))

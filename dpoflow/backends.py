@@ -28,8 +28,15 @@ def choose_backend(setup: TrainSetup) -> BackendChoice:
 
     cuda = torch.cuda.is_available()
     has_unsloth = importlib.util.find_spec("unsloth") is not None
+    processes = setup.distributed.num_processes
     if setup.backend == "trl":
         return BackendChoice("trl", "train.backend is trl")
+    if processes > 1:
+        # Unsloth's own multi-GPU support is not one dpoflow has tested; torchrun + TRL is the standard engine.
+        if setup.backend == "unsloth":
+            raise BackendError(f"train.backend: unsloth with distributed.num_processes {processes} is not "
+                               "supported; use backend auto or trl (TRL + PEFT through torchrun)")
+        return BackendChoice("trl", f"auto: {processes} processes through torchrun: TRL + PEFT")
     if setup.backend == "unsloth":
         if not cuda:
             raise BackendError("train.backend: unsloth needs an NVIDIA GPU and none is visible; use auto or trl")

@@ -101,6 +101,14 @@ class DPOSpec(TrainSpec):
         return self
 
 
+class DistributedSpec(Strict):
+    num_processes: int = Field(1, ge=1, description="Training processes, one per GPU (1: no launcher). On a "
+                                                    "CPU-only machine they run on gloo, which is for testing.")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: every GPU holds the whole model (LoRA gradients all-reduced); fsdp: the "
+                           "weights are sharded across GPUs, for models that outgrow one.")
+
+
 class TrainSetup(Strict):
     backend: Literal["auto", "unsloth", "trl"] = Field(
         "auto", description="auto: Unsloth when a CUDA GPU and the gpu extra are present, else TRL + PEFT."
@@ -111,6 +119,10 @@ class TrainSetup(Strict):
     quantize: Literal["auto", "none", "4bit"] = Field(
         "auto", description="auto: 4-bit base weights (QLoRA, unsloth backend) only when 16-bit ones would not "
                             "fit in free GPU memory.")
+    distributed: DistributedSpec = Field(
+        DistributedSpec(), description="Data-parallel SFT and DPO through torchrun (TRL backend); the "
+                                       "effective batch stays per_device_batch_size x gradient_accumulation_steps, "
+                                       "split across the processes.")
 
 
 class GateSpec(Strict):

@@ -29,6 +29,7 @@ class GpuFacts:
     total_bytes: int
     free_bytes: int
     bf16_supported: bool
+    count: int = 1  # GPUs visible to this process (all the same model, as on one host)
 
 
 @dataclass
@@ -39,6 +40,8 @@ class TrainingPlan:
     gradient_accumulation_steps: int
     warnings: list[str] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
+    num_processes: int = 1  # data-parallel training processes (torchrun), one per GPU
+    strategy: str = "ddp"  # "ddp" | "fsdp"
 
 
 def detect_gpu() -> GpuFacts | None:
@@ -49,7 +52,8 @@ def detect_gpu() -> GpuFacts | None:
         return None
     props = torch.cuda.get_device_properties(0)
     free, total = torch.cuda.mem_get_info(0)  # free is what this process can still get, not total minus ours
-    return GpuFacts(props.name, (props.major, props.minor), total, free, torch.cuda.is_bf16_supported())
+    return GpuFacts(props.name, (props.major, props.minor), total, free, torch.cuda.is_bf16_supported(),
+                    torch.cuda.device_count())
 
 
 def count_parameters(model_dir: str | Path) -> int:
@@ -112,14 +116,16 @@ def estimate_training_bytes(n_params: int, hidden_size: int, num_layers: int, vo
 
 
 def plan_training(gpu: GpuFacts | None, precision: str, quantize: str, n_params: int, shape: dict, seq_len: int,
-                  per_device_batch: int, effective_batch: int) -> TrainingPlan:
+                  per_device_batch: int, effective_batch: int, num_processes: int = 1,
+                  strategy: str = "ddp") -> TrainingPlan:
     """The decision tree. `precision` is auto|bf16|fp16|fp8, `quantize` auto|none|4bit; an explicit
     request the hardware cannot meet raises ValueError rather than silently training something else."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize {quantize!r}: choose one of {', '.join(QUANTIZE)}")
-    plan = TrainingPlan("fp32", False, max(1, per_device_batch), 1)
+    plan = TrainingPlan("fp32", False, max(1, per_device_batch), 1, num_processes=num_processes, strategy=strategy)
+    _check_processes(gpu, plan)
     if gpu is None:
         if precision == "fp8" or quantize == "4bit":
             raise ValueError(f"{'precision fp8' if precision == 'fp8' else 'quantize 4bit'} needs a CUDA GPU "
@@ -133,14 +139,37 @@ def plan_training(gpu: GpuFacts | None, precision: str, quantize: str, n_params:
             raise ValueError("precision fp8 and quantize 4bit exclude each other: pick one weight format")
         _fit_memory(gpu, quantize, n_params, shape, seq_len, plan)
 
-    plan.gradient_accumulation_steps = max(1, math.ceil(effective_batch / plan.per_device_batch))
-    plan.reasons.append(f"per-device batch {plan.per_device_batch}, effective batch {effective_batch}: "
+    # The effective batch is the config's, however many processes share it.
+    if num_processes > 1 and plan.per_device_batch * num_processes > effective_batch:
+        plan.per_device_batch = max(1, effective_batch // num_processes)
+        plan.reasons.append(f"effective batch {effective_batch} over {num_processes} processes: per-device batch "
+                            f"{plan.per_device_batch}")
+    per_step = plan.per_device_batch * num_processes
+    plan.gradient_accumulation_steps = max(1, math.ceil(effective_batch / per_step))
+    processes = f" x {num_processes} processes" if num_processes > 1 else ""
+    plan.reasons.append(f"per-device batch {plan.per_device_batch}{processes}, effective batch {effective_batch}: "
                         f"gradient accumulation {plan.gradient_accumulation_steps}")
-    actual = plan.per_device_batch * plan.gradient_accumulation_steps
+    actual = per_step * plan.gradient_accumulation_steps
     if actual != effective_batch:
         plan.warnings.append(f"effective batch is {actual}, not {effective_batch} "
-                             f"({effective_batch} is not a multiple of {plan.per_device_batch})")
+                             f"({effective_batch} is not a multiple of {per_step})")
     return plan
+
+
+def _check_processes(gpu: GpuFacts | None, plan: TrainingPlan) -> None:
+    n = plan.num_processes
+    if n == 1:
+        return
+    if gpu is None:
+        plan.reasons.append(f"{n} processes on CPU (gloo): data-parallel, for testing the multi-GPU path")
+        if plan.strategy == "fsdp":
+            raise ValueError("distributed.strategy fsdp needs CUDA GPUs; use ddp to test on CPU")
+        return
+    if n > gpu.count:
+        raise ValueError(f"distributed.num_processes {n} needs {n} GPUs; {gpu.count} visible")
+    plan.reasons.append(f"{n} of {gpu.count} GPUs, {plan.strategy.upper()} through torchrun"
+                        + (": weights sharded across GPUs" if plan.strategy == "fsdp" else
+                           ": every GPU holds the model, LoRA gradients all-reduced"))
 
 
 def _choose_precision(gpu: GpuFacts, precision: str, plan: TrainingPlan) -> str:
@@ -233,7 +262,8 @@ def plan_stage(setup, spec, model_dir: str | Path, gpu: GpuFacts | None = None) 
     gpu = gpu if gpu is not None else detect_gpu()
     return plan_training(gpu, setup.precision, setup.quantize, count_parameters(model_dir), model_shape(model_dir),
                          spec.max_length, spec.per_device_batch_size,
-                         spec.per_device_batch_size * spec.gradient_accumulation_steps)
+                         spec.per_device_batch_size * spec.gradient_accumulation_steps,
+                         setup.distributed.num_processes, setup.distributed.strategy)
 
 
 def plan_key(plan: TrainingPlan | None) -> dict | None:
@@ -241,7 +271,8 @@ def plan_key(plan: TrainingPlan | None) -> dict | None:
     if plan is None:
         return None
     return {"precision": plan.precision, "load_in_4bit": plan.load_in_4bit,
-            "per_device_batch": plan.per_device_batch, "gradient_accumulation_steps": plan.gradient_accumulation_steps}
+            "per_device_batch": plan.per_device_batch, "gradient_accumulation_steps": plan.gradient_accumulation_steps,
+            "num_processes": plan.num_processes, "strategy": plan.strategy}
 
 
 def _gib(n: float) -> str:
@@ -254,6 +285,7 @@ def describe(plan: TrainingPlan) -> str:
         f"4-bit weights:      {'yes' if plan.load_in_4bit else 'no'}",
         f"per-device batch:   {plan.per_device_batch}",
         f"grad accumulation:  {plan.gradient_accumulation_steps}",
+        f"processes:          {plan.num_processes} ({plan.strategy})" if plan.num_processes > 1 else "processes:          1",
         "why:",
         *(f"  - {r}" for r in plan.reasons),
     ]

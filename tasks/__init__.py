@@ -22,3 +22,14 @@ def stage_task(fn):
         persist_result=True,
         result_serializer="json",
     )(fn)
+
+
+def stage_logger():
+    """Where a stage's launched ranks print to: the Prefect task's logger inside a run, else stdout."""
+    try:
+        from prefect.exceptions import MissingContextError
+        from prefect.logging import get_run_logger
+
+        return get_run_logger().info
+    except (ImportError, MissingContextError):
+        return print

@@ -21,11 +21,12 @@ from pathlib import Path
 from dpoflow.artifacts import fresh_dir, read_jsonl_rows, seal, write_jsonl
 from dpoflow.backends import BackendChoice, choose_backend, load_for_training
 from dpoflow.config import DPOSpec, TrainSetup
+from dpoflow.distributed import is_main_process, run_stage
 from dpoflow.hardware import TrainingPlan
 from dpoflow.records import ModelRef, PreparedData, ReferenceLogps, TrainedAdapter
-from dpoflow.training import deterministic_log, final_metrics, trainer_args
+from dpoflow.training import deterministic_log, final_metrics, keep_outputs_fp32, save_adapter, trainer_args
 
-from . import stage_task
+from . import stage_logger, stage_task
 
 LOGGED = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
           "logps/chosen", "logps/rejected")
@@ -133,8 +134,10 @@ def _trainer(backend: BackendChoice, start: ModelRef, dataset, spec: DPOSpec, pl
                 save_steps=spec.guards.checkpoint_steps)
     config = DPOConfig(**args, beta=spec.beta, loss_type=list(spec.loss_type), loss_weights=spec.loss_weights)
     # ref_model=None: the reference is the start model (see backends.load_for_training).
-    return DPOTrainer(model=model, ref_model=None, args=config, train_dataset=dataset,
-                      processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    trainer = DPOTrainer(model=model, ref_model=None, args=config, train_dataset=dataset,
+                         processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    keep_outputs_fp32(trainer)
+    return trainer
 
 
 def _free_accelerator_memory() -> None:
@@ -159,12 +162,13 @@ def _load_adapter_weights(trainer, checkpoint: Path) -> None:
 
 def train_dpo(start: ModelRef, data: PreparedData, spec: DPOSpec, setup: TrainSetup, plan: TrainingPlan, seed: int,
               out_dir: Path, checkpoint_dir: Path | None = None, reference: ReferenceLogps | None = None,
-              callbacks: tuple = ()) -> TrainedAdapter:
+              callbacks: tuple = ()) -> TrainedAdapter | None:
+    """Train the DPO adapter into `out_dir`. Under torchrun every rank calls this; the main process
+    writes the outputs and returns the record, the others return None."""
     backend = choose_backend(setup)
     dataset = _train_rows(data, reference)
-    scratch = None
-    if checkpoint_dir is None:
-        scratch = checkpoint_dir = Path(tempfile.mkdtemp(prefix="dpoflow-dpo-"))
+    # Beside out_dir rather than in a per-process temp folder: all ranks must see the same checkpoints.
+    checkpoint_dir = checkpoint_dir or out_dir.with_name(out_dir.name + "-checkpoints")
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     state_file = checkpoint_dir / STATE
     # What attempt we are in survives a killed process, so a re-run resumes that attempt.
@@ -173,7 +177,8 @@ def train_dpo(start: ModelRef, data: PreparedData, spec: DPOSpec, setup: TrainSe
         "retries": []}
     while True:
         attempt_dir = checkpoint_dir / f"attempt-{state['attempt']}"
-        state_file.write_text(json.dumps(state, indent=1))
+        if is_main_process():
+            _write_atomically(state_file, json.dumps(state, indent=1))
         trainer = _trainer(backend, start, dataset, spec, plan, seed, attempt_dir, state["learning_rate"],
                            state["max_steps"], list(callbacks))
         if reference is not None:
@@ -192,8 +197,11 @@ def train_dpo(start: ModelRef, data: PreparedData, spec: DPOSpec, setup: TrainSe
             del trainer
             _free_accelerator_memory()
 
-    fresh_dir(out_dir)
-    trainer.model.save_pretrained(out_dir / "adapter", selected_adapters=["default"])
+    if is_main_process():
+        fresh_dir(out_dir)
+    save_adapter(trainer, out_dir / "adapter")
+    if not is_main_process():
+        return None
     log = deterministic_log(trainer.state.log_history)
     metrics = final_metrics(log, LOGGED)
     metrics["retries"] = float(len(state["retries"]))
@@ -201,11 +209,18 @@ def train_dpo(start: ModelRef, data: PreparedData, spec: DPOSpec, setup: TrainSe
     (out_dir / "dpo_metrics.json").write_text(json.dumps(metrics, indent=1))
     (out_dir / "log_history.json").write_text(json.dumps(log, indent=1))
     (out_dir / "retries.json").write_text(json.dumps(state["retries"], indent=1))
-    shutil.rmtree(scratch or checkpoint_dir, ignore_errors=True)
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
     how = "precomputed once from" if reference is not None else "computed on the fly from"
     ref_text = f"{start.role} model ({start.source}) with the DPO adapter disabled [{backend.name}; {how} it]"
     return TrainedAdapter(path=str(out_dir / "adapter"), digest=seal(out_dir), start=start, reference=ref_text,
                           metrics=metrics, retries=state["retries"])
+
+
+def _write_atomically(file: Path, text: str) -> None:
+    """Other ranks read this file: they see the old text or the new, never half of it."""
+    part = file.with_name(file.name + ".part")
+    part.write_text(text)
+    part.replace(file)
 
 
 def compute_reference_logps(start: ModelRef, data: PreparedData, spec: DPOSpec, setup: TrainSetup,
@@ -248,4 +263,6 @@ def reference_task(stage: str, key: str, out_dir: str, start: ModelRef, data: Pr
 def dpo_task(stage: str, key: str, out_dir: str, checkpoint_dir: str, start: ModelRef, data: PreparedData,
              spec: DPOSpec, setup: TrainSetup, plan: TrainingPlan, seed: int,
              reference: ReferenceLogps | None = None) -> TrainedAdapter:
-    return train_dpo(start, data, spec, setup, plan, seed, Path(out_dir), Path(checkpoint_dir), reference)
+    return run_stage(train_dpo, plan.num_processes, stage_logger(), start=start, data=data, spec=spec, setup=setup,
+                     plan=plan, seed=seed, out_dir=Path(out_dir), checkpoint_dir=Path(checkpoint_dir),
+                     reference=reference)

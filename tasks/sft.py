@@ -4,21 +4,25 @@ DPO starts from (and uses as its reference) the SFT model itself."""
 from __future__ import annotations
 
 import json
-import tempfile
+import shutil
 from pathlib import Path
 
 from dpoflow.artifacts import fresh_dir, read_jsonl_rows, seal
 from dpoflow.backends import BackendError, choose_backend, load_for_training
 from dpoflow.config import SFTSpec, TrainSetup
+from dpoflow.distributed import is_main_process, run_stage
 from dpoflow.hardware import TrainingPlan
+from dpoflow.models import load_model
 from dpoflow.records import ModelRef, PreparedData
-from dpoflow.training import final_metrics, trainer_args
+from dpoflow.training import final_metrics, keep_outputs_fp32, save_adapter, trainer_args
 
-from . import stage_task
+from . import stage_logger, stage_task
 
 
 def train_sft(base: ModelRef, data: PreparedData, spec: SFTSpec, setup: TrainSetup, plan: TrainingPlan, seed: int,
-              out_dir: Path) -> ModelRef:
+              out_dir: Path) -> ModelRef | None:
+    """Train, merge and save the SFT model into `out_dir`. Under torchrun every rank calls this; the
+    main process writes the model and returns the record, the others return None."""
     if plan.load_in_4bit or plan.precision == "fp8":
         raise BackendError("sft: merging an adapter into 4-bit/FP8 weights is not supported; "
                            "set train.quantize: none and train.precision: bf16 for SFT, or sft.enabled: false")
@@ -27,18 +31,30 @@ def train_sft(base: ModelRef, data: PreparedData, spec: SFTSpec, setup: TrainSet
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    fresh_dir(out_dir)
     rows = read_jsonl_rows(data.train)
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows])
-    with tempfile.TemporaryDirectory() as scratch:
-        args = SFTConfig(**trainer_args(spec, Path(scratch), seed, plan),
-                         completion_only_loss=True)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                             peft_config=peft_config)
-        trainer.train()
+    scratch = out_dir.with_name(out_dir.name + "-scratch")  # one folder every rank sees
+    args = SFTConfig(**trainer_args(spec, scratch, seed, plan), completion_only_loss=True)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=peft_config)
+    keep_outputs_fp32(trainer)
+    trainer.train()
+    if trainer.is_fsdp_enabled:
+        # The in-memory weights are shards: gather the adapter, then merge it into a fresh full copy.
+        save_adapter(trainer, scratch / "adapter")
+        if not is_main_process():
+            return None
+        from peft import PeftModel
+
+        trainer.model = PeftModel.from_pretrained(load_model(base.path, str(model.dtype).removeprefix("torch.")),
+                                                  scratch / "adapter")
+    if not is_main_process():
+        return None
+    fresh_dir(out_dir)
     merged = trainer.model.merge_and_unload()
     merged.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    shutil.rmtree(scratch, ignore_errors=True)
     metrics = final_metrics(trainer.state.log_history, ("loss", "mean_token_accuracy"))
     (out_dir / "sft_metrics.json").write_text(json.dumps(metrics, indent=1))
     return ModelRef(path=str(out_dir), digest=seal(out_dir), source=f"sft of {base.source}", role="sft")
@@ -47,4 +63,5 @@ def train_sft(base: ModelRef, data: PreparedData, spec: SFTSpec, setup: TrainSet
 @stage_task
 def sft_task(stage: str, key: str, out_dir: str, base: ModelRef, data: PreparedData, spec: SFTSpec,
              setup: TrainSetup, plan: TrainingPlan, seed: int) -> ModelRef:
-    return train_sft(base, data, spec, setup, plan, seed, Path(out_dir))
+    return run_stage(train_sft, plan.num_processes, stage_logger(), base=base, data=data, spec=spec, setup=setup,
+                     plan=plan, seed=seed, out_dir=Path(out_dir))

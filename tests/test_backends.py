@@ -87,3 +87,11 @@ def test_unsloth_reference_logps_equal_the_start_model(tmp_path, yes_no_pairs, t
         intended = completion_logps(model, tok, prompts, [r[field] for r in rows])
         got = torch.tensor([r[f"ref_{field}_logps"] for r in stored])
         assert torch.allclose(got, intended, rtol=0.02, atol=0.1), (field, got[:4], intended[:4])
+
+
+def test_several_processes_train_through_trl_and_unsloth_is_refused_there():
+    two = {"num_processes": 2}
+    choice = choose_backend(TrainSetup(distributed=two))
+    assert choice.name == "trl" and "torchrun" in choice.reason
+    with pytest.raises(BackendError, match="unsloth with distributed.num_processes 2 is not supported"):
+        choose_backend(TrainSetup(backend="unsloth", distributed=two))

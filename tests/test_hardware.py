@@ -106,3 +106,16 @@ def test_doctor_prints_backend_and_plan(repo, capsys):
     assert main(["doctor", "demo", "-f", str(repo / "pipelines.yaml")]) == 0
     out = capsys.readouterr().out
     assert "backend" in out and "torch" in out and "precision:" in out
+
+
+def test_processes_share_the_effective_batch_and_need_that_many_gpus():
+    two_h100 = GpuFacts("NVIDIA H100 80GB HBM3", (9, 0), 80 * GiB, 79 * GiB, True, count=2)
+    p = plan_training(two_h100, "auto", "auto", N_8B, SHAPE_8B, 512, 4, 32, num_processes=2)
+    assert (p.per_device_batch, p.gradient_accumulation_steps, p.num_processes) == (4, 4, 2)
+    assert any("2 of 2 GPUs, DDP through torchrun" in r for r in p.reasons)
+    small = plan_training(None, "auto", "auto", N_8B, SHAPE_8B, 512, 8, 8, num_processes=2)
+    assert (small.per_device_batch, small.gradient_accumulation_steps) == (4, 1) and not small.warnings
+    with pytest.raises(ValueError, match="needs 4 GPUs; 2 visible"):
+        plan_training(two_h100, "auto", "auto", N_8B, SHAPE_8B, 512, 4, 32, num_processes=4)
+    with pytest.raises(ValueError, match="fsdp needs CUDA"):
+        plan_training(None, "auto", "auto", N_8B, SHAPE_8B, 512, 4, 32, num_processes=2, strategy="fsdp")

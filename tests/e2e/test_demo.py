@@ -31,6 +31,7 @@ def demo(repo, tmp_path_factory):
         assert "dpoflow: pipeline 'demo' finished" in proc.stdout
         summary = json.loads((Path(_run_dir(proc.stdout)) / "summary.json").read_text())
         summary["status"] = {row["stage"]: row["status"] for row in summary["stages"]}
+        summary["output"] = proc.stdout + proc.stderr
         return summary
 
     return run
@@ -104,3 +105,13 @@ def test_the_forgetting_gate_blocks_export_when_enforced_and_only_reports_in_war
     assert warned["forgetting"]["passed"] is False
     assert set(warned["status"].values()) == {"cached"}  # the gate is policy on cached scores
     assert warned["exports"]["merged"]
+
+
+def test_sft_and_dpo_run_data_parallel_on_two_processes_launched_from_the_tasks(demo):
+    two = demo("train.distributed.num_processes=2", "evaluate.limit=20")
+    assert two["status"]["sft"] == "ran" and two["status"]["dpo"] == "ran"
+    assert two["plans"]["dpo"]["num_processes"] == 2 and two["plans"]["dpo"]["gradient_accumulation_steps"] == 1
+    # The ranks' own lines reach the Prefect task's log.
+    for stage in ("train_sft", "train_dpo"):
+        assert f"dpoflow rank 1 of 2: {stage}" in two["output"]
+    assert two["metrics"]["tuned_reward_accuracy"] >= 0.9

@@ -1,0 +1,127 @@
+"""One training stage on several processes. The stage's task calls `run_stage`; with more than one
+process it writes the call to a job file and starts `torchrun` on this module. Every rank calls the
+same stage function, and transformers' Trainer (through accelerate) sees torchrun's environment and
+trains data-parallel, DDP or FSDP. Rank 0 writes the outputs and the result record, which comes back
+to the task; every line the ranks print is passed to the task's logger as it comes.
+
+The call crosses the process boundary as JSON, typed by the stage function's own annotations, so a
+stage needs nothing special to run distributed beyond writing its files on the main process only.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable, get_type_hints
+
+# Multicast over NVLink can take a shared host's GPUs down; it stays off in every rank we start.
+NVLINK_MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+                        "NVSHMEM_DISABLE_NVLS": "1"}
+JOB_ENV = "DPOFLOW_DISTRIBUTED_JOB"
+NOT_SENT = ("callbacks",)  # in-process hooks; a launched stage gets the launcher's own (see `main`)
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def run_stage(fn: Callable, processes: int, log: Callable[[str], None] = print, **kwargs) -> Any:
+    """`fn(**kwargs)` here, or on `processes` ranks through torchrun when that is more than one."""
+    if processes <= 1 or JOB_ENV in os.environ:
+        return fn(**kwargs)
+    return launch(fn, kwargs, processes, log)
+
+
+def launch(fn: Callable, kwargs: dict[str, Any], processes: int, log: Callable[[str], None],
+           step_times: Path | None = None) -> Any:
+    hints = get_type_hints(fn)
+    from pydantic import TypeAdapter
+
+    sent = {k: TypeAdapter(hints[k]).dump_python(v, mode="json") for k, v in kwargs.items() if k not in NOT_SENT}
+    with tempfile.TemporaryDirectory(prefix="dpoflow-launch-") as tmp:
+        job_file, result_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
+        job_file.write_text(json.dumps({"function": f"{fn.__module__}:{fn.__qualname__}", "kwargs": sent,
+                                        "result": str(result_file),
+                                        "step_times": str(step_times) if step_times else None}))
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node",
+                   str(processes), "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+                   # Each rank writes its own log file, which torchrun relays line by line with a rank
+                   # prefix: two ranks sharing one pipe would splice each other's partial lines.
+                   "--log-dir", str(Path(tmp) / "logs"), "--redirects", "3", "--tee", "3",
+                   "-m", "dpoflow.distributed", str(job_file)]
+        env = {**os.environ, **NVLINK_MULTICAST_OFF, JOB_ENV: str(job_file), "TQDM_DISABLE": "1",
+               "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+               "PYTHONPATH": os.pathsep.join(filter(None, [_import_root(), os.environ.get("PYTHONPATH")]))}
+        log(f"launching {fn.__name__} on {processes} processes: {' '.join(command[1:])}")
+        tail: deque[str] = deque(maxlen=30)
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                              bufsize=1) as proc:
+            for line in proc.stdout:
+                tail.append(line.rstrip())
+                log(line.rstrip())
+            code = proc.wait()
+        if code != 0 or not result_file.is_file():
+            errors = sorted(Path(tmp).glob("error-rank*.txt"))
+            why = "\n".join(f"{e.stem.removeprefix('error-')}: {e.read_text()}" for e in errors) or \
+                "last lines:\n" + "\n".join(tail)
+            raise LaunchError(f"{fn.__name__} on {processes} processes failed (torchrun exit code {code})\n{why}")
+        return TypeAdapter(hints["return"]).validate_python(json.loads(result_file.read_text()))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _import_root() -> str:
+    """The folder `dpoflow` imports from, so ranks import this same code (an editable install or a
+    bare checkout on PYTHONPATH)."""
+    return str(Path(__file__).resolve().parents[1])
+
+
+def main(job_file: str) -> None:
+    job = json.loads(Path(job_file).read_text())
+    module, name = job["function"].split(":")
+    fn = getattr(importlib.import_module(module), name)
+    hints = get_type_hints(fn)
+    from pydantic import TypeAdapter
+
+    kwargs = {k: TypeAdapter(hints[k]).validate_python(v) for k, v in job["kwargs"].items()}
+    print(f"dpoflow rank {os.environ.get('RANK')} of {world_size()}: {name}", flush=True)
+    if job.get("step_times"):
+        from .training import step_clock
+
+        kwargs["callbacks"] = (step_clock(Path(job["step_times"])),)
+    try:
+        result = fn(**kwargs)
+    except Exception as e:  # the launcher reports this rank's own error, not torchrun's summary
+        Path(job["result"]).with_name(f"error-rank{os.environ.get('RANK')}.txt").write_text(
+            f"{type(e).__name__}: {e}")
+        raise
+    if is_main_process():
+        Path(job["result"]).write_text(json.dumps(TypeAdapter(hints["return"]).dump_python(result, mode="json")))
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,67 @@
+"""Data-parallel training through torchrun on CPU (gloo): the same numbers as one process with the
+same effective batch, and a failing rank surfaces as an error with its output."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpoflow.config import DistributedSpec, DPOSpec, SFTSpec, TrainSetup
+from dpoflow.distributed import LaunchError, run_stage
+from dpoflow.hardware import plan_stage
+from dpoflow.tasks.dpo import train_dpo
+from dpoflow.tasks.sft import train_sft
+
+
+def _setup(processes: int) -> TrainSetup:
+    return TrainSetup(backend="trl", distributed=DistributedSpec(num_processes=processes))
+
+
+def test_two_processes_train_what_one_process_trains_with_the_same_effective_batch(yes_no_pairs, tmp_path):
+    start, data, _ = yes_no_pairs
+    # 16 pairs, effective batch 16: every step sees every pair, so the order the ranks draw them in
+    # cannot matter and the two runs must agree up to float rounding.
+    spec = DPOSpec(learning_rate=1e-2, max_steps=3, per_device_batch_size=8, gradient_accumulation_steps=2,
+                   logging_steps=1, lr_scheduler="constant")
+    lines: list[str] = []
+    results = {}
+    for n in (1, 2):
+        plan = plan_stage(_setup(n), spec, start.path)
+        assert plan.per_device_batch * plan.gradient_accumulation_steps * n == 16
+        results[n] = run_stage(train_dpo, n, lines.append, start=start, data=data, spec=spec, setup=_setup(n),
+                               plan=plan, seed=0, out_dir=tmp_path / f"out-{n}")
+    assert any(line.endswith("dpoflow rank 0 of 2: train_dpo") for line in lines)
+    assert any(line.endswith("dpoflow rank 1 of 2: train_dpo") for line in lines)
+    logs = {n: json.loads((tmp_path / f"out-{n}" / "log_history.json").read_text()) for n in (1, 2)}
+    losses = {n: [e["loss"] for e in logs[n] if "loss" in e] for n in (1, 2)}
+    assert len(losses[2]) == 3 and losses[2][1] < losses[2][0]
+    assert losses[2] == pytest.approx(losses[1], abs=1e-5)
+    weights = {n: load_file(tmp_path / f"out-{n}" / "adapter" / "adapter_model.safetensors") for n in (1, 2)}
+    assert weights[1].keys() == weights[2].keys()
+    for name in weights[1]:
+        torch.testing.assert_close(weights[2][name], weights[1][name], atol=1e-5, rtol=1e-4)
+    assert results[2].metrics["rewards/margins"] == pytest.approx(results[1].metrics["rewards/margins"], abs=1e-5)
+    assert not (tmp_path / "out-2-checkpoints").exists()
+
+
+def test_sft_on_two_processes_writes_one_merged_model(yes_no_pairs, tmp_path):
+    start, data, _ = yes_no_pairs
+    spec = SFTSpec(enabled=True, max_steps=2, per_device_batch_size=8, gradient_accumulation_steps=1,
+                   logging_steps=1)
+    plan = plan_stage(_setup(2), spec, start.path)
+    model = run_stage(train_sft, 2, print, base=start, data=data, spec=spec, setup=_setup(2), plan=plan, seed=0,
+                      out_dir=tmp_path / "sft")
+    assert model.role == "sft" and (tmp_path / "sft" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "sft" / "sft_metrics.json").read_text())["loss"] > 0
+    assert not (tmp_path / "sft-scratch").exists()
+
+
+def test_a_failing_rank_raises_with_its_output(yes_no_pairs, tmp_path):
+    start, data, _ = yes_no_pairs
+    spec = DPOSpec(max_steps=1, per_device_batch_size=8, gradient_accumulation_steps=1)
+    plan = plan_stage(_setup(2), spec, start.path)
+    missing = start.model_copy(update={"path": str(tmp_path / "no-such-model")})
+    with pytest.raises(LaunchError, match="no-such-model"):
+        run_stage(train_dpo, 2, lambda line: None, start=missing, data=data, spec=spec, setup=_setup(2),
+                  plan=plan, seed=0, out_dir=tmp_path / "out")

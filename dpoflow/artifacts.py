@@ -83,3 +83,12 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 def read_jsonl_rows(path: str | Path) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """The rows of a split: Parquet (what prepare writes) or JSONL."""
+    if str(path).endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    return read_jsonl_rows(path)

@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="override a config field, e.g. --set dpo.beta=0.2 (repeatable)")
 
     add_common(sub.add_parser("run", help="run a pipeline end to end (cached stages are reused)"), True)
+    add_common(sub.add_parser("prepare", help="run only the prepare stage (and the model it tokenizes with) "
+                                              "and print the data report"), True)
     add_common(sub.add_parser("validate", help="check the pipelines file; non-zero exit on any bad field"), False)
     add_common(sub.add_parser("show", help="print a pipeline's fully resolved config as JSON"), True)
     add_common(sub.add_parser("doctor", help="check this machine: GPU, backend and a training plan"), False)
@@ -85,7 +87,27 @@ def main(argv: list[str] | None = None) -> int:
         for problem in e.problems:
             print(f"  {problem}", file=sys.stderr)
         return 2
+    if args.command == "prepare":
+        return prepare(config)
     return run(config)
+
+
+def prepare(config) -> int:
+    configure_environment()
+    from pathlib import Path
+
+    from dpoflow.flows.pipeline import prepare_only
+
+    try:
+        summary = prepare_only(config)
+    except Exception as e:
+        print(f"\ndpoflow: prepare of {config.name!r} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    run_dir = Path(summary["run_dir"])
+    print((run_dir / "prepare" / "data_report.md").read_text())
+    print(f"report:     {run_dir / 'data_report.json'}")
+    print(f"set aside:  {run_dir / 'prepare' / 'rejected.jsonl'}")
+    return 0
 
 
 def run(config) -> int:

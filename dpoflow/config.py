@@ -24,21 +24,72 @@ class ModelSpec(Strict):
     revision: str | None = Field(None, description="Hub branch, tag or commit (Hub ids only).")
 
 
+class SourceSpec(Strict):
+    path: str | None = Field(None, description="A local file or glob: .jsonl/.ndjson, .json (a list of rows), "
+                                               ".parquet or .csv. Relative paths resolve against pipelines.yaml.")
+    hub: str | None = Field(None, description="A Hugging Face Hub dataset id (or a local dataset folder, as "
+                                              "written by `datasets`), read with `split` and `revision`.")
+    split: str = "train"
+    subset: str | None = Field(None, description="The Hub dataset's configuration name, if it has several.")
+    revision: str | None = Field(None, description="Hub branch, tag or commit of the dataset.")
+    weight: float | None = Field(None, gt=0, le=1, description="Use this share of the source's clean pairs "
+                                                               "(sampled by pair hash, deterministic).")
+    count: int | None = Field(None, ge=1, description="Use exactly this many of the source's clean pairs "
+                                                      "(all, with a warning, if it has fewer).")
+
+    @model_validator(mode="after")
+    def _one_location_one_mix(self):
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("give exactly one of path or hub")
+        if self.weight is not None and self.count is not None:
+            raise ValueError("give weight or count, not both")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.path or f"hub:{self.hub}[{self.split}]"
+
+
+class DecontaminationSpec(Strict):
+    enabled: bool = True
+    ngram: int = Field(13, ge=3, description="Words in the n-grams a train prompt may not share with an "
+                                             "evaluation item (the held-out split and the forgetting-check tasks).")
+    template_prompts: int = Field(
+        20, ge=1, description="An n-gram found in more prompts than this (train and held-out together) is template "
+                              "text, such as an instruction every row repeats, and does not count as contamination.")
+
+
 class DataSpec(Strict):
-    sources: list[str] = Field(
+    sources: list[str | SourceSpec] = Field(
         ..., min_length=1,
-        description="JSONL files of {prompt, chosen, rejected}; relative paths resolve against pipelines.yaml.",
+        description="Where the pairs come from: a path or glob (string), or {path|hub, split, revision, weight|count}.",
     )
     heldout_fraction: float = Field(0.1, gt=0, lt=1, description="Share of prompts held out (split by prompt hash).")
-    format: Literal["auto", "explicit", "conversational", "implicit"] = Field(
+    format: Literal["auto", "explicit", "conversational", "implicit", "scored"] = Field(
         "auto", description="explicit: prompt/chosen/rejected strings; conversational: chosen/rejected message "
                             "lists (an optional prompt list); implicit: two full HH-RLHF style transcripts "
-                            "('\\n\\nHuman: ... \\n\\nAssistant: ...'); auto: detected per row.")
-    columns: dict[str, str] = Field({}, description="Your column names, e.g. {prompt: question, chosen: good}.")
+                            "('\\n\\nHuman: ... \\n\\nAssistant: ...'); scored: a prompt with several scored "
+                            "completions (UltraFeedback style); auto: detected per row.")
+    columns: dict[str, str] = Field(
+        {}, description="Your column names, e.g. {prompt: question, chosen: good}; for scored rows also "
+                        "completions, response and score.")
     system_prompt: str | None = Field(None, description="System message put before every prompt that has none.")
+    pairing: Literal["best_vs_worst", "all"] = Field(
+        "best_vs_worst", description="Scored rows: the best against the worst completion, or every pair whose "
+                                     "score gap is at least min_margin.")
+    min_margin: float = Field(0.0, ge=0, description="Least score gap between chosen and rejected (scored rows, and "
+                                                     "explicit rows with score_chosen/score_rejected).")
+    drop_over_max_length: bool = Field(
+        True, description="Drop pairs whose prompt + longer answer exceed dpo.max_length tokens (the pipeline's "
+                          "tokenizer) rather than let the trainer truncate them.")
+    decontamination: DecontaminationSpec = DecontaminationSpec()
     on_error: Literal["quarantine", "fail"] = Field(
         "quarantine", description="quarantine: keep bad rows aside in rejected.jsonl; fail: stop at the first."
     )
+
+    @property
+    def source_specs(self) -> list[SourceSpec]:
+        return [SourceSpec(path=s) if isinstance(s, str) else s for s in self.sources]
 
 
 class LoraSpec(Strict):
@@ -289,7 +340,17 @@ def _resolve_paths(config: PipelineConfig, base: Path) -> PipelineConfig:
     def absolute(p: str) -> str:
         return str((base / p).resolve()) if not Path(p).is_absolute() else p
 
-    data = config.data.model_copy(update={"sources": [absolute(s) for s in config.data.sources]})
+    def located(source: str | SourceSpec) -> str | SourceSpec:
+        if isinstance(source, str):
+            return absolute(source)
+        if source.path is not None:
+            return source.model_copy(update={"path": absolute(source.path)})
+        hub = Path(source.hub).expanduser()
+        if source.hub.startswith((".", "/", "~")) or (base / hub).is_dir():  # a local dataset folder
+            return source.model_copy(update={"hub": absolute(str(hub))})
+        return source
+
+    data = config.data.model_copy(update={"sources": [located(s) for s in config.data.sources]})
     update: dict[str, Any] = {"data": data, "workdir": absolute(config.workdir)}
     source = config.model.source
     if not source.startswith("builtin:") and (source.startswith((".", "/", "~")) or (base / source).exists()):

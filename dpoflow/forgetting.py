@@ -28,7 +28,7 @@ def tasks_digest() -> str:
 
 def materialize_tasks(out_dir: str | Path, heldout_pairs: str | Path | None = None) -> Path:
     """Write the task YAMLs into `out_dir` with absolute data paths, plus `dpoflow_preference` when
-    `heldout_pairs` (a JSONL of rendered {prompt, chosen, rejected}) is given. Returns the folder to
+    `heldout_pairs` (Parquet or JSONL of rendered {prompt, chosen, rejected}) is given. Returns the folder to
     pass as include_path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -40,6 +40,8 @@ def materialize_tasks(out_dir: str | Path, heldout_pairs: str | Path | None = No
         config = yaml.safe_load((EVALS_DIR / f"{task}.yaml.tmpl").read_text(encoding="utf-8"))
         # Set through the parsed YAML, not text substitution, so any path survives quoting.
         config["dataset_kwargs"]["data_files"]["test"] = path
+        if path.endswith(".parquet"):
+            config["dataset_path"] = "parquet"
         (out / f"{task}.yaml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True),
                                           encoding="utf-8")
     return out

@@ -28,6 +28,7 @@ class PreparedData(Artifact):
     heldout: str
     rejected: str
     counts: dict[str, int]
+    report: str = ""  # data_report.json
 
 
 class ReferenceLogps(Artifact):

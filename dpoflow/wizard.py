@@ -39,26 +39,33 @@ class Answers:
 def inspect_data(path: Path, show: int = 3) -> tuple[str, list[dict], int]:
     """(format, first `show` usable pairs as {prompt, chosen, rejected}, rows read). Raises ValueError
     naming file and line when the file cannot be used."""
-    from dpoflow.tasks.prepare import Rejection, detect_format, read_jsonl, to_pair
+    from dpoflow.config import SourceSpec
+    from dpoflow.pairs import DataError, Rejection, detect_format, to_pairs
+    from dpoflow.sources import read_source
 
     pairs, read, problems, formats = [], 0, [], set()
-    for where, row, rejection in read_jsonl(path):
-        read += 1
-        pair = rejection or to_pair(where, row)
-        if isinstance(pair, Rejection):
-            problems.append(pair.message())
-        else:
-            formats.add(detect_format(row))
-            if len(pairs) < show:
-                pairs.append({"prompt": pair.messages[-1]["content"], "chosen": pair.chosen,
-                              "rejected": pair.rejected})
-        if read >= 200 and pairs:
-            break
+    try:
+        for where, row, rejection in read_source(SourceSpec(path=str(path))):
+            read += 1
+            items = [(where, rejection)] if rejection else to_pairs(where, row)
+            for _, pair in items:
+                if isinstance(pair, Rejection):
+                    problems.append(pair.message())
+                    continue
+                formats.add(detect_format(row))
+                if len(pairs) < show:
+                    pairs.append({"prompt": pair.messages[-1]["content"], "chosen": pair.chosen,
+                                  "rejected": pair.rejected})
+            if read >= 200 and pairs:
+                break
+    except DataError as e:
+        raise ValueError(str(e)) from None
     if not pairs:
         first = problems[0] if problems else f"{path}: no rows"
-        raise ValueError(f"no usable preference pair found; first problem: {first}. Expected JSONL rows "
-                         "with prompt/chosen/rejected strings, chosen/rejected message lists, or two "
-                         "'\\n\\nHuman: ... \\n\\nAssistant: ...' transcripts.")
+        raise ValueError(f"no usable preference pair found; first problem: {first}. Expected rows (JSONL, "
+                         "JSON, Parquet or CSV) with prompt/chosen/rejected strings, chosen/rejected message "
+                         "lists, two '\\n\\nHuman: ... \\n\\nAssistant: ...' transcripts, or a prompt with "
+                         "scored completions.")
     return " + ".join(sorted(formats)), pairs, read
 
 

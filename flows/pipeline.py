@@ -18,8 +18,8 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
-from dpoflow import forgetting, models
-from dpoflow.artifacts import file_sha256, is_intact
+from dpoflow import forgetting, models, sources
+from dpoflow.artifacts import is_intact
 from dpoflow.backends import activate, choose_backend
 from dpoflow.cache import Workspace, stage_key
 from dpoflow.config import PipelineConfig
@@ -88,11 +88,7 @@ class Outputs:
 def compose(config: PipelineConfig, backend, run, plan_for) -> Outputs:
     """The stages, their order and what feeds what: the one place the pipeline is wired. `run` runs
     (or looks up) a stage by its content key; `plan_for(spec, model)` is the hardware plan."""
-    base = run(model_task, "model", models.key_inputs(config.model), spec=config.model)
-    data = run(prepare_task, "prepare",
-               {"model": base.digest, "sources": [source_digest(s) for s in config.data.sources],
-                "spec": config.data.model_dump(exclude={"sources"})},
-               sources=config.data.sources, spec=config.data, model=base)
+    base, data = compose_data(config, run)
     plans: dict[str, TrainingPlan] = {}
     start = base
     if config.sft.enabled:
@@ -135,6 +131,38 @@ def compose(config: PipelineConfig, backend, run, plan_for) -> Outputs:
                    gate)
 
 
+def compose_data(config: PipelineConfig, run) -> tuple[Any, Any]:
+    """The first two stages (the model's tokenizer renders the data): the whole of `dpoflow prepare`."""
+    base = run(model_task, "model", models.key_inputs(config.model), spec=config.model)
+    data = run(prepare_task, "prepare", prepare_inputs(config, base),
+               sources=config.data.source_specs, spec=config.data, model=base,
+               max_length=config.dpo.max_length, eval_tasks=tuple(decontamination_tasks(config)))
+    return base, data
+
+
+@flow(name="dpoflow-prepare")
+def prepare_only(config: PipelineConfig) -> dict[str, Any]:
+    """Only the model and prepare stages, for looking at the data before training on it."""
+    set_cpu_threads(config.cpu_threads)
+    workspace = Workspace(config.workdir)
+    run = StageRunner(workspace)
+    _, data = compose_data(config, run)
+    run_dir = new_run_folder(workspace, config)
+    summary = {"pipeline": config.name, "flow_run": flow_run.get_name(), "stages": rows_as_dicts(run.rows),
+               "run_dir": str(run_dir), "data": data.counts}
+    write_run_folder(run_dir, summary, run.outputs, markdown(config.name, run.rows, []))
+    publish_data_report(config, data, run_dir)
+    return summary
+
+
+def publish_data_report(config: PipelineConfig, data, run_dir: Path) -> None:
+    """data_report.json at a stable place in the run folder, and the report as a Prefect artifact."""
+    report = Path(data.report)
+    (run_dir / "data_report.json").write_bytes(report.read_bytes())
+    create_markdown_artifact(report.with_suffix(".md").read_text(), key=artifact_key(config.name) + "-data",
+                             description=f"dpoflow data report of {config.name}")
+
+
 @flow(name="dpoflow")
 def pipeline(config: PipelineConfig) -> dict[str, Any]:
     """Align `config.model` on `config.data` and export it; returns the run summary."""
@@ -157,6 +185,7 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
                               description="Forgetting check: start model vs tuned, accuracy points per task")
     summary, summary_md = summarize(config, backend, run, out, blocked, run_dir)
     write_run_folder(run_dir, summary, run.outputs, summary_md)
+    publish_data_report(config, out.data, run_dir)
     create_markdown_artifact(summary_md, key=artifact_key(config.name),
                              description=f"dpoflow summary of {config.name}")
     logger.info("run folder: %s", run_dir)
@@ -226,9 +255,18 @@ def training_inputs(config: PipelineConfig, backend, plan: TrainingPlan) -> dict
     return {"seed": config.seed, "setup": config.train.model_dump(), "backend": backend.name, "plan": plan_key(plan)}
 
 
-def source_digest(path: str) -> str:
-    """Content of a data file for the prepare key; a missing file is left for prepare to report."""
-    return file_sha256(Path(path)) if Path(path).is_file() else "missing"
+def decontamination_tasks(config: PipelineConfig) -> list[str]:
+    """The forgetting-check tasks whose items no training prompt may overlap."""
+    return config.evaluate.tasks if config.evaluate.enabled and config.data.decontamination.enabled else []
+
+
+def prepare_inputs(config: PipelineConfig, base) -> dict[str, Any]:
+    """What the prepare stage's output depends on: the data's content, the data section, the tokenizer
+    (the model), max_length and the evaluation items it decontaminates against."""
+    tasks = decontamination_tasks(config)
+    return {"model": base.digest, "sources": [sources.fingerprint(s) for s in config.data.source_specs],
+            "spec": config.data.model_dump(exclude={"sources"}), "max_length": config.dpo.max_length,
+            "eval_tasks": tasks, "evals": forgetting.tasks_digest() if tasks else None}
 
 
 def artifact_key(name: str) -> str:

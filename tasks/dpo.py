@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from dpoflow.artifacts import fresh_dir, read_jsonl_rows, seal, write_jsonl
+from dpoflow.artifacts import fresh_dir, read_jsonl_rows, read_rows, seal, write_jsonl
 from dpoflow.backends import BackendChoice, choose_backend, load_for_training
 from dpoflow.config import DPOSpec, TrainSetup
 from dpoflow.distributed import is_main_process, run_stage
@@ -114,7 +114,7 @@ def _train_rows(data: PreparedData, reference: ReferenceLogps | None):
     from datasets import Dataset
 
     rows = [{"row": i, **{k: r[k] for k in ("prompt", "chosen", "rejected")}}
-            for i, r in enumerate(read_jsonl_rows(data.train))]
+            for i, r in enumerate(read_rows(data.train))]
     if reference is not None:
         ref = {r["row"]: r for r in read_jsonl_rows(reference.file)}
         # Rows TRL drops as fully truncated have no reference value; TRL drops them again here.

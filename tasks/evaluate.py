@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from dpoflow import forgetting
-from dpoflow.artifacts import fresh_dir, read_jsonl_rows, seal
+from dpoflow.artifacts import fresh_dir, read_rows, seal
 from dpoflow.config import EvaluateSpec, GateSpec
 from dpoflow.models import load_model, load_tokenizer
 from dpoflow.records import EvalReport, ModelRef, PreparedData, TaskScores, TrainedAdapter
@@ -56,7 +56,7 @@ def evaluate_model(base: ModelRef, adapter: TrainedAdapter, data: PreparedData, 
     from peft import PeftModel
 
     fresh_dir(out_dir)
-    rows = read_jsonl_rows(data.heldout)
+    rows = read_rows(data.heldout)
     prompts = [r["prompt"] for r in rows]
     start = adapter.start
     tokenizer = load_tokenizer(start.path)

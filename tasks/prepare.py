@@ -1,210 +1,36 @@
-"""prepare: read preference pairs, validate every row, render them with the chat template, split
-train/held-out by prompt hash. Bad rows are kept aside with file, line, field and reason."""
+"""prepare: read preference data from every source, turn each row into normalized pairs, clean them,
+render them with the chat template (once, for SFT, DPO and evaluation alike), split train/held-out by
+prompt hash and write both as Parquet.
+
+Streaming in two passes, so memory stays flat in the size of the data apart from the dedup index:
+1. read -> pairs -> checks -> dedup -> render -> token lengths -> split: candidates to scratch files;
+2. held-out candidates -> mixing -> Parquet, and an n-gram index of them plus the forgetting-check
+   tasks; train candidates -> mixing -> decontamination -> Parquet.
+Every item read is either kept or set aside in `rejected.jsonl` with its rule, and counted; the stage
+checks that the counts add up for every source.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
-import unicodedata
-from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass
+import shutil
 from pathlib import Path
 
-from dpoflow.artifacts import fresh_dir, seal, write_jsonl
-from dpoflow.config import DataSpec
+from dpoflow import forgetting
+from dpoflow.artifacts import fresh_dir, seal
+from dpoflow.cleaning import NgramIndex, eval_texts, length_problem, sample_rank, token_lengths
+from dpoflow.config import DataSpec, SourceSpec
+from dpoflow.datareport import CLEANING_RULES, Tally, build_report, length_histograms, report_markdown
 from dpoflow.models import load_tokenizer
+from dpoflow.pairs import DataError, Pair, Rejection, dedup_key, to_pairs
 from dpoflow.records import ModelRef, PreparedData
+from dpoflow.sources import read_source
 
 from . import stage_task
 
-FIELDS = ("prompt", "chosen", "rejected")
-
-
-class DataError(ValueError):
-    """Input data that cannot be used; the message names file, line and field."""
-
-
-@dataclass
-class Rejection:
-    source: str  # file:line
-    reason: str  # rule name, counted in the report
-    field: str | None
-    detail: str
-
-    def message(self) -> str:
-        where = f"{self.source}: field {self.field!r}: " if self.field else f"{self.source}: "
-        return where + self.detail
-
-
-def read_jsonl(path: Path) -> Iterator[tuple[str, dict | None, Rejection | None]]:
-    """(file:line, row, None) for each good JSON object, (file:line, None, rejection) for a bad line."""
-    if not path.is_file():
-        raise DataError(f"{path}: data file not found")
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                yield where, None, Rejection(where, "not_utf8", None, f"bytes are not UTF-8 ({e.reason} at byte {e.start})")
-                continue
-            except json.JSONDecodeError as e:
-                yield where, None, Rejection(where, "bad_json", None, f"not valid JSON ({e.msg}, column {e.colno})")
-                continue
-            if not isinstance(row, dict):
-                yield where, None, Rejection(where, "bad_json", None, f"expected a JSON object, got {type(row).__name__}")
-                continue
-            yield where, row, None
-
-
-@dataclass
-class Pair:
-    messages: list[dict]  # the prompt as a conversation, ending with a user turn
-    chosen: str
-    rejected: str
-
-
-ROLES = {"system", "user", "assistant"}
-HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
-
-
-def to_pair(where: str, row: dict, fmt: str = "auto", columns: dict[str, str] | None = None) -> Pair | Rejection:
-    """One input row in any supported format as a normalized Pair, or the reason it cannot be one."""
-    for canonical, column in (columns or {}).items():
-        if column in row:
-            row = {**row, canonical: row[column]}
-    if fmt == "auto":
-        fmt = detect_format(row)
-    if fmt == "conversational":
-        pair = _conversational(where, row)
-    elif fmt == "implicit":
-        pair = _implicit(where, row)
-    else:
-        pair = check_pair(where, row) or Pair([{"role": "user", "content": row["prompt"]}], row["chosen"],
-                                              row["rejected"])
-    # Checked after normalizing: normalizing can empty a field or make the two answers equal.
-    return _checked(where, normalized(pair)) if isinstance(pair, Pair) else pair
-
-
-def detect_format(row: dict) -> str:
-    if isinstance(row.get("chosen"), list) or isinstance(row.get("prompt"), list):
-        return "conversational"
-    if "prompt" not in row and isinstance(row.get("chosen"), str) and "\n\nAssistant:" in row["chosen"]:
-        return "implicit"
-    return "explicit"
-
-
-def _conversational(where: str, row: dict) -> Pair | Rejection:
-    for field in ("chosen", "rejected"):
-        if field not in row:
-            return Rejection(where, "missing_field", field, "missing")
-        bad = _bad_messages(row[field])
-        if bad:
-            return Rejection(where, "bad_messages", field, bad)
-    chosen, rejected = row["chosen"], row["rejected"]
-    if isinstance(row.get("prompt"), list):  # TRL style: prompt turns apart, one answer each
-        bad = _bad_messages(row["prompt"])
-        if bad:
-            return Rejection(where, "bad_messages", "prompt", bad)
-        prompt, chosen, rejected = row["prompt"], chosen[-1:], rejected[-1:]
-    else:  # whole conversations (UltraFeedback binarized style) that differ in the last turn only
-        prompt = chosen[:-1]
-        if rejected[:-1] != prompt:
-            return Rejection(where, "prompts_differ", "rejected", "the turns before the last differ from 'chosen'")
-    for field, answer in (("chosen", chosen), ("rejected", rejected)):
-        if not answer or answer[-1]["role"] != "assistant":
-            return Rejection(where, "no_assistant_turn", field, "does not end with an assistant turn")
-    order = _role_order_problem(prompt)
-    if order:
-        return Rejection(where, "roles_out_of_order", "chosen", order)
-    return Pair(prompt, chosen[-1]["content"], rejected[-1]["content"])
-
-
-def _implicit(where: str, row: dict) -> Pair | Rejection:
-    for field in ("chosen", "rejected"):
-        if not isinstance(row.get(field), str):
-            return Rejection(where, "missing_field" if field not in row else "wrong_type", field,
-                             "missing" if field not in row else "expected a transcript string")
-    cut = row["chosen"].rfind("\n\nAssistant:")
-    if cut < 0:
-        return Rejection(where, "no_assistant_turn", "chosen", "no '\\n\\nAssistant:' turn")
-    head = row["chosen"][:cut + len("\n\nAssistant:")]
-    if not row["rejected"].startswith(head):
-        return Rejection(where, "prompts_differ", "rejected", "does not share the conversation before the last "
-                                                                "assistant turn with 'chosen'")
-    parts = HH_TURN.split(row["chosen"][:cut])  # ["", "Human", text, "Assistant", text, ...]
-    if parts[0].strip() or len(parts) < 3:
-        return Rejection(where, "roles_out_of_order", "chosen", "must start with '\\n\\nHuman:'")
-    messages = [{"role": "user" if who == "Human" else "assistant", "content": text.strip()}
-                for who, text in zip(parts[1::2], parts[2::2])]
-    order = _role_order_problem(messages)
-    if order:
-        return Rejection(where, "roles_out_of_order", "chosen", order)
-    return Pair(messages, row["chosen"][len(head):].strip(), row["rejected"][len(head):].strip())
-
-
-def _bad_messages(messages) -> str | None:
-    if not isinstance(messages, list) or not messages:
-        return "expected a non-empty list of {role, content} messages"
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            return f"message {i}: expected {{role: system|user|assistant, content: string}}"
-    return None
-
-
-def _role_order_problem(prompt: list[dict]) -> str | None:
-    turns = prompt[1:] if prompt and prompt[0]["role"] == "system" else prompt
-    expected = ["user", "assistant"] * len(turns)
-    if not turns or [m["role"] for m in turns] != expected[:len(turns)] or turns[-1]["role"] != "user":
-        return ("roles out of order: expected (system,) user, assistant, ..., user before the answer; got "
-                + ", ".join(m["role"] for m in prompt))
-    return None
-
-
-def normalize_text(text: str) -> str:
-    """Unicode NFC, runs of spaces/tabs as one space, no trailing spaces on a line, no blank edges.
-    Newlines stay: they carry meaning in prompts (lists, code, a review after an instruction)."""
-    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
-    lines = [re.sub(r"[ \t\u00a0]+", " ", line).strip(" ") for line in text.split("\n")]
-    return "\n".join(lines).strip("\n")
-
-
-def normalized(pair: Pair) -> Pair:
-    return Pair([{**m, "content": normalize_text(m["content"])} for m in pair.messages],
-                normalize_text(pair.chosen), normalize_text(pair.rejected))
-
-
-def dedup_key(pair: Pair) -> str:
-    """Equal for pairs that differ only in case and spacing (after normalize_text)."""
-    text = json.dumps([[m["role"], m["content"]] for m in pair.messages] + [pair.chosen, pair.rejected])
-    return hashlib.sha256(re.sub(r"\s+", " ", text.casefold()).encode("utf-8")).hexdigest()
-
-
-def _checked(where: str, pair: Pair) -> Pair | Rejection:
-    for field, text in (("prompt", pair.messages[-1]["content"]), ("chosen", pair.chosen),
-                        ("rejected", pair.rejected)):
-        if not text.strip():
-            return Rejection(where, "empty_field", field, "empty")
-    if pair.chosen.strip() == pair.rejected.strip():
-        return Rejection(where, "chosen_equals_rejected", "rejected", "identical to 'chosen'")
-    return pair
-
-
-def check_pair(where: str, row: dict) -> Rejection | None:
-    for field in FIELDS:
-        if field not in row:
-            return Rejection(where, "missing_field", field, "missing")
-        if not isinstance(row[field], str):
-            return Rejection(where, "wrong_type", field, f"expected a string, got {type(row[field]).__name__}")
-        if not row[field].strip():
-            return Rejection(where, "empty_field", field, "empty")
-    if row["chosen"].strip() == row["rejected"].strip():
-        return Rejection(where, "chosen_equals_rejected", "rejected", "identical to 'chosen'")
-    return None
+BATCH = 1024
+COLUMNS = ("prompt", "chosen", "rejected", "source")
 
 
 def is_heldout(prompt: str, fraction: float) -> bool:
@@ -226,51 +52,232 @@ def render(tokenizer, pair: Pair, system_prompt: str | None) -> dict:
     }
 
 
-def prepare_data(sources: list[str], spec: DataSpec, model: ModelRef, out_dir: Path) -> PreparedData:
+class _Rejects:
+    """rejected.jsonl, written as rows are set aside; `on_error: fail` raises at the first bad row."""
+
+    def __init__(self, path: Path, tally: Tally, fail: bool):
+        self.file, self.tally, self.fail = open(path, "w", encoding="utf-8"), tally, fail
+
+    def add(self, source: int, rejection: Rejection) -> None:
+        if self.fail and rejection.reason not in CLEANING_RULES:
+            raise DataError(rejection.message())
+        record = {"source": rejection.source, "reason": rejection.reason, "field": rejection.field,
+                  "detail": rejection.detail, "row": rejection.row}
+        self.file.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+        self.tally.reject(source, record)
+
+
+def prepare_data(sources: list[SourceSpec | str], spec: DataSpec, model: ModelRef, out_dir: Path,
+                 max_length: int | None = None, eval_tasks: tuple[str, ...] = ()) -> PreparedData:
+    sources = [SourceSpec(path=s) if isinstance(s, str) else s for s in sources]
     tokenizer = load_tokenizer(model.path)
     fresh_dir(out_dir)
-    splits: dict[str, list[dict]] = {"train": [], "heldout": []}
-    rejected: list[Rejection] = []
-    counts: Counter[str] = Counter()
-    seen: dict[str, str] = {}  # dedup key -> where it was first seen
-    for source in sources:
-        for where, row, rejection in read_jsonl(Path(source)):
-            counts["read"] += 1
-            pair = rejection or to_pair(where, row, spec.format, spec.columns)
-            if isinstance(pair, Pair):
-                key = dedup_key(pair)
-                if key in seen:
-                    pair = Rejection(where, "duplicate", None, f"same pair as {seen[key]} (after normalization)")
-                else:
-                    seen[key] = where
-            if isinstance(pair, Rejection):
-                # A duplicate is a cleaning outcome, not bad input: counted and kept aside in both modes.
-                if spec.on_error == "fail" and pair.reason != "duplicate":
-                    raise DataError(pair.message())
-                rejected.append(pair)
-                counts[f"rejected_{pair.reason}"] += 1
+    scratch = out_dir.with_name(out_dir.name + "-candidates")
+    fresh_dir(scratch)
+    tally = Tally([s.label for s in sources])
+    rejects = _Rejects(out_dir / "rejected.jsonl", tally, spec.on_error == "fail")
+    try:
+        ranks = _first_pass(sources, spec, tokenizer, scratch, tally, rejects,
+                            max_length if spec.drop_over_max_length else None)
+        keep = _mixing(sources, ranks)
+        lengths, extra = _second_pass(sources, spec, scratch, out_dir, tally, rejects, keep, eval_tasks)
+    finally:
+        rejects.file.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+    tally.check()
+    counts = tally.totals()
+    _require_data(sources, counts)
+    extra["warnings"] += [w for w in _mix_warnings(sources, ranks)]
+    report = build_report(tally, lengths, {"max_length": max_length, **extra})
+    (out_dir / "data_report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
+    (out_dir / "data_report.md").write_text(report_markdown(report))
+    length_histograms(lengths, max_length, out_dir / "data_report.png")
+    return PreparedData(path=str(out_dir), digest=seal(out_dir), counts=counts,
+                        train=str(out_dir / "train.parquet"), heldout=str(out_dir / "heldout.parquet"),
+                        rejected=str(out_dir / "rejected.jsonl"), report=str(out_dir / "data_report.json"))
+
+
+def _first_pass(sources, spec, tokenizer, scratch, tally, rejects, max_length) -> dict[int, list[float]]:
+    """Candidates (rendered, checked, deduplicated, within max_length) to scratch/{train,heldout}.jsonl.
+    Returns each source's candidates' sample ranks (for mixing by count)."""
+    files = {split: open(scratch / f"{split}.jsonl", "w", encoding="utf-8") for split in ("train", "heldout")}
+    seen: dict[str, str] = {}  # dedup key -> where that pair was first read
+    ranks: dict[int, list[float]] = {i: [] for i in range(len(sources))}
+
+    def flush(batch: list[tuple[int, str, Pair, dict, str]]) -> None:
+        rendered = [render(tokenizer, pair, spec.system_prompt) for _, _, pair, _, _ in batch]
+        for (i, where, pair, row, key), out, lengths in zip(batch, rendered, token_lengths(tokenizer, rendered)):
+            problem = length_problem(lengths, max_length) if max_length else None
+            if problem:
+                rejects.add(i, Rejection(where, *problem, row))
                 continue
-            rendered = render(tokenizer, pair, spec.system_prompt)
-            split = "heldout" if is_heldout(rendered["prompt"], spec.heldout_fraction) else "train"
-            splits[split].append({**rendered, "source": where})
-    counts.update(train=len(splits["train"]), heldout=len(splits["heldout"]), rejected=len(rejected))
+            rank = sample_rank(key)
+            ranks[i].append(rank)
+            split = "heldout" if is_heldout(out["prompt"], spec.heldout_fraction) else "train"
+            files[split].write(json.dumps({**out, "source": where, "i": i, "rank": rank, "lengths": lengths,
+                                           "text": pair.prompt_text}, ensure_ascii=False) + "\n")
+        batch.clear()
+
+    try:
+        for i, source in enumerate(sources):
+            batch: list = []
+            for where, row, rejection in read_source(source):
+                if rejection is not None:
+                    tally.read[i] += 1
+                    rejects.add(i, rejection)
+                    continue
+                for at, pair in to_pairs(where, row, spec.format, spec.columns, spec.pairing, spec.min_margin):
+                    tally.read[i] += 1
+                    if isinstance(pair, Rejection):
+                        pair.row = row
+                        rejects.add(i, pair)
+                        continue
+                    key = dedup_key(pair)
+                    if key in seen:
+                        # A duplicate is a cleaning outcome, not bad input: set aside in both modes.
+                        rejects.add(i, Rejection(at, "duplicate", None, f"same pair as {seen[key]} (after "
+                                                                         "normalization)", row))
+                        continue
+                    seen[key] = at
+                    batch.append((i, at, pair, row, key))
+                    if len(batch) >= BATCH:
+                        flush(batch)
+            if batch:
+                flush(batch)
+    finally:
+        for f in files.values():
+            f.close()
+    return ranks
+
+
+def _mixing(sources: list[SourceSpec], ranks: dict[int, list[float]]) -> dict[int, float]:
+    """Per source, the sample rank below which a candidate is used (1.0: all of them). A weight keeps
+    that share; a count keeps the count lowest-ranked, so the choice is the same on every run."""
+    keep = {}
+    for i, source in enumerate(sources):
+        if source.count is not None and source.count < len(ranks[i]):
+            keep[i] = sorted(ranks[i])[source.count - 1]
+        else:
+            keep[i] = source.weight if source.weight is not None else 1.0
+    return keep
+
+
+def _mix_warnings(sources: list[SourceSpec], ranks: dict[int, list[float]]) -> list[str]:
+    return [f"{s.label}: count {s.count} asked but only {len(ranks[i])} clean pairs; all used"
+            for i, s in enumerate(sources) if s.count is not None and s.count > len(ranks[i])]
+
+
+def _second_pass(sources, spec, scratch, out_dir, tally, rejects, keep, eval_tasks) -> tuple[dict, dict]:
+    lengths: dict[str, list[int]] = {"prompt": [], "chosen": [], "rejected": []}
+    dc = spec.decontamination
+    index = NgramIndex(dc.ngram, dc.template_prompts) if dc.enabled else None
+    checked, not_checked = ["held-out split"], []
+
+    def used(c: dict) -> bool:
+        if c["rank"] <= keep[c["i"]]:
+            return True
+        rejects.add(c["i"], Rejection(c["source"], "sampled_out", None,
+                                      f"not sampled: the source is mixed in by weight/count", _pair_row(c)))
+        return False
+
+    with _ParquetRows(out_dir / "heldout.parquet") as heldout:
+        for c in _candidates(scratch / "heldout.jsonl"):
+            if used(c):
+                heldout.add(c, tally, lengths)
+                if index is not None:
+                    index.add(c["text"], f"held-out pair {c['source']}", is_prompt=True)
+    if index is not None:
+        task_files = {t: forgetting.EVALS_DIR / f"{t.removeprefix('dpoflow_')}.jsonl" for t in eval_tasks
+                      if t != forgetting.PREFERENCE_TASK}
+        checked += [t for t, p in task_files.items() if p.is_file()]
+        not_checked = [t for t, p in task_files.items() if not p.is_file()]
+        for text, item in eval_texts({t: p for t, p in task_files.items() if p.is_file()}):
+            index.add(text, item)
+    hits: dict[int, set[int]] = {}  # candidate number -> its indexed n-grams (few candidates have any)
+    if index is not None:  # a first look over train, to count how many prompts share each n-gram
+        for n, c in enumerate(_candidates(scratch / "train.jsonl")):
+            if c["rank"] <= keep[c["i"]]:
+                found = index.count(c["text"])
+                if found:
+                    hits[n] = found
+    with _ParquetRows(out_dir / "train.parquet") as train:
+        for n, c in enumerate(_candidates(scratch / "train.jsonl")):
+            if not used(c):
+                continue
+            hit = index.contaminating(c["text"], hits[n]) if n in hits else None
+            if hit:
+                rejects.add(c["i"], Rejection(c["source"], "contaminated", "prompt",
+                                              f"shares the {index.n}-gram \"{hit[0]}\" with {hit[1]}", _pair_row(c)))
+                continue
+            train.add(c, tally, lengths)
+    warnings = [f"decontamination could not read {t} (not a dpoflow task; no offline data)" for t in not_checked]
+    extra = {"decontamination": {"enabled": index is not None, "ngram": dc.ngram,
+                                 "template_prompts": dc.template_prompts,
+                                 "template_ngrams": sum(1 for v in index.df.values() if v > dc.template_prompts)
+                                 if index is not None else 0,
+                                 "checked_against": checked if index is not None else [],
+                                 "eval_ngrams": len(index) if index is not None else 0},
+             "warnings": warnings}
+    return lengths, extra
+
+
+def _pair_row(c: dict) -> dict:
+    return {k: c[k] for k in ("prompt", "chosen", "rejected")}
+
+
+def _candidates(path: Path):
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)
+
+
+class _ParquetRows:
+    """A split's Parquet file, written in batches."""
+
+    def __init__(self, path: Path):
+        import pyarrow as pa
+
+        self.path, self.rows = path, []
+        self.schema = pa.schema([(c, pa.string()) for c in COLUMNS])
+        self.writer = None
+
+    def __enter__(self):
+        import pyarrow.parquet as pq
+
+        self.writer = pq.ParquetWriter(self.path, self.schema)
+        return self
+
+    def add(self, candidate: dict, tally: Tally, lengths: dict[str, list[int]]) -> None:
+        self.rows.append({c: candidate[c] for c in COLUMNS})
+        tally.kept[candidate["i"]][self.path.stem] += 1
+        for field, n in zip(("prompt", "chosen", "rejected"), candidate["lengths"]):
+            lengths[field].append(n)
+        if len(self.rows) >= BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+
+        if self.rows:
+            self.writer.write_table(pa.Table.from_pylist(self.rows, schema=self.schema))
+            self.rows = []
+
+    def __exit__(self, *exc):
+        self._flush()
+        self.writer.close()
+
+
+def _require_data(sources: list[SourceSpec], counts: dict[str, int]) -> None:
+    names = ", ".join(s.label for s in sources)
     if counts["read"] == 0:
-        raise DataError(f"{', '.join(sources)}: no rows (empty data)")
-    for split, rows in splits.items():
-        if not rows:
-            raise DataError(f"{', '.join(sources)}: the {split} split is empty "
-                            f"({counts['read']} rows read, {len(rejected)} rejected); add data or change heldout_fraction")
-    paths = {name: out_dir / f"{name}.jsonl" for name in ("train", "heldout", "rejected")}
-    for split, rows in splits.items():
-        write_jsonl(paths[split], rows)
-    write_jsonl(paths["rejected"], [r.__dict__ for r in rejected])
-    (out_dir / "report.json").write_text(json.dumps(dict(counts), indent=1, sort_keys=True))
-    digest = seal(out_dir)
-    return PreparedData(path=str(out_dir), digest=digest, counts=dict(counts),
-                        **{name: str(p) for name, p in paths.items()})
+        raise DataError(f"{names}: no rows (empty data)")
+    for split in ("train", "heldout"):
+        if not counts[split]:
+            raise DataError(f"{names}: the {split} split is empty ({counts['read']} items read, "
+                            f"{counts['rejected']} set aside); add data or change heldout_fraction")
 
 
 @stage_task
-def prepare_task(stage: str, key: str, out_dir: str, sources: list[str], spec: DataSpec,
-                 model: ModelRef) -> PreparedData:
-    return prepare_data(sources, spec, model, Path(out_dir))
+def prepare_task(stage: str, key: str, out_dir: str, sources: list[SourceSpec], spec: DataSpec,
+                 model: ModelRef, max_length: int | None = None, eval_tasks: tuple[str, ...] = ()) -> PreparedData:
+    return prepare_data(sources, spec, model, Path(out_dir), max_length, eval_tasks)

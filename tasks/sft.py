@@ -7,7 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
-from dpoflow.artifacts import fresh_dir, read_jsonl_rows, seal
+from dpoflow.artifacts import fresh_dir, read_rows, seal
 from dpoflow.backends import BackendError, choose_backend, load_for_training
 from dpoflow.config import SFTSpec, TrainSetup
 from dpoflow.distributed import is_main_process, run_stage
@@ -31,7 +31,7 @@ def train_sft(base: ModelRef, data: PreparedData, spec: SFTSpec, setup: TrainSet
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    rows = read_jsonl_rows(data.train)
+    rows = read_rows(data.train)
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows])
     scratch = out_dir.with_name(out_dir.name + "-scratch")  # one folder every rank sees
     args = SFTConfig(**trainer_args(spec, scratch, seed, plan), completion_only_loss=True)

@@ -106,3 +106,19 @@ def test_validate_command_exit_codes(tmp_path, capsys):
 def test_repository_pipelines_file_is_valid(repo):
     names = [c.name for c in validate_file(repo / "pipelines.yaml")]
     assert "demo" in names
+
+
+def test_sources_take_paths_globs_and_hub_datasets_with_mixing(tmp_path):
+    (tmp_path / "pipelines.yaml").write_text(
+        "pipelines:\n  p:\n    data:\n      sources:\n        - a.jsonl\n"
+        "        - {path: 'more/*.parquet', weight: 0.5}\n"
+        "        - {hub: HuggingFaceH4/ultrafeedback_binarized, split: train_prefs, revision: main, count: 1000}\n")
+    config = load_pipeline("p", tmp_path / "pipelines.yaml")
+    plain, glob_, hub = config.data.source_specs
+    assert plain.path == str(tmp_path / "a.jsonl") and glob_.path == str(tmp_path / "more/*.parquet")
+    assert (hub.hub, hub.split, hub.revision, hub.count) == ("HuggingFaceH4/ultrafeedback_binarized", "train_prefs",
+                                                             "main", 1000)
+    with pytest.raises(ValueError, match="exactly one of path or hub"):
+        PipelineConfig(name="x", data={"sources": [{"split": "train"}]})
+    with pytest.raises(ValueError, match="weight or count, not both"):
+        PipelineConfig(name="x", data={"sources": [{"path": "a", "weight": 0.5, "count": 3}]})

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from dpoflow.artifacts import is_intact, read_jsonl_rows
+from dpoflow.artifacts import is_intact, read_jsonl_rows, read_rows
 from dpoflow.config import DataSpec
 from dpoflow.records import ModelRef
 from dpoflow.tasks.prepare import DataError, is_heldout, prepare_data
@@ -38,7 +38,8 @@ def test_bad_rows_are_quarantined_counted_and_kept(tmp_path, base):
         by_reason.setdefault(r["reason"], r)
     assert by_reason["bad_json"]["source"] == f"{src}:31"
     assert by_reason["missing_field"] == {"source": f"{src}:32", "reason": "missing_field", "field": "rejected",
-                                          "detail": "missing"}
+                                          "detail": "missing", "row": {"prompt": "p", "chosen": "a"}}
+    assert by_reason["bad_json"]["row"] == "{not json"  # the line as read, to fix and feed back
     assert by_reason["wrong_type"]["field"] == "chosen"
     assert by_reason["empty_field"]["field"] == "prompt"
     assert by_reason["chosen_equals_rejected"]["source"] == f"{src}:35"
@@ -61,15 +62,19 @@ def test_missing_and_empty_files_are_clear_errors(tmp_path, base):
         prepare_data([str(missing)], DataSpec(sources=[str(missing)]), base, tmp_path / "out")
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    with pytest.raises(DataError, match="no rows"):
+    with pytest.raises(DataError, match="empty.jsonl: empty file"):
         prepare_data([str(empty)], DataSpec(sources=[str(empty)]), base, tmp_path / "out")
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n\n")
+    with pytest.raises(DataError, match="blank.jsonl: no rows"):
+        prepare_data([str(blank)], DataSpec(sources=[str(blank)]), base, tmp_path / "out")
 
 
 def test_rows_are_rendered_with_the_chat_template_and_eos(tmp_path, base):
     src = tmp_path / "pairs.jsonl"
     src.write_bytes(lines(*many(40)))
     out = prepare_data([str(src)], DataSpec(sources=[str(src)], system_prompt="Be brief."), base, tmp_path / "o")
-    row = read_jsonl_rows(out.train)[0]
+    row = read_rows(out.train)[0]
     assert row["prompt"].startswith("<|begin|><|system|>\nBe brief.<|end|>\n<|user|>\nquestion")
     assert row["prompt"].endswith("<|assistant|>\n")
     assert row["chosen"].endswith("<|end|>") and row["rejected"].endswith("<|end|>")
@@ -85,8 +90,8 @@ def test_split_is_deterministic_and_disjoint_by_prompt(tmp_path, base):
     a = prepare_data([str(src)], spec, base, tmp_path / "a")
     b = prepare_data([str(src)], spec, base, tmp_path / "b")
     assert a.digest == b.digest
-    train = {r["prompt"] for r in read_jsonl_rows(a.train)}
-    heldout = {r["prompt"] for r in read_jsonl_rows(a.heldout)}
+    train = {r["prompt"] for r in read_rows(a.train)}
+    heldout = {r["prompt"] for r in read_rows(a.heldout)}
     assert train and heldout and not train & heldout
     assert 0.1 < a.counts["heldout"] / 250 < 0.3
 

@@ -5,10 +5,11 @@ import json
 
 import pytest
 
-from dpoflow.artifacts import read_jsonl_rows
+from dpoflow.artifacts import read_jsonl_rows, read_rows
 from dpoflow.config import DataSpec
 from dpoflow.records import ModelRef
-from dpoflow.tasks.prepare import Pair, Rejection, detect_format, prepare_data, to_pair
+from dpoflow.pairs import Pair, Rejection, detect_format, to_pair
+from dpoflow.tasks.prepare import prepare_data
 
 USER, ASSISTANT, SYSTEM = "user", "assistant", "system"
 
@@ -88,13 +89,13 @@ def test_mixed_formats_in_one_file_prepare_together(tiny_model, tmp_path):
     _, out = prepare_rows(tiny_model, tmp_path, rows)
     assert out.counts["read"] == 91 and out.counts["rejected_no_assistant_turn"] == 1
     assert out.counts["train"] + out.counts["heldout"] == 90
-    prompts = {r["prompt"] for r in read_jsonl_rows(out.train) + read_jsonl_rows(out.heldout)}
+    prompts = {r["prompt"] for r in read_rows(out.train) + read_rows(out.heldout)}
     assert "<|begin|><|user|>\nhh 3?<|end|>\n<|assistant|>\n" in prompts
     assert "<|begin|><|user|>\nconv 3?<|end|>\n<|assistant|>\n" in prompts
 
 
 def test_text_is_normalized_and_duplicates_are_counted_and_kept_aside(tiny_model, tmp_path):
-    from dpoflow.tasks.prepare import normalize_text
+    from dpoflow.pairs import normalize_text
 
     assert normalize_text("  Cafe\u0301  is\t\tnice \r\nline two  \n") == "Caf\u00e9 is nice\nline two"
     rows = [{"prompt": f"Question {i}?", "chosen": "Yes", "rejected": "No"} for i in range(20)]

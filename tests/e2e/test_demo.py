@@ -115,3 +115,20 @@ def test_sft_and_dpo_run_data_parallel_on_two_processes_launched_from_the_tasks(
     for stage in ("train_sft", "train_dpo"):
         assert f"dpoflow rank 1 of 2: {stage}" in two["output"]
     assert two["metrics"]["tuned_reward_accuracy"] >= 0.9
+
+
+def test_prepare_alone_prints_the_report_and_leaves_it_in_the_run_folder(repo, tmp_path):
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "OMP_NUM_THREADS": "1"}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.run(["python", "-m", "dpoflow", "prepare", "demo", "-f", str(repo / "pipelines.yaml"),
+                           "--set", f"workdir={tmp_path / 'work'}"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "## Data: 640 items read" in proc.stdout
+    report_path = next(line.split(":", 1)[1].strip() for line in proc.stdout.splitlines()
+                       if line.startswith("report:"))
+    report = json.loads(Path(report_path).read_text())
+    assert Path(report_path).parent.parent.name == "demo"  # runs/demo/<run>/data_report.json
+    c = report["counts"]
+    assert c["read"] == c["train"] + c["heldout"] + c["rejected"] and c["train"] > 400
+    assert report["decontamination"]["checked_against"][0] == "held-out split"

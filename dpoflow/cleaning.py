@@ -1,0 +1,99 @@
+"""Cleaning rules that need more than one row: token lengths with the pipeline's own tokenizer,
+deterministic sampling for source mixing, and decontamination against evaluation items."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+WORD = re.compile(r"\w+")
+
+
+def token_lengths(tokenizer, rows: list[dict]) -> list[tuple[int, int, int]]:
+    """(prompt, chosen, rejected) token counts of rendered rows, in one batched call per field (the
+    fast tokenizer runs a batch in Rust; one call per row would dominate the stage)."""
+    counts = []
+    for field in ("prompt", "chosen", "rejected"):
+        ids = tokenizer([r[field] for r in rows], add_special_tokens=False)["input_ids"]
+        counts.append([len(x) for x in ids])
+    return list(zip(*counts))
+
+
+def length_problem(lengths: tuple[int, int, int], max_length: int) -> tuple[str, str, str] | None:
+    """(reason, field, detail) when a pair would be truncated by a trainer with this max_length."""
+    prompt, chosen, rejected = lengths
+    if prompt >= max_length:
+        return "prompt_too_long", "prompt", f"prompt is {prompt} tokens; max_length is {max_length}"
+    longest = max(chosen, rejected)
+    if prompt + longest > max_length:
+        field = "chosen" if chosen >= rejected else "rejected"
+        return ("pair_too_long", field,
+                f"prompt {prompt} + {field} {longest} = {prompt + longest} tokens; max_length is {max_length}")
+    return None
+
+
+def sample_rank(key: str) -> float:
+    """A pair's place in [0, 1) for sampling: from its content, so the same data samples the same way."""
+    return int.from_bytes(hashlib.sha256(("sample:" + key).encode()).digest()[:8], "big") / 2**64
+
+
+class NgramIndex:
+    """Word n-grams of evaluation texts (held-out prompts, forgetting-check items). A training prompt
+    that shares one with them is contaminated: the model would be scored on what it was trained on.
+    Words are lowercased `\\w+` runs, so case, punctuation and spacing don't hide a copy.
+
+    An n-gram that many prompts share is template text (an instruction or system prompt repeated in
+    every row), not a copied item: `df` counts the prompts, held-out and train, that hold each indexed
+    n-gram, and `contaminating` ignores those above the limit."""
+
+    def __init__(self, n: int, max_prompts: int):
+        self.n, self.max_prompts = n, max_prompts
+        self.items: dict[int, str] = {}  # hash of the n-gram -> the first evaluation item it came from
+        self.df: dict[int, int] = {}  # hash -> prompts (held-out and train) that contain it
+
+    def grams(self, text: str) -> dict[int, str]:
+        words = WORD.findall(text.lower())
+        return {hash(g): g for g in (" ".join(words[i:i + self.n]) for i in range(len(words) - self.n + 1))}
+
+    def add(self, text: str, item: str, is_prompt: bool = False) -> None:
+        for h in self.grams(text):
+            self.items.setdefault(h, item)
+            if is_prompt:
+                self.df[h] = self.df.get(h, 0) + 1
+
+    def count(self, text: str) -> set[int]:
+        """Count a training prompt's indexed n-grams towards their `df`; returns them."""
+        hits = {h for h in self.grams(text) if h in self.items}
+        for h in hits:
+            self.df[h] = self.df.get(h, 0) + 1
+        return hits
+
+    def contaminating(self, text: str, hits: set[int]) -> tuple[str, str] | None:
+        """(the shared n-gram, the evaluation item it is in) for the first hit that is not template
+        text, or None."""
+        real = [h for h in hits if self.df.get(h, 0) <= self.max_prompts]
+        if not real:
+            return None
+        grams = self.grams(text)
+        h = min(real, key=lambda x: grams[x])  # the same n-gram reported on every run
+        return grams[h], self.items[h]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def eval_texts(task_files: dict[str, Path]) -> Iterable[tuple[str, str]]:
+    """(text, "task #row") of every item of the given lm-eval task data files (JSONL): all its string
+    fields and choices, joined."""
+    for task, path in task_files.items():
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                item = json.loads(line)
+                parts = [v for v in item.values() if isinstance(v, str)]
+                parts += [c for c in item.get("choices", []) if isinstance(c, str)]
+                yield "\n".join(parts), f"{task} #{i}"

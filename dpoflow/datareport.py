@@ -1,0 +1,108 @@
+"""The prepare stage's report: what was read, kept and set aside (per source and per rule), token
+lengths, and a few examples of each rejection; as JSON, markdown and a PNG of length histograms."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+
+EXAMPLES_PER_REASON = 3
+# Cleaning outcomes rather than bad input: `on_error: fail` sets these aside instead of stopping.
+CLEANING_RULES = {"duplicate", "prompt_too_long", "pair_too_long", "contaminated", "sampled_out",
+                  "below_min_margin"}
+
+
+class Tally:
+    """Per-source counts of items read, kept and rejected by reason, and the first few examples of
+    each rejection. `check()` is the invariant: every item read is kept or rejected, once."""
+
+    def __init__(self, labels: list[str]):
+        self.labels = labels
+        self.read = Counter()
+        self.kept: dict[int, Counter] = defaultdict(Counter)  # source -> split -> n
+        self.rejected: dict[int, Counter] = defaultdict(Counter)  # source -> reason -> n
+        self.examples: dict[str, list[dict]] = defaultdict(list)
+
+    def reject(self, source: int, rejection: dict) -> None:
+        self.rejected[source][rejection["reason"]] += 1
+        shown = self.examples[rejection["reason"]]
+        if len(shown) < EXAMPLES_PER_REASON:
+            shown.append({k: _short(v) for k, v in rejection.items()})
+
+    def check(self) -> None:
+        for i, label in enumerate(self.labels):
+            kept, rejected = sum(self.kept[i].values()), sum(self.rejected[i].values())
+            if kept + rejected != self.read[i]:
+                raise RuntimeError(f"prepare: {label}: {self.read[i]} items read but {kept} kept + {rejected} "
+                                   "rejected; a row was lost (a bug in dpoflow, please report it)")
+
+    def totals(self) -> dict[str, int]:
+        """The flat counts the stage's record carries."""
+        reasons = sum(self.rejected.values(), Counter())
+        kept = sum(self.kept.values(), Counter())
+        return {"read": sum(self.read.values()), "train": kept["train"], "heldout": kept["heldout"],
+                "rejected": sum(reasons.values()), **{f"rejected_{r}": n for r, n in sorted(reasons.items())}}
+
+
+def _short(value, limit: int = 300):
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
+
+
+def build_report(tally: Tally, lengths: dict[str, list[int]], extra: dict) -> dict:
+    return {
+        "counts": tally.totals(),
+        "sources": {label: {"read": tally.read[i], "kept": dict(tally.kept[i]), "rejected": dict(tally.rejected[i])}
+                    for i, label in enumerate(tally.labels)},
+        "token_lengths": {field: _stats(values) for field, values in lengths.items()},
+        "examples": dict(tally.examples),
+        **extra,
+    }
+
+
+def _stats(values: list[int]) -> dict[str, float]:
+    if not values:
+        return {}
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"min": ordered[0], "median": pick(0.5), "p95": pick(0.95), "max": ordered[-1],
+            "mean": round(sum(ordered) / len(ordered), 1)}
+
+
+def report_markdown(report: dict) -> str:
+    c = report["counts"]
+    lines = [f"## Data: {c['read']} items read, {c['train']} train + {c['heldout']} held-out kept, "
+             f"{c['rejected']} set aside", "",
+             "| source | read | kept | set aside |", "|---|---|---|---|"]
+    for label, s in report["sources"].items():
+        aside = ", ".join(f"{r} {n}" for r, n in sorted(s["rejected"].items())) or "-"
+        lines.append(f"| {label} | {s['read']} | {sum(s['kept'].values())} | {aside} |")
+    lines += ["", "| tokens | min | median | p95 | max |", "|---|---|---|---|---|"]
+    for field, st in report["token_lengths"].items():
+        if st:
+            lines.append(f"| {field} | {st['min']} | {st['median']} | {st['p95']} | {st['max']} |")
+    for warning in report.get("warnings", []):
+        lines.append(f"\n**warning:** {warning}")
+    for reason, examples in report["examples"].items():
+        lines += ["", f"### {reason}"]
+        lines += [f"- `{e['source']}`: {e['detail']}" for e in examples]
+    return "\n".join(lines) + "\n"
+
+
+def length_histograms(lengths: dict[str, list[int]], max_length: int | None, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(lengths), figsize=(4 * len(lengths), 3), constrained_layout=True)
+    for ax, (field, values) in zip(axes, lengths.items()):
+        ax.hist(values, bins=40, color="#4878a8")
+        if max_length:
+            ax.axvline(max_length, color="#c44e52", linestyle="--", label=f"max_length {max_length}")
+            ax.legend(fontsize=7)
+        ax.set_title(f"{field} tokens (kept pairs)", fontsize=9)
+        ax.set_xlabel("tokens", fontsize=8)
+    fig.savefig(out, dpi=80)
+    plt.close(fig)

@@ -1,0 +1,176 @@
+"""Reading the rows of a data source, one at a time: local JSONL/JSON/Parquet/CSV files and globs, and
+Hub datasets (or local dataset folders) through `datasets`. Each row comes with where it was read
+(`file:line`, `file:row N`, `hub:id[split] row N`); a row that cannot even be parsed comes back as a
+Rejection instead, so it is counted and kept aside like any other bad row.
+
+File-level problems (no such file, nothing matches a glob, an empty file, a .json file that is not
+valid JSON) are errors: there is no row to set aside.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from .artifacts import file_sha256, folder_digest, json_digest
+from .config import SourceSpec
+from .pairs import DataError, Rejection
+
+Row = tuple[str, dict | None, Rejection | None]
+SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".csv")
+
+
+def files_of(source: SourceSpec) -> list[Path]:
+    """The files a path or glob names, sorted (so a glob reads in the same order every time)."""
+    pattern = source.path
+    if glob.has_magic(pattern):
+        found = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+        if not found:
+            raise DataError(f"{pattern}: no file matches this pattern")
+        return found
+    path = Path(pattern)
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found")
+    return [path]
+
+
+def read_source(source: SourceSpec) -> Iterator[Row]:
+    if source.hub is not None:
+        yield from _read_hub(source)
+        return
+    for path in files_of(source):
+        suffix = path.suffix.lower()
+        if suffix not in SUFFIXES:
+            raise DataError(f"{path}: unknown file type {suffix!r}; use one of {', '.join(SUFFIXES)}")
+        if path.stat().st_size == 0:
+            raise DataError(f"{path}: empty file")
+        reader = {".parquet": _read_parquet, ".csv": _read_csv, ".json": _read_json}.get(suffix, read_jsonl)
+        yield from reader(path)
+
+
+def fingerprint(source: SourceSpec) -> str:
+    """What the prepare stage's cache key holds for a source: its files' content, or the Hub dataset's
+    id, split and revision (a local dataset folder: its content)."""
+    mix = {"weight": source.weight, "count": source.count}
+    if source.hub is not None:
+        local = Path(source.hub)
+        content = folder_digest(local) if local.is_dir() else None
+        return json_digest({"hub": source.hub, "split": source.split, "subset": source.subset,
+                            "revision": source.revision, "content": content, **mix})
+    try:
+        files = {str(p): file_sha256(p) for p in files_of(source)}
+    except DataError:
+        files = {"missing": source.path}  # prepare itself reports it, with the file name
+    return json_digest({"files": files, **mix})
+
+
+def read_jsonl(path: Path) -> Iterator[Row]:
+    """(file:line, row, None) for each good JSON object, (file:line, None, rejection) for a bad line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                text = raw.decode("utf-8", errors="replace").rstrip("\n")
+                yield where, None, Rejection(where, "not_utf8", None,
+                                             f"bytes are not UTF-8 ({e.reason} at byte {e.start})", text)
+                continue
+            except json.JSONDecodeError as e:
+                yield where, None, Rejection(where, "bad_json", None, f"not valid JSON ({e.msg}, column {e.colno})",
+                                             raw.decode("utf-8").rstrip("\n"))
+                continue
+            if not isinstance(row, dict):
+                yield where, None, Rejection(where, "bad_json", None,
+                                             f"expected a JSON object, got {type(row).__name__}", row)
+                continue
+            yield where, row, None
+
+
+def _read_json(path: Path) -> Iterator[Row]:
+    """A .json file: a list of row objects, or an object holding one under "data" / "rows"."""
+    try:
+        doc = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: bytes are not UTF-8 ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+    rows = doc.get("data", doc.get("rows")) if isinstance(doc, dict) else doc
+    if not isinstance(rows, list):
+        raise DataError(f"{path}: expected a JSON list of rows (or {{\"data\": [...]}})")
+    for i, row in enumerate(rows, start=1):
+        where = f"{path}:row {i}"
+        if isinstance(row, dict):
+            yield where, row, None
+        else:
+            yield where, None, Rejection(where, "bad_json", None, f"expected a JSON object, got {type(row).__name__}",
+                                         row)
+
+
+def _read_parquet(path: Path) -> Iterator[Row]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a file that is not Parquet
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+    i = 0
+    for batch in parquet.iter_batches(batch_size=2048):
+        for row in batch.to_pylist():
+            i += 1
+            yield f"{path}:row {i}", row, None
+
+
+def _read_csv(path: Path) -> Iterator[Row]:
+    """CSV with a header row. Undecodable bytes don't stop the file: they reject their own row."""
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames:
+            raise DataError(f"{path}: no header row")
+        start = 2
+        for row in reader:
+            where = f"{path}:{start}"
+            start = reader.line_num + 1
+            bad = next((k for k, v in row.items() if isinstance(v, str) and _has_surrogates(v)), None)
+            if bad is not None:
+                yield where, None, Rejection(where, "not_utf8", bad, "bytes are not UTF-8",
+                                             {k: v.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+                                              if isinstance(v, str) else v for k, v in row.items()})
+                continue
+            if None in row:  # more cells than header columns
+                yield where, None, Rejection(where, "bad_csv", None,
+                                             f"{len(row[None])} more cells than the header has columns",
+                                             {k: v for k, v in row.items() if k is not None})
+                continue
+            yield where, row, None
+
+
+def _has_surrogates(text: str) -> bool:
+    return any("\udc80" <= c <= "\udcff" for c in text)
+
+
+def _read_hub(source: SourceSpec) -> Iterator[Row]:
+    """A Hub dataset by id, split and revision, through `datasets` (it caches downloads). A local
+    folder written by `save_to_disk` is read with `load_from_disk`; any other local folder of data
+    files goes through `load_dataset`, the same call a Hub id takes."""
+    import datasets
+
+    label = f"hub:{source.hub}[{source.split}]"
+    local = Path(source.hub)
+    try:
+        if (local / "dataset_dict.json").is_file() or (local / "state.json").is_file():
+            loaded = datasets.load_from_disk(str(local))
+            data = loaded[source.split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        else:
+            data = datasets.load_dataset(source.hub, source.subset, split=source.split, revision=source.revision)
+    except KeyError:
+        raise DataError(f"{label}: no split {source.split!r}") from None
+    except Exception as e:  # datasets raises many types (not found, offline, bad revision)
+        raise DataError(f"{label}: cannot load ({type(e).__name__}: {e})") from None
+    for i, row in enumerate(data, start=1):
+        yield f"{label} row {i}", dict(row), None

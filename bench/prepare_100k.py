@@ -31,7 +31,7 @@ def text(rng: random.Random, n_words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n_words)).capitalize() + "."
 
 
-def make_data(folder: Path, pairs: int) -> list[Path]:
+def make_data(folder: Path, pairs: int) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -61,7 +61,6 @@ def make_data(folder: Path, pairs: int) -> list[Path]:
     scored = [{"prompt": text(rng, 60), "completions": [{"response": text(rng, 50), "score": s} for s in (8, 5, 2)]}
               for _ in range(pairs - 3 * quarter)]
     pq.write_table(pa.Table.from_pylist(scored), folder / "scored.parquet")
-    return [folder / f"{n}.jsonl" for n in files] + [folder / "scored.parquet"]
 
 
 def main() -> None:
@@ -77,7 +76,13 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp())
     model = build_tiny_model("tiny-llama", work / "model")
-    files = make_data(work, args.pairs)
+    # Written by a child process, so the data's generation doesn't count towards this one's peak RSS.
+    import multiprocessing
+
+    child = multiprocessing.get_context("spawn").Process(target=make_data, args=(work, args.pairs))
+    child.start()
+    child.join()
+    files = [work / f"{n}.jsonl" for n in ("explicit", "conversational", "implicit")] + [work / "scored.parquet"]
     size = sum(f.stat().st_size for f in files)
     base = ModelRef(path=str(model), digest="bench", source="builtin:tiny-llama", role="base")
     spec = DataSpec(sources=[str(f) for f in files])

@@ -197,9 +197,38 @@ class EvaluateSpec(Strict):
     gate: GateSpec = GateSpec()
 
 
+GGUFType = Literal["f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"]
+
+
 class ExportSpec(Strict):
-    formats: list[Literal["adapter", "merged"]] = ["adapter", "merged"]
+    formats: list[Literal["adapter", "merged", "gguf"]] = Field(
+        ["adapter", "merged"], description="gguf needs the gguf extra: pip install 'dpoflow[gguf]'.")
     dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="dtype of the merged weights.")
+    gguf_types: list[GGUFType] = Field(
+        ["q8_0", "q4_k_m"], min_length=1,
+        description="GGUF files to write; each is loaded in llama.cpp and checked against the merged model.")
+    gguf_pre_tokenizer: str | None = Field(
+        None, description="llama.cpp pre-tokenizer name (e.g. gpt-2) for a tokenizer llama.cpp's converter does "
+                          "not recognize; the export's tokenization check proves it right or fails.")
+
+
+class PublishSpec(Strict):
+    enabled: bool = False
+    repo_id: str | None = Field(None, description="Hub model repo, e.g. my-org/my-model-dpo (created if missing).")
+    private: bool = Field(True, description="Create the repo private.")
+    revision: str = Field("main", description="Branch to commit to (created from main if missing).")
+    include: list[Literal["adapter", "merged", "gguf"]] = Field(
+        ["adapter", "merged", "gguf"], description="Which exports to upload (those that were made).")
+    token_secret: str | None = Field(
+        None, description="Name of a Prefect Secret block holding the Hub token; default: the HF_TOKEN variable.")
+    endpoint: str | None = Field(None, description="Hub URL (default: HF_ENDPOINT or https://huggingface.co).")
+    max_attempts: int = Field(5, ge=1, description="Tries on 5xx answers and dropped connections, with backoff.")
+
+    @model_validator(mode="after")
+    def _repo_when_enabled(self):
+        if self.enabled and not self.repo_id:
+            raise ValueError("publish.enabled needs publish.repo_id")
+        return self
 
 
 class PipelineConfig(Strict):
@@ -215,6 +244,14 @@ class PipelineConfig(Strict):
     dpo: DPOSpec = DPOSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
     export: ExportSpec = ExportSpec()
+    publish: PublishSpec = PublishSpec()
+
+    @model_validator(mode="after")
+    def _publish_only_checked_models(self):
+        if self.publish.enabled and not self.evaluate.enabled:
+            raise ValueError("publish.enabled needs evaluate.enabled: only a model that passed the forgetting "
+                             "check is pushed")
+        return self
 
     @field_validator("name")
     @classmethod

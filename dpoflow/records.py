@@ -63,3 +63,15 @@ class Exports(Artifact):
     adapter: str | None
     merged: str | None
     checks: dict[str, float]
+    gguf: dict[str, dict] = {}  # type -> {file, size_bytes, tensor_types, verification figures}
+
+
+class Published(Artifact):
+    """A Hub commit of a release (or the head it already was, when nothing changed)."""
+
+    repo_id: str
+    revision: str
+    commit: str
+    url: str
+    new_commit: bool
+    files: list[str]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .records import EvalReport, Exports, ModelRef, PreparedData, ReferenceLogps, TaskScores, TrainedAdapter
+from .records import (EvalReport, Exports, ModelRef, PreparedData, Published, ReferenceLogps, TaskScores,
+                      TrainedAdapter)
 
 
 @dataclass
@@ -34,7 +35,11 @@ def key_metric(record) -> str:
         m = record.metrics
         return f"held-out pref. acc {m['start_accuracy']:.3f} -> {m['tuned_accuracy']:.3f}"
     if isinstance(record, Exports):
-        return ", ".join(name for name in ("adapter", "merged") if getattr(record, name))
+        made = [name for name in ("adapter", "merged") if getattr(record, name)]
+        return ", ".join(made + [f"gguf {t}" for t in record.gguf])
+    if isinstance(record, Published):
+        return (f"{record.repo_id}@{record.revision} " +
+                (f"commit {record.commit[:12]}" if record.new_commit else "unchanged, no new commit"))
     if isinstance(record, ModelRef):
         return f"{record.role} {record.digest[:12]}"
     return ""

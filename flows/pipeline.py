@@ -18,7 +18,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
-from dpoflow import forgetting, models, sources
+from dpoflow import forgetting, modelcard, models, sources
 from dpoflow.artifacts import is_intact
 from dpoflow.backends import activate, choose_backend
 from dpoflow.cache import Workspace, stage_key
@@ -31,6 +31,7 @@ from dpoflow.tasks.evaluate import apply_gate, evaluate_task, start_scores_task,
 from dpoflow.tasks.export import export_task
 from dpoflow.tasks.model import model_task
 from dpoflow.tasks.prepare import prepare_task
+from dpoflow.tasks.publish import card_task, publish_task
 from dpoflow.tasks.sft import sft_task
 
 
@@ -83,6 +84,8 @@ class Outputs:
     exports: Any
     plans: dict[str, TrainingPlan]
     gate: Any = None  # forgetting.GateResult
+    card: Any = None
+    published: Any = None
 
 
 def compose(config: PipelineConfig, backend, run, plan_for) -> Outputs:
@@ -127,8 +130,24 @@ def compose(config: PipelineConfig, backend, run, plan_for) -> Outputs:
     exports = run(export_task, "export",
                   {"start": start.digest, "adapter": adapter.digest, "spec": config.export.model_dump()},
                   adapter=adapter, spec=config.export)
+    # The card is built from what the run did; apart from the exports so that editing it never redoes them.
+    forgetting_md = forgetting.report_markdown(gate) if gate is not None else None
+    data_sources = [{"label": s.label, "fingerprint": sources.fingerprint(s)} for s in config.data.source_specs]
+    commit = modelcard.git_commit(Path.cwd())
+    card = run(card_task, "card",
+               {"config": config.model_dump(mode="json", exclude={"workdir"}), "data": data.digest,
+                "adapter": adapter.digest, "exports": exports.digest, "forgetting": forgetting_md, "commit": commit},
+               config=config, data=data, adapter=adapter, forgetting_md=forgetting_md, exports=exports,
+               commit=commit, sources=data_sources)
+    published = None
+    if config.publish.enabled and (gate is None or gate.passed):  # config refuses publish without the check
+        published = run(publish_task, "publish",
+                        {"exports": exports.digest, "card": card.digest,
+                         "spec": config.publish.model_dump(exclude={"token_secret", "max_attempts"})},
+                        exports=exports, card=card, spec=config.publish,
+                        message=f"dpoflow: pipeline {config.name}, run {flow_run.get_name() or 'local'}")
     return Outputs(base, data, start, reference, adapter, report, exports, {k: v for k, v in plans.items() if v},
-                   gate)
+                   gate, card, published)
 
 
 def compose_data(config: PipelineConfig, run) -> tuple[Any, Any]:
@@ -209,6 +228,14 @@ def summarize(config: PipelineConfig, backend, run: StageRunner, out: Outputs, b
         verdict = "passed" if gate.passed else f"FAILED ({config.evaluate.gate.mode})"
         notes.append(f"forgetting check {verdict}: {run_dir}/forgetting.md"
                      + ("" if gate.passed else "; " + "; ".join(gate.failures)))
+    if out.card is not None:
+        notes.append(f"model card: {out.card.path}/README.md")
+    if out.published is not None:
+        p = out.published
+        notes.append(f"published to {p.repo_id}@{p.revision}: "
+                     + (f"commit {p.commit} ({p.url})" if p.new_commit else f"unchanged at {p.commit}, no new commit"))
+    elif config.publish.enabled:
+        notes.append("publish skipped: the forgetting check did not pass")
     notes.append(f"exports: {exports.merged or exports.adapter}" if exports else
                  f"exports: none: {blocked}")
     summary = {
@@ -222,7 +249,11 @@ def summarize(config: PipelineConfig, backend, run: StageRunner, out: Outputs, b
         "backend": {"name": backend.name, "reason": backend.reason},
         "retries": adapter.retries,
         "plans": {stage: asdict(p) for stage, p in out.plans.items()},
-        "exports": {"adapter": exports.adapter, "merged": exports.merged} if exports else {},
+        "exports": ({"adapter": exports.adapter, "merged": exports.merged,
+                     **{f"gguf_{t}": g["file"] for t, g in exports.gguf.items()}} if exports else {}),
+        "gguf_checks": exports.gguf if exports else {},
+        "card": f"{out.card.path}/README.md" if out.card else None,
+        "published": out.published.model_dump(exclude={"path", "digest"}) if out.published else None,
     }
     md = markdown(config.name, run.rows, notes)
     if gate is not None:

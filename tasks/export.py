@@ -1,11 +1,13 @@
-"""export: the LoRA adapter, and the adapter merged into the start model as 16-bit safetensors with
-the tokenizer, chat template and generation config; the merged folder is reloaded and checked."""
+"""export: the LoRA adapter; the adapter merged into the start model as 16-bit safetensors with the
+tokenizer, chat template and generation config; GGUF files with an Ollama Modelfile. Every export is
+reloaded and checked against the merged model in memory, and a failed check fails the stage."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
+from dpoflow import ggufexport
 from dpoflow.artifacts import fresh_dir, seal
 from dpoflow.config import ExportSpec
 from dpoflow.models import load_model, load_tokenizer, torch_dtype
@@ -36,8 +38,9 @@ def export_model(adapter: TrainedAdapter, spec: ExportSpec, out_dir: Path) -> Ex
     if "adapter" in spec.formats:
         adapter_dir = out_dir / "adapter"
         shutil.copytree(adapter.path, adapter_dir)
-    if "merged" in spec.formats:
-        merged_dir = out_dir / "merged"
+    if "merged" in spec.formats or "gguf" in spec.formats:
+        # GGUF is converted from the merged folder; without `merged` in formats it is scratch.
+        merged_dir = out_dir / ("merged" if "merged" in spec.formats else ".merged-for-gguf")
         tokenizer = load_tokenizer(adapter.start.path)
         merged = PeftModel.from_pretrained(load_model(adapter.start.path, "float32"), adapter.path)
         merged = merged.merge_and_unload().eval()
@@ -57,9 +60,41 @@ def export_model(adapter: TrainedAdapter, spec: ExportSpec, out_dir: Path) -> Ex
         if spec.dtype == "float32" and checks["merged_max_logit_diff_vs_fp32"] > 1e-4:
             raise RuntimeError(f"{merged_dir}: reloaded model's logits differ by "
                                f"{checks['merged_max_logit_diff_vs_fp32']:.3g} > 1e-4")
-    return Exports(path=str(out_dir), digest=seal(out_dir), checks=checks,
+    gguf = {}
+    if "gguf" in spec.formats:
+        gguf = export_gguf(merged, tokenizer, merged_dir, spec, out_dir / "gguf")
+        if "merged" not in spec.formats:
+            shutil.rmtree(merged_dir)
+            merged_dir = None
+    return Exports(path=str(out_dir), digest=seal(out_dir), checks=checks, gguf=gguf,
                    adapter=str(adapter_dir) if adapter_dir else None,
                    merged=str(merged_dir) if merged_dir else None)
+
+
+def export_gguf(merged, tokenizer, merged_dir: Path, spec: ExportSpec, out_dir: Path) -> dict[str, dict]:
+    """Each requested GGUF type, verified in llama.cpp; quantizer types are made from an f16 file."""
+    missing = ggufexport.missing_tools()
+    if missing:
+        raise ggufexport.GGUFError(f"export.formats has gguf but {', '.join(missing)} is not installed: "
+                                   "pip install 'dpoflow[gguf]'")
+    out_dir.mkdir(parents=True)
+    ref = ggufexport.reference(merged, tokenizer)
+    results: dict[str, dict] = {}
+    f16 = out_dir / "model-f16.gguf"
+    for gguf_type in sorted(spec.gguf_types, key=lambda t: t not in ggufexport.CONVERTER_TYPES):
+        target = out_dir / f"model-{gguf_type}.gguf"
+        if gguf_type in ggufexport.CONVERTER_TYPES:
+            ggufexport.convert(merged_dir, gguf_type, target, spec.gguf_pre_tokenizer)
+        else:
+            if not f16.exists():
+                ggufexport.convert(merged_dir, "f16", f16, spec.gguf_pre_tokenizer)
+            ggufexport.quantize(f16, gguf_type, target)
+        results[gguf_type] = {"file": str(target), **ggufexport.verify(target, gguf_type, ref, tokenizer)}
+    if "f16" not in spec.gguf_types:
+        f16.unlink(missing_ok=True)
+    preferred = next(t for t in ("q4_k_m", "q8_0", *spec.gguf_types) if t in spec.gguf_types)
+    (out_dir / "Modelfile").write_text(ggufexport.modelfile(f"model-{preferred}.gguf", tokenizer.eos_token))
+    return results
 
 
 @stage_task

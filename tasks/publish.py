@@ -1,0 +1,72 @@
+"""card + publish: the model card of the release, then one Hub commit of the exports and the card.
+The flow calls publish only after the forgetting check passed (dpoflow.config refuses publish without
+the check), and its cache key leaves out the run's name, so a re-run with nothing changed pushes nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dpoflow import hub, modelcard
+from dpoflow.artifacts import MANIFEST, fresh_dir, seal
+from dpoflow.config import PipelineConfig, PublishSpec
+from dpoflow.records import Artifact, Exports, PreparedData, Published, TrainedAdapter
+
+from . import stage_logger, stage_task
+
+
+def export_summary(exports: Exports) -> dict:
+    """Sizes and checks of what the export stage wrote, in the card's terms."""
+    out: dict = {}
+    for kind in ("adapter", "merged"):
+        folder = getattr(exports, kind)
+        if folder:
+            size = sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+            check = ("weights reloaded bit-exact; max logit change from 16-bit rounding "
+                     f"{exports.checks.get('merged_max_logit_diff_vs_fp32', 0):.3g}" if kind == "merged"
+                     else "as trained")
+            out[kind] = {"path": f"{kind}/", "size_bytes": size, "check": check}
+    if exports.gguf:
+        out["gguf"] = exports.gguf
+    return out
+
+
+def write_card(config: PipelineConfig, data: PreparedData, adapter: TrainedAdapter, forgetting_md: str | None,
+               exports: Exports, commit: str, sources: list[dict], out_dir: Path) -> Artifact:
+    fresh_dir(out_dir)
+    text = modelcard.render(config.model_dump(mode="json", exclude={"workdir"}), config.model.source,
+                            {"sources": sources, "counts": data.counts}, adapter.metrics, forgetting_md,
+                            export_summary(exports), commit, config.publish.repo_id)
+    (out_dir / "README.md").write_text(text)
+    return Artifact(path=str(out_dir), digest=seal(out_dir))
+
+
+def release_files(exports: Exports, card: Artifact, include: list[str]) -> dict[str, Path]:
+    """{path in the repo: local file}: the chosen exports as they sit in the export folder, and the card."""
+    root = Path(exports.path)
+    files = {"README.md": Path(card.path) / "README.md"}
+    for kind in include:
+        folder = root / kind
+        if folder.is_dir():
+            files.update({str(f.relative_to(root)): f for f in sorted(folder.rglob("*")) if f.is_file()})
+    return {name: f for name, f in files.items() if Path(name).name != MANIFEST}
+
+
+@stage_task
+def card_task(stage: str, key: str, out_dir: str, config: PipelineConfig, data: PreparedData,
+              adapter: TrainedAdapter, forgetting_md: str | None, exports: Exports, commit: str,
+              sources: list[dict]) -> Artifact:
+    return write_card(config, data, adapter, forgetting_md, exports, commit, sources, Path(out_dir))
+
+
+@stage_task
+def publish_task(stage: str, key: str, out_dir: str, exports: Exports, card: Artifact, spec: PublishSpec,
+                 message: str) -> Published:
+    log = stage_logger()
+    files = release_files(exports, card, spec.include)
+    result = hub.push(files, spec, hub.resolve_token(spec), message, log)
+    log(f"published {len(files)} files to {spec.repo_id}@{spec.revision}: "
+        + (f"commit {result['commit']}" if result["new_commit"] else "nothing changed, no new commit"))
+    folder = fresh_dir(Path(out_dir))
+    (folder / "publish.json").write_text(json.dumps(result, indent=1))
+    return Published(path=str(folder), digest=seal(folder), **result)

@@ -17,6 +17,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any, Callable, get_type_hints
@@ -60,27 +62,65 @@ def launch(fn: Callable, kwargs: dict[str, Any], processes: int, log: Callable[[
                                         "step_times": str(step_times) if step_times else None}))
         command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node",
                    str(processes), "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-                   # Each rank writes its own log file, which torchrun relays line by line with a rank
-                   # prefix: two ranks sharing one pipe would splice each other's partial lines.
-                   "--log-dir", str(Path(tmp) / "logs"), "--redirects", "3", "--tee", "3",
+                   # Each rank writes its own log files (two ranks sharing one pipe splice each other's
+                   # partial lines); _RankLogs relays them line by line.
+                   "--log-dir", str(Path(tmp) / "logs"), "--redirects", "3",
                    "-m", "dpoflow.distributed", str(job_file)]
         env = {**os.environ, **NVLINK_MULTICAST_OFF, JOB_ENV: str(job_file), "TQDM_DISABLE": "1",
                "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
                "PYTHONPATH": os.pathsep.join(filter(None, [_import_root(), os.environ.get("PYTHONPATH")]))}
         log(f"launching {fn.__name__} on {processes} processes: {' '.join(command[1:])}")
         tail: deque[str] = deque(maxlen=30)
+
+        def relay(line: str) -> None:
+            tail.append(line)
+            log(line)
+
+        ranks = _RankLogs(Path(tmp) / "logs", relay)
         with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                               bufsize=1) as proc:
-            for line in proc.stdout:
-                tail.append(line.rstrip())
-                log(line.rstrip())
+            pump = threading.Thread(target=ranks.follow, args=(proc,), daemon=True)
+            pump.start()
+            for line in proc.stdout:  # torchrun's own messages
+                relay(line.rstrip())
             code = proc.wait()
+            pump.join()
         if code != 0 or not result_file.is_file():
             errors = sorted(Path(tmp).glob("error-rank*.txt"))
             why = "\n".join(f"{e.stem.removeprefix('error-')}: {e.read_text()}" for e in errors) or \
                 "last lines:\n" + "\n".join(tail)
             raise LaunchError(f"{fn.__name__} on {processes} processes failed (torchrun exit code {code})\n{why}")
         return TypeAdapter(hints["return"]).validate_python(json.loads(result_file.read_text()))
+
+
+class _RankLogs:
+    """Follows the per-rank log files torchrun writes (<log dir>/<run>/attempt_N/<rank>/std{out,err}.log)
+    and passes each complete line on as `[rank N] line`, while the ranks run and once more at the end."""
+
+    def __init__(self, folder: Path, relay: Callable[[str], None]):
+        self.folder, self.relay = folder, relay
+        self.read: dict[Path, int] = {}
+        self.partial: dict[Path, str] = {}
+
+    def follow(self, proc: subprocess.Popen) -> None:
+        while proc.poll() is None:
+            self.pump()
+            time.sleep(0.3)
+        self.pump(final=True)
+
+    def pump(self, final: bool = False) -> None:
+        for file in sorted(self.folder.glob("**/std*.log")):
+            with open(file, "rb") as f:
+                f.seek(self.read.get(file, 0))
+                chunk = f.read()
+            self.read[file] = self.read.get(file, 0) + len(chunk)
+            text = self.partial.pop(file, "") + chunk.decode("utf-8", errors="replace")
+            lines = text.split("\n")
+            if not final:
+                self.partial[file] = lines.pop()  # an unfinished line waits for its end
+            for line in lines:
+                if line.strip():
+                    self.relay(f"[rank {file.parent.name}] {line.rstrip()}")
 
 
 def _free_port() -> int:

@@ -5,6 +5,9 @@ from pathlib import Path
 # Tiny models on a 2-core machine: one thread, or steps get many times slower under any other load.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The test Hub server (tests/hubserver.py) speaks the classic LFS upload protocol, not Xet; huggingface_hub
+# reads this when it is first imported, so it is set before any test imports it.
+os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
 
 import pytest  # noqa: E402
 

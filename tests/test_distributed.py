@@ -31,8 +31,8 @@ def test_two_processes_train_what_one_process_trains_with_the_same_effective_bat
         assert plan.per_device_batch * plan.gradient_accumulation_steps * n == 16
         results[n] = run_stage(train_dpo, n, lines.append, start=start, data=data, spec=spec, setup=_setup(n),
                                plan=plan, seed=0, out_dir=tmp_path / f"out-{n}")
-    assert any(line.endswith("dpoflow rank 0 of 2: train_dpo") for line in lines)
-    assert any(line.endswith("dpoflow rank 1 of 2: train_dpo") for line in lines)
+    assert "[rank 0] dpoflow rank 0 of 2: train_dpo" in lines
+    assert "[rank 1] dpoflow rank 1 of 2: train_dpo" in lines
     logs = {n: json.loads((tmp_path / f"out-{n}" / "log_history.json").read_text()) for n in (1, 2)}
     losses = {n: [e["loss"] for e in logs[n] if "loss" in e] for n in (1, 2)}
     assert len(losses[2]) == 3 and losses[2][1] < losses[2][0]

@@ -16,7 +16,6 @@ TOKEN = "hf_test_" + "x7" * 12
 
 @pytest.fixture
 def hub():
-    os.environ["HF_HUB_DISABLE_XET"] = "1"
     with HubServer(TOKEN) as server:
         yield server
 

@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", action="append", help="a JSONL file of prompt/chosen/rejected (repeatable)")
     p.add_argument("--sft", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--hardware", help="auto, cpu, gpu, gpu-small (4-bit) or gpu-fp8")
-    p.add_argument("--export", help="comma separated: adapter,merged")
+    p.add_argument("--export", help="comma separated: adapter,merged,gguf")
+    p.add_argument("--hub-repo", help="publish to this Hub repo (owner/name) after the forgetting check passes; "
+                                      "'' for none")
     p.add_argument("--yes", action="store_true", help="take defaults for anything not given; never prompt")
     p = sub.add_parser("schema", help="print the JSON Schema of pipelines.yaml (or --write it to schema/)")
     p.add_argument("--write", action="store_true")
@@ -142,7 +144,8 @@ def init(args) -> int:
     from .wizard import ask_all, write_pipeline
 
     partial = {"name": args.name, "model": args.model, "data": args.data, "sft": args.sft,
-               "hardware": args.hardware, "exports": args.export.split(",") if args.export else None}
+               "hardware": args.hardware, "exports": args.export.split(",") if args.export else None,
+               "hub_repo": args.hub_repo}
 
     def ask(question: str, default: str) -> str:
         if args.yes:

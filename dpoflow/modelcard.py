@@ -55,8 +55,9 @@ def render(config: dict, base_source: str, data: dict, metrics: dict, forgetting
             e = exports[kind]
             lines.append(f"| `{e['path']}` | {_size(e['size_bytes'])} | {e['check']} |")
     for gguf_type, g in exports.get("gguf", {}).items():
-        check = (f"loads in llama.cpp; tokenization identical; greedy identical {g['greedy_identical']}; "
-                 f"min cosine {g['min_cosine']}; top-1 agreement {g['top1_agreement']}")
+        ties = len(g.get("greedy_near_ties", []))
+        check = (f"loads in llama.cpp; tokenization identical; greedy agrees {g['greedy_agree']} "
+                 f"({ties} near-ties); min cosine {g['min_cosine']}; top-1 agreement {g['top1_agreement']}")
         lines.append(f"| `gguf/{Path(g['file']).name}` ({gguf_type}) | {_size(g['size_bytes'])} | {check} |")
     lines += ["", "## Use it", ""]
     if "merged" in exports:

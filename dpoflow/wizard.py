@@ -23,7 +23,8 @@ HARDWARE = {
     "gpu-small": ("bf16", "4bit", "a GPU short on memory: 4-bit base weights (QLoRA, unsloth backend)"),
     "gpu-fp8": ("fp8", "none", "an Ada/Hopper GPU (compute capability 8.9+): FP8 weights (unsloth backend)"),
 }
-EXPORTS = ("adapter", "merged")
+EXPORTS = ("adapter", "merged", "gguf")
+DEFAULT_EXPORTS = ("adapter", "merged")
 
 
 @dataclass
@@ -33,7 +34,8 @@ class Answers:
     data: list[str]
     sft: bool
     hardware: str = "auto"
-    exports: list[str] = field(default_factory=lambda: list(EXPORTS))
+    exports: list[str] = field(default_factory=lambda: list(DEFAULT_EXPORTS))
+    hub_repo: str | None = None  # publish here after the forgetting check passes
 
 
 def inspect_data(path: Path, show: int = 3) -> tuple[str, list[dict], int]:
@@ -94,8 +96,16 @@ def render_entry(a: Answers, indent: str = "  ") -> str:
         f"    gradient_accumulation_steps: {dpo.gradient_accumulation_steps}  # effective batch "
         f"{dpo.per_device_batch_size * dpo.gradient_accumulation_steps}; the seed uses 8-16 accumulation steps",
         "  export:",
-        f"    formats: [{', '.join(a.exports)}]",
+        f"    formats: [{', '.join(a.exports)}]" + ("  # gguf: pip install 'dpoflow[gguf]'" if "gguf" in a.exports
+                                                   else ""),
     ]
+    if a.hub_repo:
+        lines += [
+            "  publish:  # only after the forgetting check passes; token from HF_TOKEN (or token_secret)",
+            "    enabled: true",
+            f"    repo_id: {json.dumps(a.hub_repo)}",
+            "    private: true",
+        ]
     return "\n".join(indent + line for line in lines) + "\n"
 
 
@@ -143,12 +153,19 @@ def ask_all(partial: dict, ask: Callable[[str, str], str], say: Callable[[str], 
     hardware = partial.get("hardware") or ask(f"target hardware ({'/'.join(HARDWARE)})", "auto")
     if hardware not in HARDWARE:
         raise ValueError(f"target hardware {hardware!r}: choose one of {', '.join(HARDWARE)}")
-    exports = partial.get("exports") or [s.strip() for s in ask("exports (adapter,merged)", "adapter,merged")
-                                         .split(",") if s.strip()]
+    exports = partial.get("exports") or [s.strip() for s in ask(f"exports ({','.join(EXPORTS)})",
+                                                                ",".join(DEFAULT_EXPORTS)).split(",") if s.strip()]
     bad = [e for e in exports if e not in EXPORTS]
     if bad:
         raise ValueError(f"exports {bad}: choose from {', '.join(EXPORTS)}")
-    return Answers(name=name, model=model, data=data, sft=sft, hardware=hardware, exports=exports)
+    hub_repo = partial.get("hub_repo")
+    if hub_repo is None:
+        hub_repo = ask("Hugging Face Hub repo to publish to, e.g. my-org/my-model-dpo (empty: don't publish)", "")
+    hub_repo = hub_repo.strip() or None
+    if hub_repo and not re.fullmatch(r"[\w.-]+/[\w.-]+", hub_repo):
+        raise ValueError(f"Hub repo {hub_repo!r}: expected owner/name")
+    return Answers(name=name, model=model, data=data, sft=sft, hardware=hardware, exports=exports,
+                   hub_repo=hub_repo)
 
 
 def write_pipeline(file: Path, answers: Answers, say: Callable[[str], None]) -> None:

@@ -16,6 +16,9 @@ from dpoflow.records import Exports, TrainedAdapter
 from . import stage_task
 
 PROBES = ["The capital of France is", "Review: The food was wonderful. Sentiment:", "1 + 1 ="]
+# 16-bit weights keep 8 (bf16) or 11 (fp16) significant bits: logits may move by a few percent of their
+# own scale, never more. 2**-5 of (1 + the largest |logit|) allows that and catches a broken save.
+SIXTEEN_BIT_TOLERANCE = 2**-5
 
 
 def probe_logits(model, tokenizer) -> list:
@@ -57,9 +60,12 @@ def export_model(adapter: TrainedAdapter, spec: ExportSpec, out_dir: Path) -> Ex
         if checks["merged_weight_max_diff"] != 0.0:
             raise RuntimeError(f"{merged_dir}: saved weights differ from the merged model "
                                f"(max difference {checks['merged_weight_max_diff']:.3g})")
-        if spec.dtype == "float32" and checks["merged_max_logit_diff_vs_fp32"] > 1e-4:
-            raise RuntimeError(f"{merged_dir}: reloaded model's logits differ by "
-                               f"{checks['merged_max_logit_diff_vs_fp32']:.3g} > 1e-4")
+        scale = max(x.abs().max().item() for x in exact)
+        tolerance = 1e-4 if spec.dtype == "float32" else SIXTEEN_BIT_TOLERANCE * (1 + scale)
+        checks["merged_logit_tolerance"] = tolerance
+        if checks["merged_max_logit_diff_vs_fp32"] > tolerance:
+            raise RuntimeError(f"{merged_dir}: reloaded model's logits differ from the merged float32 model by "
+                               f"{checks['merged_max_logit_diff_vs_fp32']:.3g} > {tolerance:.3g}")
     gguf = {}
     if "gguf" in spec.formats:
         gguf = export_gguf(merged, tokenizer, merged_dir, spec, out_dir / "gguf")

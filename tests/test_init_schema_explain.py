@@ -68,12 +68,22 @@ def test_init_with_flags_keeps_the_rest_of_the_file_and_validates(project, capsy
 
 
 def test_init_through_its_prompts(project, monkeypatch, capsys):
-    answers = iter(["prompted", "builtin:tiny-llama", "pairs.jsonl", "n", "cpu", ""])
+    answers = iter(["prompted", "builtin:tiny-llama", "pairs.jsonl", "n", "cpu", "", "my-org/prompted-dpo"])
     monkeypatch.setattr("builtins.input", lambda prompt: next(answers))
     assert main(["init", "-f", str(project / "pipelines.yaml")]) == 0
     config = load_pipeline("prompted", project / "pipelines.yaml")
     assert not config.sft.enabled and config.train.quantize == "none"
     assert config.export.formats == ["adapter", "merged"]
+    assert config.publish.enabled and config.publish.repo_id == "my-org/prompted-dpo" and config.publish.private
+
+
+def test_init_without_a_hub_repo_writes_no_publish_section(project):
+    assert main(["init", "local", "-f", str(project / "pipelines.yaml"), "--model", "m", "--data", "pairs.jsonl",
+                 "--export", "adapter,gguf", "--yes"]) == 0
+    config = load_pipeline("local", project / "pipelines.yaml")
+    assert not config.publish.enabled and config.export.formats == ["adapter", "gguf"]
+    assert main(["init", "bad", "-f", str(project / "pipelines.yaml"), "--model", "m", "--data", "pairs.jsonl",
+                 "--hub-repo", "no-owner", "--yes"]) == 2
 
 
 def test_init_refuses_bad_data_and_duplicates_without_touching_the_file(project, capsys):

@@ -44,6 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--yes", action="store_true", help="take defaults for anything not given; never prompt")
     p = sub.add_parser("schema", help="print the JSON Schema of pipelines.yaml (or --write it to schema/)")
     p.add_argument("--write", action="store_true")
+    p = sub.add_parser("sync", help="make the Prefect deployments match the pipelines with deploy.enabled "
+                                    "(creates, updates, deletes only dpoflow-managed ones)")
+    p.add_argument("-f", "--file", default=DEFAULT_FILE)
+    p.add_argument("--dry-run", action="store_true", help="print the changes, make none")
+    p.add_argument("--commit", help="commit the deployments pull (deploy.repository); default: this checkout's HEAD")
+    p = sub.add_parser("serve", help="serve the deploy-enabled pipelines from this machine (schedules and UI runs "
+                                     "execute here; no work pool)")
+    p.add_argument("-f", "--file", default=DEFAULT_FILE)
     p = sub.add_parser("list", help="list the pipelines in the file")
     p.add_argument("-f", "--file", default=DEFAULT_FILE)
     args = parser.parse_args(argv)
@@ -60,6 +68,32 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"wrote {SCHEMA_PATH}")
             else:
                 print(schema_text(), end="")
+            return 0
+        if args.command in ("sync", "serve"):
+            from pathlib import Path
+
+            from . import deploy
+
+            configure_environment()
+            if args.command == "serve":
+                deploy.serve(Path(args.file))
+                return 0
+            import os
+
+            if not os.environ.get("PREFECT_API_URL"):
+                print("dpoflow sync: set PREFECT_API_URL to the Prefect server whose deployments to update "
+                      "(without it there is only a temporary local one)", file=sys.stderr)
+                return 2
+            try:
+                changes = deploy.sync(Path(args.file), dry_run=args.dry_run, commit=args.commit)
+            except ValueError as e:
+                print(f"dpoflow sync: {e}", file=sys.stderr)
+                return 2
+            for change in changes:
+                print(change.line())
+            todo = [c for c in changes if c.action != "unchanged"]
+            print(f"{'would make' if args.dry_run else 'made'} {len(todo)} change(s)"
+                  + (" (dry run)" if args.dry_run else ""))
             return 0
         if args.command == "list":
             print("\n".join(pipeline_names(args.file)))
@@ -91,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "prepare":
         return prepare(config)
-    return run(config)
+    return run(config, args.overrides)
 
 
 def prepare(config) -> int:
@@ -112,13 +146,13 @@ def prepare(config) -> int:
     return 0
 
 
-def run(config) -> int:
+def run(config, overrides: list[str] = ()) -> int:
     configure_environment()
     from dpoflow.flows.pipeline import pipeline
     from dpoflow.summary import StageRow, text_table
 
     try:
-        summary = pipeline(config)
+        summary = pipeline(config, list(overrides))
     except Exception as e:  # the flow run is marked failed in Prefect; say why here in one line
         print(f"\ndpoflow: pipeline {config.name!r} failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1

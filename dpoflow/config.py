@@ -231,6 +231,33 @@ class PublishSpec(Strict):
         return self
 
 
+class ScheduleSpec(Strict):
+    cron: str | None = Field(None, description="Cron expression, e.g. '0 3 * * 1' (Mondays 03:00).")
+    interval_seconds: int | None = Field(None, ge=60, description="Run every N seconds instead of a cron.")
+    timezone: str = "UTC"
+    active: bool = True
+
+    @model_validator(mode="after")
+    def _cron_or_interval(self):
+        if (self.cron is None) == (self.interval_seconds is None):
+            raise ValueError("give exactly one of cron or interval_seconds")
+        return self
+
+
+class DeploySpec(Strict):
+    enabled: bool = Field(False, description="Make this pipeline a Prefect deployment (dpoflow sync / serve).")
+    schedules: list[ScheduleSpec] = []
+    paused: bool = Field(False, description="Keep the deployment's schedules from creating runs.")
+    work_pool: str | None = Field(None, description="Work pool whose workers run it (None: only `dpoflow serve`).")
+    work_queue: str | None = None
+    job_variables: dict[str, Any] = Field({}, description="Work pool job variables, e.g. {image: ..., "
+                                                          "env: {...}} or GPU requests for Kubernetes.")
+    tags: list[str] = []
+    repository: str | None = Field(
+        None, description="Git URL the worker clones the code from, at the commit `dpoflow sync` ran on; "
+                          "None: the worker runs the code where `dpoflow sync` ran (one machine).")
+
+
 class PipelineConfig(Strict):
     name: str
     description: str = ""
@@ -245,6 +272,7 @@ class PipelineConfig(Strict):
     evaluate: EvaluateSpec = EvaluateSpec()
     export: ExportSpec = ExportSpec()
     publish: PublishSpec = PublishSpec()
+    deploy: DeploySpec = DeploySpec()
 
     @model_validator(mode="after")
     def _publish_only_checked_models(self):

@@ -183,8 +183,9 @@ def publish_data_report(config: PipelineConfig, data, run_dir: Path) -> None:
 
 
 @flow(name="dpoflow")
-def pipeline(config: PipelineConfig) -> dict[str, Any]:
-    """Align `config.model` on `config.data` and export it; returns the run summary."""
+def pipeline(config: PipelineConfig, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Align `config.model` on `config.data` and export it; returns the run summary. `overrides` are
+    the --set items (CLI, or a deployment run's form) already applied to `config`, for the record."""
     logger = get_run_logger()
     set_cpu_threads(config.cpu_threads)
     workspace = Workspace(config.workdir)
@@ -202,7 +203,7 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
         write_gate_report(out.gate, run_dir)
         create_table_artifact(out.gate.rows, key=artifact_key(config.name) + "-forgetting",
                               description="Forgetting check: start model vs tuned, accuracy points per task")
-    summary, summary_md = summarize(config, backend, run, out, blocked, run_dir)
+    summary, summary_md = summarize(config, backend, run, out, blocked, run_dir, overrides or [])
     write_run_folder(run_dir, summary, run.outputs, summary_md)
     publish_data_report(config, out.data, run_dir)
     create_markdown_artifact(summary_md, key=artifact_key(config.name),
@@ -214,10 +215,11 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
 
 
 def summarize(config: PipelineConfig, backend, run: StageRunner, out: Outputs, blocked: GateBlocked | None,
-              run_dir: Path) -> tuple[dict[str, Any], str]:
+              run_dir: Path, overrides: list[str]) -> tuple[dict[str, Any], str]:
     """The run summary as JSON-able dict and as markdown (notes under the stage table)."""
     adapter, exports, gate = out.adapter, out.exports, out.gate
-    notes = [f"training backend: {backend.name} ({backend.reason})",
+    notes = [f"overrides: {', '.join(overrides)}" if overrides else "overrides: none (the file's config)",
+             f"training backend: {backend.name} ({backend.reason})",
              *[f"{stage} plan: {p.precision}, 4-bit {'yes' if p.load_in_4bit else 'no'}, per-device batch "
                f"{p.per_device_batch} x accumulation {p.gradient_accumulation_steps}; "
                + "; ".join(p.reasons + [f"WARNING {w}" for w in p.warnings]) for stage, p in out.plans.items()],
@@ -240,6 +242,7 @@ def summarize(config: PipelineConfig, backend, run: StageRunner, out: Outputs, b
                  f"exports: none: {blocked}")
     summary = {
         "pipeline": config.name,
+        "overrides": overrides,
         "flow_run": flow_run.get_name(),
         "stages": rows_as_dicts(run.rows),
         "run_dir": str(run_dir),

@@ -9,6 +9,9 @@ content digests and config values. Prefect stores the stage's result under that 
 from __future__ import annotations
 
 import ast
+import contextlib
+import fcntl
+import os
 import importlib.metadata
 import json
 import sys
@@ -106,9 +109,21 @@ class Workspace:
         return self.root / "keys" / stage / f"{key[:24]}.json"
 
     def save_key_material(self, stage: str, key: str, material: dict) -> None:
-        path = self.key_file(stage, key)
+        write_atomically(self.key_file(stage, key), json.dumps(material, indent=1, sort_keys=True, default=str))
+
+    @contextlib.contextmanager
+    def stage_lock(self, stage: str, key: str):
+        """Held while a stage with this key runs or is looked up: a second run needing the same
+        stage output (another pipeline, or the same one started twice) waits, then finds it cached,
+        instead of building it over the first one's half-written folder."""
+        path = self.root / "locks" / f"{stage}-{key[:24]}.lock"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(material, indent=1, sort_keys=True, default=str))
+        with open(path, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def result_file(self, stage: str, key: str) -> Path:
         """Where Prefect persists the stage's result (the name is cache_key_from_param's)."""
@@ -116,3 +131,11 @@ class Workspace:
 
     def runs(self, pipeline: str) -> Path:
         return self.root / "runs" / pipeline
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Readers see the old content or the new, never a half-written file (concurrent runs share a workdir)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(f".{path.name}.{os.getpid()}.part")
+    part.write_text(text)
+    part.replace(path)

@@ -50,10 +50,11 @@ class StageRunner:
         if checkpoints:
             params["checkpoint_dir"] = str(self.workspace.checkpoints(stage, key))
         started = time.perf_counter()
-        state = task.with_options(
-            result_storage=self.workspace.results,
-            refresh_cache=not is_intact(out_dir),
-        )(stage=stage, key=key, out_dir=str(out_dir), **params, return_state=True)
+        with self.workspace.stage_lock(stage, key):
+            state = task.with_options(
+                result_storage=self.workspace.results,
+                refresh_cache=not is_intact(out_dir),
+            )(stage=stage, key=key, out_dir=str(out_dir), **params, return_state=True)
         record = state.result()  # raises the stage's own error if it failed
         status = "cached" if state.name == "Cached" else "ran"
         self.rows.append(StageRow(stage, status, time.perf_counter() - started, key_metric(record), str(out_dir),
@@ -279,9 +280,10 @@ def write_run_folder(run_dir: Path, summary: dict, outputs: dict[str, str], summ
     (run_dir / "summary.md").write_text(summary_md)
     for stage, out_dir in outputs.items():
         (run_dir / stage).symlink_to(out_dir, target_is_directory=True)
-    latest = run_dir.parent / "latest"
-    latest.unlink(missing_ok=True)
-    latest.symlink_to(run_dir.name, target_is_directory=True)
+    # Swapped in one rename, so a concurrent run never sees `latest` missing.
+    link = run_dir.parent / f".latest.{run_dir.name}"
+    link.symlink_to(run_dir.name, target_is_directory=True)
+    link.replace(run_dir.parent / "latest")
 
 
 def training_inputs(config: PipelineConfig, backend, plan: TrainingPlan) -> dict[str, Any]:

@@ -117,6 +117,8 @@ def test_sync_creates_runs_and_prunes_deployments(server):
     schema = tiny["parameter_openapi_schema"]
     assert "overrides" in schema["properties"] and "PipelineConfigOverrides" in json.dumps(schema)
 
+    ui_shows_the_deployment(server, "tiny-deployed")
+
     # A second sync is a no-op: same ids, no change, no extra scheduled runs.
     time.sleep(2)
     before = {name: len(scheduled_runs(server, d["id"])) for name, d in first.items()}
@@ -170,3 +172,21 @@ def test_sync_refuses_to_run_without_a_server(server):
     proc = subprocess.run(["python", "-m", "dpoflow", "sync", "-f", str(server["project"] / "pipelines.yaml")],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "PREFECT_API_URL" in proc.stderr
+
+
+def ui_shows_the_deployment(server, name):
+    """The Prefect UI's deployments page, rendered by headless Chromium (Debian's package), lists the
+    deployment; the screenshot is kept in test-artifacts/."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.fail("chromium is needed for the UI check (apt-get install chromium)")
+    url = server["api"].removesuffix("/api") + "/deployments"
+    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=20000",
+             "--window-size=1400,900"]
+    dom = subprocess.run(flags + ["--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    artifacts = Path(__file__).resolve().parents[2] / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    shot = artifacts / "prefect-ui-deployments.png"
+    subprocess.run(flags + [f"--screenshot={shot}", url], capture_output=True, timeout=120)
+    assert name in dom, dom[-2000:]
+    assert shot.stat().st_size > 10_000

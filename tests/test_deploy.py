@@ -1,0 +1,35 @@
+"""What `dpoflow sync` asks for, from a pipelines file (the server side is tests/e2e/test_deployments.py)."""
+
+from dpoflow.deploy import ENTRYPOINT, MANAGED_TAG, wanted_deployments
+from dpoflow.overrides import PipelineOverrides, as_set_items
+
+
+def test_deployments_pull_the_code_at_the_pinned_commit(tmp_path):
+    (tmp_path / "pipelines.yaml").write_text(
+        "pipelines:\n"
+        "  nightly:\n    data: {sources: [d.jsonl]}\n"
+        "    deploy: {enabled: true, repository: 'https://example.com/team/models.git', work_pool: gpu,\n"
+        "             schedules: [{cron: '0 2 * * *'}], job_variables: {image: 'dpoflow:gpu'}}\n"
+        "  manual:\n    data: {sources: [d.jsonl]}\n")
+    wanted = wanted_deployments(tmp_path / "pipelines.yaml", commit="abc123")
+    assert list(wanted) == ["nightly"]
+    w = wanted["nightly"]
+    assert w["pull_steps"] == [{"prefect.deployments.steps.git_clone": {
+        "repository": "https://example.com/team/models.git", "commit_sha": "abc123"}}]
+    assert w["parameters"] == {"pipeline_name": "nightly", "file": "pipelines.yaml"}
+    assert w["entrypoint"] == ENTRYPOINT and MANAGED_TAG in w["tags"]
+    assert (w["work_pool_name"], w["work_queue_name"], w["job_variables"]) == ("gpu", "default", {"image": "dpoflow:gpu"})
+    assert w["schedules"] == [{"cron": "0 2 * * *", "interval_seconds": None, "timezone": "UTC", "active": True}]
+
+
+def test_run_overrides_are_a_typed_partial_config_applied_like_set():
+    overrides = PipelineOverrides.model_validate({"dpo": {"beta": 0.3, "loss_type": ["sigmoid", "sft"]},
+                                                  "evaluate": {"gate": {"mode": "warn"}}})
+    assert as_set_items(overrides) == ['dpo.beta=0.3', 'dpo.loss_type=["sigmoid", "sft"]', 'evaluate.gate.mode="warn"']
+    import pydantic
+    import pytest
+
+    with pytest.raises(pydantic.ValidationError):
+        PipelineOverrides.model_validate({"dpo": {"betta": 0.3}})
+    with pytest.raises(pydantic.ValidationError):
+        PipelineOverrides.model_validate({"name": "other"})  # a run cannot become another pipeline

@@ -82,12 +82,12 @@ def main() -> None:
     activate(choose_backend(TrainSetup(backend="unsloth")),
              TrainSetup(backend="unsloth", precision="fp8" if "fp8" in args.modes else "bf16"))
     import torch
-    from transformers import TrainerCallback
 
     from dpoflow.hardware import plan_stage
     from dpoflow.models import load_tokenizer
     from dpoflow.records import ModelRef, PreparedData
     from dpoflow.tasks import dpo
+    from dpoflow.training import step_clock
     work = Path(tempfile.mkdtemp())
     build_model(args.shape, work / "model")
     tok = load_tokenizer(str(work / "model"))
@@ -97,14 +97,6 @@ def main() -> None:
                         counts={})
     start = ModelRef(path=str(work / "model"), digest="bench", source=f"random {args.shape}", role="base")
 
-    class StepTimes(TrainerCallback):
-        def __init__(self):
-            self.times: list[float] = []
-
-        def on_step_end(self, *a, **k):
-            torch.cuda.synchronize()
-            self.times.append(time.perf_counter())
-
     for mode in args.modes.split(","):
         setup = TrainSetup(backend="unsloth", precision="fp8" if mode == "fp8" else "bf16",
                            quantize="4bit" if mode == "4bit" else "none")
@@ -113,7 +105,7 @@ def main() -> None:
                        lr_scheduler="constant", lora=LoraSpec(r=16, alpha=16))
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        timer = StepTimes()
+        timer = step_clock(work / f"clock-{mode}.json")
         began = time.perf_counter()
         result = {"mode": mode, "shape": args.shape, "gpu": torch.cuda.get_device_name()}
         try:

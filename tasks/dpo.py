@@ -241,12 +241,15 @@ def compute_reference_logps(start: ModelRef, data: PreparedData, spec: DPOSpec, 
             dataset.select_columns(token_columns), batch_size=plan.per_device_batch,
             collate_fn=trainer.data_collator, shuffle=False))
         chosen, rejected = [], []
-        trainer.model.eval()
+        # Train mode, as in training (dropout is 0 there too): under Unsloth, eval() switches to other
+        # kernels, and the stored values then differ from what training computes (docs/benchmarks.md).
         with torch.no_grad():
             for batch in loader:
                 c, r = trainer.compute_ref_log_probs(trainer.model, batch)
                 chosen += c.float().cpu().tolist()
                 rejected += r.float().cpu().tolist()
+        del trainer, loader
+        _free_accelerator_memory()  # the dpo stage, in this same process, loads its own copy next
     file = out_dir / "reference_logps.jsonl"
     write_jsonl(file, [{"row": row, "ref_chosen_logps": c, "ref_rejected_logps": r}
                        for row, c, r in zip(dataset["row"], chosen, rejected)])

@@ -16,9 +16,7 @@ from dpoflow.records import Exports, TrainedAdapter
 from . import stage_task
 
 PROBES = ["The capital of France is", "Review: The food was wonderful. Sentiment:", "1 + 1 ="]
-# 16-bit weights keep 8 (bf16) or 11 (fp16) significant bits: logits may move by a few percent of their
-# own scale, never more. 2**-5 of (1 + the largest |logit|) allows that and catches a broken save.
-SIXTEEN_BIT_TOLERANCE = 2**-5
+RELOAD_TOLERANCE = 1e-4
 
 
 def probe_logits(model, tokenizer) -> list:
@@ -32,7 +30,17 @@ def max_difference(a: list, b: list) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a, b))
 
 
+def top1_agreement(a: list, b: list) -> float:
+    """Share of probe positions where both give the same most likely next token."""
+    same = total = 0
+    for x, y in zip(a, b):
+        same += (x.argmax(-1) == y.argmax(-1)).sum().item()
+        total += x.shape[0] * x.shape[1]
+    return same / total
+
+
 def export_model(adapter: TrainedAdapter, spec: ExportSpec, out_dir: Path) -> Exports:
+    import torch
     from peft import PeftModel
 
     fresh_dir(out_dir)
@@ -48,24 +56,33 @@ def export_model(adapter: TrainedAdapter, spec: ExportSpec, out_dir: Path) -> Ex
         merged = PeftModel.from_pretrained(load_model(adapter.start.path, "float32"), adapter.path)
         merged = merged.merge_and_unload().eval()
         exact = probe_logits(merged, tokenizer)
+        # Casting rounds the non-persistent buffers too (rotary frequencies, Gemma's embedding scale),
+        # which a reload computes afresh in float32: keep them aside and put them back after saving.
+        buffers = {name: b.clone() for name, b in merged.named_buffers()}
         merged.to(torch_dtype(spec.dtype)).save_pretrained(merged_dir)
         tokenizer.save_pretrained(merged_dir)
-        # The file must hold exactly the weights we merged (reloaded in float32, a 16-bit tensor upcasts
-        # exactly); the logit change from rounding to 16 bits is reported, not gated, here.
+        merged = merged.float()  # the weights as saved, in float32 (16 bits upcast exactly): what is compared
+        with torch.no_grad():
+            for name, b in merged.named_buffers():
+                b.copy_(buffers[name])
+        saved_logits = probe_logits(merged, tokenizer)
         reloaded = load_model(str(merged_dir), "float32").eval()
         saved = merged.state_dict()
         checks["merged_weight_max_diff"] = max(
-            (t.float() - saved[name].float()).abs().max().item() for name, t in reloaded.state_dict().items())
-        checks["merged_max_logit_diff_vs_fp32"] = max_difference(probe_logits(reloaded, tokenizer), exact)
+            (t - saved[name]).abs().max().item() for name, t in reloaded.state_dict().items())
         if checks["merged_weight_max_diff"] != 0.0:
             raise RuntimeError(f"{merged_dir}: saved weights differ from the merged model "
                                f"(max difference {checks['merged_weight_max_diff']:.3g})")
-        scale = max(x.abs().max().item() for x in exact)
-        tolerance = 1e-4 if spec.dtype == "float32" else SIXTEEN_BIT_TOLERANCE * (1 + scale)
-        checks["merged_logit_tolerance"] = tolerance
-        if checks["merged_max_logit_diff_vs_fp32"] > tolerance:
-            raise RuntimeError(f"{merged_dir}: reloaded model's logits differ from the merged float32 model by "
-                               f"{checks['merged_max_logit_diff_vs_fp32']:.3g} > {tolerance:.3g}")
+        # Reloaded from disk, the model must compute what the in-memory one does (the same config,
+        # tokenizer and weights), to 1e-4.
+        checks["merged_max_logit_diff_reloaded"] = max_difference(probe_logits(reloaded, tokenizer), saved_logits)
+        if checks["merged_max_logit_diff_reloaded"] > RELOAD_TOLERANCE:
+            raise RuntimeError(f"{merged_dir}: the reloaded model's logits differ from the in-memory model's by "
+                               f"{checks['merged_max_logit_diff_reloaded']:.3g} > {RELOAD_TOLERANCE}")
+        # Rounding to 16 bits moves logits (Gemma 270M in bf16: up to 2.8 on logits near 34); reported,
+        # with how often the top token stays the same, not gated.
+        checks["merged_max_logit_diff_vs_fp32"] = max_difference(saved_logits, exact)
+        checks["merged_top1_agreement_vs_fp32"] = top1_agreement(saved_logits, exact)
     gguf = {}
     if "gguf" in spec.formats:
         gguf = export_gguf(merged, tokenizer, merged_dir, spec, out_dir / "gguf")

@@ -22,9 +22,11 @@ def export_summary(exports: Exports) -> dict:
         folder = getattr(exports, kind)
         if folder:
             size = sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
-            check = ("weights reloaded bit-exact; max logit change from 16-bit rounding "
-                     f"{exports.checks.get('merged_max_logit_diff_vs_fp32', 0):.3g}" if kind == "merged"
-                     else "as trained")
+            c = exports.checks
+            check = (f"weights reloaded bit-exact, logits within {c.get('merged_max_logit_diff_reloaded', 0):.2g}; "
+                     f"16-bit rounding moved logits by up to {c.get('merged_max_logit_diff_vs_fp32', 0):.3g}, "
+                     f"top token unchanged at {c.get('merged_top1_agreement_vs_fp32', 1):.0%} of positions"
+                     if kind == "merged" else "as trained")
             out[kind] = {"path": f"{kind}/", "size_bytes": size, "check": check}
     if exports.gguf:
         out["gguf"] = exports.gguf

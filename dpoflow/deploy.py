@@ -233,7 +233,6 @@ def serve(file: Path) -> None:
     from dpoflow.flows.deployed import deployed_pipeline
 
     file = file.resolve()
-    root = code_root(file)
     deployments = []
     for name, w in wanted_deployments(file).items():
         deployments.append(deployed_pipeline.to_deployment(
@@ -241,7 +240,6 @@ def serve(file: Path) -> None:
             schedules=_schedules(w), paused=w["paused"], tags=w["tags"]))
     if not deployments:
         raise ValueError(f"{file}: no pipeline has deploy.enabled: true")
-    import os
-
-    os.chdir(root)
+    # Runs execute in this process's working directory (Prefect loads the flow relative to it); the
+    # pipelines file is passed absolute and resolves its own relative paths.
     prefect_serve(*deployments)

@@ -87,7 +87,7 @@ def prepare_data(sources: list[SourceSpec | str], spec: DataSpec, model: ModelRe
     tally.check()
     counts = tally.totals()
     _require_data(sources, counts)
-    extra["warnings"] += [w for w in _mix_warnings(sources, ranks)]
+    extra["warnings"] += _mix_warnings(sources, ranks)
     report = build_report(tally, lengths, {"max_length": max_length, **extra})
     (out_dir / "data_report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
     (out_dir / "data_report.md").write_text(report_markdown(report))

@@ -167,6 +167,38 @@ def test_sync_creates_runs_and_prunes_deployments(server):
     assert scheduled_runs(server, first["nightly"]["id"]) == []
 
 
+def test_serve_runs_a_ui_triggered_run_on_this_machine(server):
+    """`dpoflow serve` (Prefect's serve): the deployments it registers take runs started through the
+    API and execute them in the serving process, no work pool involved."""
+    project = server["project"] / "served"
+    project.mkdir()
+    shutil.copy(server["project"] / "sentiment.jsonl", project / "sentiment.jsonl")
+    (project / "pipelines.yaml").write_text(PIPELINES.split("  nightly:")[0].replace("tiny-deployed", "served")
+                                            .replace("      work_pool: dpoflow-test\n", ""))
+    env = {**server["env"], "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    serving = subprocess.Popen(["python", "-m", "dpoflow", "serve", "-f", str(project / "pipelines.yaml")], env=env,
+                               stdout=open(server["tmp"] / "serve.log", "w"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while "served" not in deployments(server) and time.time() < deadline:
+            time.sleep(1)
+        served = deployments(server)["served"]
+        workdir = server["tmp"] / "served-work"
+        run = httpx.post(f"{server['api']}/deployments/{served['id']}/create_flow_run", timeout=30, json={
+            "parameters": {**served["parameters"], "overrides": {"workdir": str(workdir)}}}).json()
+        deadline, state = time.time() + 420, None
+        while time.time() < deadline:
+            state = httpx.get(f"{server['api']}/flow_runs/{run['id']}", timeout=30).json()["state"]["type"]
+            if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                break
+            time.sleep(2)
+        assert state == "COMPLETED", (server["tmp"] / "serve.log").read_text()[-4000:]
+    finally:
+        serving.terminate()
+        serving.wait(timeout=30)
+    assert (workdir / "runs" / "served" / "latest" / "summary.json").is_file()
+
+
 def test_sync_refuses_to_run_without_a_server(server):
     env = {k: v for k, v in server["env"].items() if k != "PREFECT_API_URL"}
     proc = subprocess.run(["python", "-m", "dpoflow", "sync", "-f", str(server["project"] / "pipelines.yaml")],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -92,3 +93,12 @@ def read_rows(path: str | Path) -> list[dict]:
 
         return pq.read_table(path).to_pylist()
     return read_jsonl_rows(path)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Readers (other ranks, concurrent runs sharing a workdir) see the old content or the new, never
+    a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(f".{path.name}.{os.getpid()}.part")
+    part.write_text(text)
+    part.replace(path)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import ast
 import contextlib
 import fcntl
-import os
 import importlib.metadata
 import json
 import sys
@@ -19,7 +18,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from .artifacts import file_sha256, json_digest
+from .artifacts import file_sha256, json_digest, write_atomically
 
 # Libraries whose upgrade can change a stage's outputs.
 VERSIONED = ("torch", "transformers", "trl", "peft", "datasets", "tokenizers", "accelerate")
@@ -131,11 +130,3 @@ class Workspace:
 
     def runs(self, pipeline: str) -> Path:
         return self.root / "runs" / pipeline
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Readers see the old content or the new, never a half-written file (concurrent runs share a workdir)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(f".{path.name}.{os.getpid()}.part")
-    part.write_text(text)
-    part.replace(path)

@@ -35,9 +35,14 @@ def length_problem(lengths: tuple[int, int, int], max_length: int) -> tuple[str,
     return None
 
 
+def unit_hash(text: str) -> float:
+    """`text`'s place in [0, 1), from its sha256: the same text lands at the same place on every run."""
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2**64
+
+
 def sample_rank(key: str) -> float:
     """A pair's place in [0, 1) for sampling: from its content, so the same data samples the same way."""
-    return int.from_bytes(hashlib.sha256(("sample:" + key).encode()).digest()[:8], "big") / 2**64
+    return unit_hash("sample:" + key)
 
 
 class NgramIndex:

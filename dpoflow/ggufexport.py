@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -261,11 +262,5 @@ def modelfile(gguf_name: str, eos_token: str | None) -> str:
     (tokenizer.chat_template), which Ollama reads; the stop token is stated for older versions."""
     lines = [f"FROM ./{gguf_name}"]
     if eos_token:
-        lines.append(f"PARAMETER stop {json_quote(eos_token)}")
+        lines.append(f"PARAMETER stop {json.dumps(eos_token)}")
     return "\n".join(lines) + "\n"
-
-
-def json_quote(text: str) -> str:
-    import json
-
-    return json.dumps(text)

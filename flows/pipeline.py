@@ -92,7 +92,9 @@ class Outputs:
 def compose(config: PipelineConfig, backend, run, plan_for) -> Outputs:
     """The stages, their order and what feeds what: the one place the pipeline is wired. `run` runs
     (or looks up) a stage by its content key; `plan_for(spec, model)` is the hardware plan."""
-    base, data = compose_data(config, run)
+    # Hashing the data files once: the prepare key and the model card both name them.
+    fingerprints = [sources.fingerprint(s) for s in config.data.source_specs]
+    base, data = compose_data(config, run, fingerprints)
     plans: dict[str, TrainingPlan] = {}
     start = base
     if config.sft.enabled:
@@ -133,7 +135,7 @@ def compose(config: PipelineConfig, backend, run, plan_for) -> Outputs:
                   adapter=adapter, spec=config.export)
     # The card is built from what the run did; apart from the exports so that editing it never redoes them.
     forgetting_md = forgetting.report_markdown(gate) if gate is not None else None
-    data_sources = [{"label": s.label, "fingerprint": sources.fingerprint(s)} for s in config.data.source_specs]
+    data_sources = [{"label": s.label, "fingerprint": f} for s, f in zip(config.data.source_specs, fingerprints)]
     commit = modelcard.git_commit(Path.cwd())
     card = run(card_task, "card",
                {"config": config.model_dump(mode="json", exclude={"workdir"}), "data": data.digest,
@@ -151,10 +153,11 @@ def compose(config: PipelineConfig, backend, run, plan_for) -> Outputs:
                    gate, card, published)
 
 
-def compose_data(config: PipelineConfig, run) -> tuple[Any, Any]:
-    """The first two stages (the model's tokenizer renders the data): the whole of `dpoflow prepare`."""
+def compose_data(config: PipelineConfig, run, fingerprints: list[str]) -> tuple[Any, Any]:
+    """The first two stages (the model's tokenizer renders the data): the whole of `dpoflow prepare`.
+    `fingerprints`: sources.fingerprint of each data source, in order."""
     base = run(model_task, "model", models.key_inputs(config.model), spec=config.model)
-    data = run(prepare_task, "prepare", prepare_inputs(config, base),
+    data = run(prepare_task, "prepare", prepare_inputs(config, base, fingerprints),
                sources=config.data.source_specs, spec=config.data, model=base,
                max_length=config.dpo.max_length, eval_tasks=tuple(decontamination_tasks(config)))
     return base, data
@@ -166,7 +169,7 @@ def prepare_only(config: PipelineConfig) -> dict[str, Any]:
     set_cpu_threads(config.cpu_threads)
     workspace = Workspace(config.workdir)
     run = StageRunner(workspace)
-    _, data = compose_data(config, run)
+    _, data = compose_data(config, run, [sources.fingerprint(s) for s in config.data.source_specs])
     run_dir = new_run_folder(workspace, config)
     summary = {"pipeline": config.name, "flow_run": flow_run.get_name(), "stages": rows_as_dicts(run.rows),
                "run_dir": str(run_dir), "data": data.counts}
@@ -296,11 +299,11 @@ def decontamination_tasks(config: PipelineConfig) -> list[str]:
     return config.evaluate.tasks if config.evaluate.enabled and config.data.decontamination.enabled else []
 
 
-def prepare_inputs(config: PipelineConfig, base) -> dict[str, Any]:
+def prepare_inputs(config: PipelineConfig, base, fingerprints: list[str]) -> dict[str, Any]:
     """What the prepare stage's output depends on: the data's content, the data section, the tokenizer
     (the model), max_length and the evaluation items it decontaminates against."""
     tasks = decontamination_tasks(config)
-    return {"model": base.digest, "sources": [sources.fingerprint(s) for s in config.data.source_specs],
+    return {"model": base.digest, "sources": fingerprints,
             "spec": config.data.model_dump(exclude={"sources"}), "max_length": config.dpo.max_length,
             "eval_tasks": tasks, "evals": forgetting.tasks_digest() if tasks else None}
 

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from dpoflow.artifacts import fresh_dir, read_jsonl_rows, read_rows, seal, write_jsonl
+from dpoflow.artifacts import fresh_dir, read_jsonl_rows, read_rows, seal, write_atomically, write_jsonl
 from dpoflow.backends import BackendChoice, choose_backend, load_for_training
 from dpoflow.config import DPOSpec, TrainSetup
 from dpoflow.distributed import is_main_process, run_stage
@@ -178,7 +178,7 @@ def train_dpo(start: ModelRef, data: PreparedData, spec: DPOSpec, setup: TrainSe
     while True:
         attempt_dir = checkpoint_dir / f"attempt-{state['attempt']}"
         if is_main_process():
-            _write_atomically(state_file, json.dumps(state, indent=1))
+            write_atomically(state_file, json.dumps(state, indent=1))
         trainer = _trainer(backend, start, dataset, spec, plan, seed, attempt_dir, state["learning_rate"],
                            state["max_steps"], list(callbacks))
         if reference is not None:
@@ -214,13 +214,6 @@ def train_dpo(start: ModelRef, data: PreparedData, spec: DPOSpec, setup: TrainSe
     ref_text = f"{start.role} model ({start.source}) with the DPO adapter disabled [{backend.name}; {how} it]"
     return TrainedAdapter(path=str(out_dir / "adapter"), digest=seal(out_dir), start=start, reference=ref_text,
                           metrics=metrics, retries=state["retries"])
-
-
-def _write_atomically(file: Path, text: str) -> None:
-    """Other ranks read this file: they see the old text or the new, never half of it."""
-    part = file.with_name(file.name + ".part")
-    part.write_text(text)
-    part.replace(file)
 
 
 def compute_reference_logps(start: ModelRef, data: PreparedData, spec: DPOSpec, setup: TrainSetup,

@@ -12,14 +12,13 @@ checks that the counts add up for every source.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
 
 from dpoflow import forgetting
 from dpoflow.artifacts import fresh_dir, seal
-from dpoflow.cleaning import NgramIndex, eval_texts, length_problem, sample_rank, token_lengths
+from dpoflow.cleaning import NgramIndex, eval_texts, length_problem, sample_rank, token_lengths, unit_hash
 from dpoflow.config import DataSpec, SourceSpec
 from dpoflow.datareport import CLEANING_RULES, Tally, build_report, length_histograms, report_markdown
 from dpoflow.models import load_tokenizer
@@ -35,8 +34,7 @@ COLUMNS = ("prompt", "chosen", "rejected", "source")
 
 def is_heldout(prompt: str, fraction: float) -> bool:
     """Deterministic by prompt text, so one prompt never lands in both splits."""
-    bucket = int.from_bytes(hashlib.sha256(prompt.encode("utf-8")).digest()[:8], "big") / 2**64
-    return bucket < fraction
+    return unit_hash(prompt) < fraction
 
 
 def render(tokenizer, pair: Pair, system_prompt: str | None) -> dict:

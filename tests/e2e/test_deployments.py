@@ -99,6 +99,19 @@ def scheduled_runs(server, deployment_id) -> list:
     return httpx.post(f"{server['api']}/flow_runs/filter", json=body, timeout=30).json()
 
 
+def run_to_the_end(server, deployment_id, parameters, timeout=420) -> str:
+    """Start a run the way the UI's Run button does, and wait for its final state type."""
+    run = httpx.post(f"{server['api']}/deployments/{deployment_id}/create_flow_run", timeout=30,
+                     json={"parameters": parameters}).json()
+    deadline, state = time.time() + timeout, None
+    while time.time() < deadline:
+        state = httpx.get(f"{server['api']}/flow_runs/{run['id']}", timeout=30).json()["state"]["type"]
+        if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            break
+        time.sleep(2)
+    return state
+
+
 def test_sync_creates_runs_and_prunes_deployments(server):
     proc = subprocess.run(["python", "-m", "dpoflow", "sync", "-f", str(server["project"] / "pipelines.yaml")],
                           env=server["env"], capture_output=True, text=True, timeout=300)
@@ -134,15 +147,8 @@ def test_sync_creates_runs_and_prunes_deployments(server):
                               stderr=subprocess.STDOUT)
     try:
         workdir = server["tmp"] / "work"
-        run = httpx.post(f"{server['api']}/deployments/{tiny['id']}/create_flow_run", timeout=30, json={
-            "parameters": {"pipeline_name": "tiny-deployed", "file": "pipelines.yaml",
-                           "overrides": {"workdir": str(workdir), "dpo": {"beta": 0.3}}}}).json()
-        deadline, state = time.time() + 420, None
-        while time.time() < deadline:
-            state = httpx.get(f"{server['api']}/flow_runs/{run['id']}", timeout=30).json()["state"]["type"]
-            if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
-                break
-            time.sleep(2)
+        state = run_to_the_end(server, tiny["id"], {"pipeline_name": "tiny-deployed", "file": "pipelines.yaml",
+                                                    "overrides": {"workdir": str(workdir), "dpo": {"beta": 0.3}}})
         assert state == "COMPLETED", (server["tmp"] / "worker.log").read_text()[-4000:]
     finally:
         worker.terminate()
@@ -184,14 +190,8 @@ def test_serve_runs_a_ui_triggered_run_on_this_machine(server):
             time.sleep(1)
         served = deployments(server)["served"]
         workdir = server["tmp"] / "served-work"
-        run = httpx.post(f"{server['api']}/deployments/{served['id']}/create_flow_run", timeout=30, json={
-            "parameters": {**served["parameters"], "overrides": {"workdir": str(workdir)}}}).json()
-        deadline, state = time.time() + 420, None
-        while time.time() < deadline:
-            state = httpx.get(f"{server['api']}/flow_runs/{run['id']}", timeout=30).json()["state"]["type"]
-            if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
-                break
-            time.sleep(2)
+        state = run_to_the_end(server, served["id"], {**served["parameters"],
+                                                      "overrides": {"workdir": str(workdir)}})
         assert state == "COMPLETED", (server["tmp"] / "serve.log").read_text()[-4000:]
     finally:
         serving.terminate()

@@ -32,7 +32,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-CONFIGS = ("trl-refcopy", "trl-peft", "unsloth-bf16", "unsloth-4bit", "dpoflow", "dpoflow-precomputed")
+CONFIGS = ("trl-refcopy", "trl-peft", "unsloth-bf16", "unsloth-4bit", "dpoflow", "dpoflow-noshare", "dpoflow-mb8",
+           "dpoflow-4bit", "dpoflow-precomputed")
+# dpoflow variants: the `dpo` stage with its GPU defaults (prompt sharing on), changed in one setting each.
+DPOFLOW = {"dpoflow": {}, "dpoflow-noshare": {"share_prompt": False}, "dpoflow-mb8": {"pairs": 8},
+           "dpoflow-4bit": {"quantize": "4bit"}, "dpoflow-precomputed": {"precompute": True}}
 PAIRS, SEQ, WARMUP = 4, 512, 3
 PEAK_FLOPS = 772e12
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -57,7 +61,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp())
     build_model(args.shape, work / "model")
-    make_pairs(load_tokenizer(str(work / "model")), PAIRS * args.steps, SEQ // 2, SEQ // 2, work / "train.jsonl")
+    make_pairs(load_tokenizer(str(work / "model")), 8 * args.steps, SEQ // 2, SEQ // 2, work / "train.jsonl")
     results = []
     for config in (CONFIGS if args.configs == "all" else args.configs.split(",")):
         proc = subprocess.run([sys.executable, __file__, "--worker", config, "--work", str(work), "--steps",
@@ -100,17 +104,19 @@ def run_config(config: str, work: Path, steps: int) -> dict:
     torch.cuda.reset_peak_memory_stats()
     loaded = time.perf_counter()
     reference_s = None
+    pairs = DPOFLOW.get(config, {}).get("pairs", PAIRS)
     if config.startswith("dpoflow"):
-        started, losses, reference_s = _dpoflow(work, steps, clock, precompute=config == "dpoflow-precomputed")
+        started, log, reference_s = _dpoflow(work, steps, clock, **DPOFLOW[config])
         loaded = started
     else:
         trainer = _trainer(config, work, steps, clock)
         loaded = time.perf_counter()
         trainer.train()
-        losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        log = trainer.state.log_history
+    losses = [e["loss"] for e in log if "loss" in e]
     t = clock.times
     per_step = statistics.median(b - a for a, b in zip(t[WARMUP:], t[WARMUP + 1:]))
-    tokens = PAIRS * 2 * SEQ
+    tokens = pairs * 2 * SEQ
     n = _params_without_embedding(work / "model")
     return {"config": config, "gpu": torch.cuda.get_device_name(), "steps": len(t),
             "import_s": round(imported - began, 1), "load_s": round(loaded - imported, 1),
@@ -119,6 +125,9 @@ def run_config(config: str, work: Path, steps: int) -> dict:
             "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
             "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
             "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+            # The first steps' numbers, to set the configurations side by side on the same batches.
+            "first_steps": [{k: e[k] for k in ("loss", "logps/chosen", "logps/rejected", "rewards/margins") if k in e}
+                            for e in log if "loss" in e][:4],
             # With the reference pass precomputed: its seconds, and tokens/s over pass + steady steps.
             "reference_pass_s": round(reference_s, 2) if reference_s is not None else None,
             "tok_per_s_incl_reference": round(tokens * len(t) / (len(t) * per_step + reference_s))
@@ -169,10 +178,12 @@ def _trainer(config: str, work: Path, steps: int, clock):
                       processing_class=tokenizer, peft_config=peft_config, callbacks=[clock])
 
 
-def _dpoflow(work: Path, steps: int, clock, precompute: bool = False) -> tuple[float, list[float], float | None]:
+def _dpoflow(work: Path, steps: int, clock, precompute: bool = False, share_prompt: bool = True, pairs: int = PAIRS,
+             quantize: str = "auto") -> tuple[float, list[dict], float | None]:
     """The pipeline's own stage with the defaults a GPU user gets (train: backend/precision/quantize
-    auto); only the batch, steps and sequence length are the benchmark's. `precompute`: the reference
-    log-probs come from the `reference` stage's pass first (timed on its own)."""
+    auto, prompt sharing on); only the batch, steps and sequence length are the benchmark's.
+    `precompute`: the reference log-probs come from the `reference` stage's pass first (timed on its
+    own)."""
     import torch
 
     from dpoflow.config import DPOSpec, LoraSpec, TrainSetup
@@ -180,10 +191,10 @@ def _dpoflow(work: Path, steps: int, clock, precompute: bool = False) -> tuple[f
     from dpoflow.records import ModelRef, PreparedData
     from dpoflow.tasks.dpo import compute_reference_logps, train_dpo
 
-    setup = TrainSetup()
-    spec = DPOSpec(per_device_batch_size=PAIRS, gradient_accumulation_steps=1, max_steps=steps, max_length=SEQ,
+    setup = TrainSetup(quantize=quantize)
+    spec = DPOSpec(per_device_batch_size=pairs, gradient_accumulation_steps=1, max_steps=steps, max_length=SEQ,
                    logging_steps=1, lr_scheduler="constant", lora=LoraSpec(r=16, alpha=16),
-                   precompute_ref_log_probs=precompute)
+                   precompute_ref_log_probs=precompute, share_prompt=share_prompt)
     data = PreparedData(path=str(work), digest="bench", train=str(work / "train.jsonl"), heldout="", rejected="",
                         counts={})
     start = ModelRef(path=str(work / "model"), digest="bench", source="random", role="base")
@@ -195,10 +206,9 @@ def _dpoflow(work: Path, steps: int, clock, precompute: bool = False) -> tuple[f
         torch.cuda.synchronize()
         reference_s = time.perf_counter() - began
     began = time.perf_counter()
-    adapter = train_dpo(start, data, spec, setup, plan, 0, work / f"out-dpoflow-{precompute}", reference=reference,
+    adapter = train_dpo(start, data, spec, setup, plan, 0, work / f"out-dpoflow-{time.time_ns()}", reference=reference,
                         callbacks=(clock,))
-    log = json.loads((Path(adapter.path).parent / "log_history.json").read_text())
-    return began, [e["loss"] for e in log if "loss" in e], reference_s
+    return began, json.loads((Path(adapter.path).parent / "log_history.json").read_text()), reference_s
 
 
 def _params_without_embedding(model_dir: Path) -> int:

@@ -142,6 +142,9 @@ class DPOSpec(TrainSpec):
     precompute_ref_log_probs: bool = Field(
         False, description="Compute the reference log-probs once as a cached artifact, reused by runs that "
                            "differ only in beta, lr or loss.")
+    share_prompt: bool = Field(
+        True, description="Run each pair's prompt once, with chosen and rejected both attending to it, instead of "
+                          "once per answer: the same log-probs from fewer tokens (dpoflow/prompt_sharing.py).")
     guards: GuardSpec = GuardSpec()
 
     @model_validator(mode="after")
@@ -170,6 +173,10 @@ class TrainSetup(Strict):
     quantize: Literal["auto", "none", "4bit"] = Field(
         "auto", description="auto: 4-bit base weights (QLoRA, unsloth backend) only when 16-bit ones would not "
                             "fit in free GPU memory.")
+    grow_batch: bool = Field(
+        True, description="On a GPU, raise the per-device batch (up to 8, with fewer accumulation steps, so the "
+                          "effective batch is unchanged) while the memory estimate fits: larger micro-batches "
+                          "train faster.")
     distributed: DistributedSpec = Field(
         DistributedSpec(), description="Data-parallel SFT and DPO through torchrun (TRL backend); the "
                                        "effective batch stays per_device_batch_size x gradient_accumulation_steps, "

@@ -17,6 +17,9 @@ FP8_MIN_CC = (8, 9)  # Ada / Hopper: the first GPUs with FP8 tensor cores
 FIT_FRACTION = 0.9  # the estimate is rough and the allocator fragments: keep 10% of free memory spare
 FOUR_BIT_BYTES_PER_PARAM = 0.56  # NF4 is 0.5 bytes; block scales and the layers bitsandbytes skips add ~0.06
 LORA_RANK = 16  # the LoraSpec default; the adapter is small next to the weights, so its exact r barely matters
+# Larger micro-batches ran faster at the same effective batch (8B shape on an H100: 4 pairs 8,609 tok/s,
+# 8 pairs 10,242; docs/benchmarks.md); growing stops here, where it was measured.
+MAX_GROWN_BATCH = 8
 WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0}
 PRECISIONS = ("auto", "bf16", "fp16", "fp8")
 QUANTIZE = ("auto", "none", "4bit")
@@ -117,7 +120,7 @@ def estimate_training_bytes(n_params: int, hidden_size: int, num_layers: int, vo
 
 def plan_training(gpu: GpuFacts | None, precision: str, quantize: str, n_params: int, shape: dict, seq_len: int,
                   per_device_batch: int, effective_batch: int, num_processes: int = 1,
-                  strategy: str = "ddp") -> TrainingPlan:
+                  strategy: str = "ddp", grow_batch: bool = True) -> TrainingPlan:
     """The decision tree. `precision` is auto|bf16|fp16|fp8, `quantize` auto|none|4bit; an explicit
     request the hardware cannot meet raises ValueError rather than silently training something else."""
     if precision not in PRECISIONS:
@@ -137,7 +140,8 @@ def plan_training(gpu: GpuFacts | None, precision: str, quantize: str, n_params:
         plan.precision = _choose_precision(gpu, precision, plan)
         if plan.precision == "fp8" and quantize == "4bit":
             raise ValueError("precision fp8 and quantize 4bit exclude each other: pick one weight format")
-        _fit_memory(gpu, quantize, n_params, shape, seq_len, plan)
+        grow_to = _growth_limit(plan.per_device_batch, effective_batch, num_processes) if grow_batch else 0
+        _fit_memory(gpu, quantize, n_params, shape, seq_len, plan, grow_to)
 
     # The effective batch is the config's, however many processes share it.
     if num_processes > 1 and plan.per_device_batch * num_processes > effective_batch:
@@ -202,10 +206,19 @@ def _choose_precision(gpu: GpuFacts, precision: str, plan: TrainingPlan) -> str:
     return chosen
 
 
+def _growth_limit(batch: int, effective_batch: int, num_processes: int) -> int:
+    """The largest doubling of `batch`, up to MAX_GROWN_BATCH, that still divides the effective batch
+    evenly over the processes (so gradient accumulation keeps it exactly)."""
+    while batch * 2 <= MAX_GROWN_BATCH and effective_batch % (batch * 2 * num_processes) == 0:
+        batch *= 2
+    return batch
+
+
 def _fit_memory(gpu: GpuFacts, quantize: str, n_params: int, shape: dict, seq_len: int,
-                plan: TrainingPlan) -> None:
+                plan: TrainingPlan, grow_to: int = 0) -> None:
     """Pick 16-bit (or FP8) vs 4-bit weights and the largest per-device batch (halving down to 1) whose
-    estimate fits in FIT_FRACTION of free memory; 4-bit only when the wider weights don't fit."""
+    estimate fits in FIT_FRACTION of free memory; 4-bit only when the wider weights don't fit. A batch
+    that fits as asked is doubled up to `grow_to` while the estimate still fits."""
     budget = gpu.free_bytes * FIT_FRACTION
     free = f"{gpu.free_bytes / GiB:.1f} GiB free"
     wide = (f"{plan.precision} weights", WEIGHT_BYTES[plan.precision], False)
@@ -228,6 +241,14 @@ def _fit_memory(gpu: GpuFacts, quantize: str, n_params: int, shape: dict, seq_le
             break
         batch //= 2  # a smaller batch with more accumulation steps trains the same effective batch
     label, bytes_per_param, is_4bit = fitting[0] if fitting else options[-1]
+    if fitting and batch == start:
+        while batch * 2 <= grow_to and need(bytes_per_param, batch * 2) <= budget:
+            batch *= 2
+        if batch > start:
+            plan.reasons.append(f"estimated {_gib(need(bytes_per_param, batch))} at per-device batch {batch} fits "
+                                f"in {free}: batch raised from {start}, fewer accumulation steps, same effective "
+                                "batch (larger micro-batches ran faster; train.grow_batch false keeps it)")
+            start = batch
     plan.load_in_4bit, plan.per_device_batch = is_4bit, batch
     if not fitting:
         plan.warnings.append(f"estimated {_gib(need(bytes_per_param, 1))} with {label} at per-device batch 1 "
@@ -263,7 +284,7 @@ def plan_stage(setup, spec, model_dir: str | Path, gpu: GpuFacts | None = None) 
     return plan_training(gpu, setup.precision, setup.quantize, count_parameters(model_dir), model_shape(model_dir),
                          spec.max_length, spec.per_device_batch_size,
                          spec.per_device_batch_size * spec.gradient_accumulation_steps,
-                         setup.distributed.num_processes, setup.distributed.strategy)
+                         setup.distributed.num_processes, setup.distributed.strategy, setup.grow_batch)
 
 
 def plan_key(plan: TrainingPlan | None) -> dict | None:

@@ -108,7 +108,8 @@ def compose(config: PipelineConfig, backend, run, plan_for) -> Outputs:
     reference = None
     if config.dpo.precompute_ref_log_probs:
         # Keyed only by what the reference pass depends on, so beta/lr/loss sweeps share it.
-        reference = run(reference_task, "reference", {**dpo_inputs, "max_length": config.dpo.max_length},
+        reference = run(reference_task, "reference", {**dpo_inputs, "max_length": config.dpo.max_length,
+                                                      "share_prompt": config.dpo.share_prompt},
                         start=start, data=data, spec=config.dpo, setup=config.train, plan=plan, seed=config.seed)
     adapter = run(dpo_task, "dpo",
                   {**dpo_inputs, "spec": config.dpo.model_dump(), "reference": reference and reference.digest},

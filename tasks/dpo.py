@@ -23,6 +23,7 @@ from dpoflow.backends import BackendChoice, choose_backend, load_for_training
 from dpoflow.config import DPOSpec, TrainSetup
 from dpoflow.distributed import is_main_process, run_stage
 from dpoflow.hardware import TrainingPlan
+from dpoflow.prompt_sharing import install as share_prompts
 from dpoflow.records import ModelRef, PreparedData, ReferenceLogps, TrainedAdapter
 from dpoflow.training import deterministic_log, final_metrics, keep_outputs_fp32, save_adapter, trainer_args
 
@@ -137,6 +138,8 @@ def _trainer(backend: BackendChoice, start: ModelRef, dataset, spec: DPOSpec, pl
     trainer = DPOTrainer(model=model, ref_model=None, args=config, train_dataset=dataset,
                          processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
     keep_outputs_fp32(trainer)
+    if spec.share_prompt:
+        stage_logger()(share_prompts(trainer, backend.name))
     return trainer
 
 

@@ -17,7 +17,7 @@ def plan(gpu, precision="auto", quantize="auto", seq_len=1024, batch=4, effectiv
 
 def test_h100_trains_8b_in_bf16_without_4bit_and_mentions_fp8():
     p = plan(H100)
-    assert (p.precision, p.load_in_4bit, p.per_device_batch) == ("bf16", False, 4)
+    assert (p.precision, p.load_in_4bit, p.per_device_batch, p.gradient_accumulation_steps) == ("bf16", False, 8, 4)
     assert any("FP8" in r and "precision: fp8" in r for r in p.reasons)
     assert any("no 4-bit" in r for r in p.reasons)
     assert not p.warnings
@@ -97,7 +97,7 @@ def test_count_parameters_reads_headers_only(tiny_model):
 
 def test_describe_lists_decisions():
     text = describe(plan(H100))
-    assert "precision:" in text and "bf16" in text and "gradient accumulation 8" in text
+    assert "precision:" in text and "bf16" in text and "gradient accumulation 4" in text
 
 
 def test_doctor_prints_backend_and_plan(repo, capsys):
@@ -111,7 +111,7 @@ def test_doctor_prints_backend_and_plan(repo, capsys):
 def test_processes_share_the_effective_batch_and_need_that_many_gpus():
     two_h100 = GpuFacts("NVIDIA H100 80GB HBM3", (9, 0), 80 * GiB, 79 * GiB, True, count=2)
     p = plan_training(two_h100, "auto", "auto", N_8B, SHAPE_8B, 512, 4, 32, num_processes=2)
-    assert (p.per_device_batch, p.gradient_accumulation_steps, p.num_processes) == (4, 4, 2)
+    assert (p.per_device_batch, p.gradient_accumulation_steps, p.num_processes) == (8, 2, 2)  # grown from 4
     assert any("2 of 2 GPUs, DDP through torchrun" in r for r in p.reasons)
     small = plan_training(None, "auto", "auto", N_8B, SHAPE_8B, 512, 8, 8, num_processes=2)
     assert (small.per_device_batch, small.gradient_accumulation_steps) == (4, 1) and not small.warnings
@@ -119,3 +119,15 @@ def test_processes_share_the_effective_batch_and_need_that_many_gpus():
         plan_training(two_h100, "auto", "auto", N_8B, SHAPE_8B, 512, 4, 32, num_processes=4)
     with pytest.raises(ValueError, match="fsdp needs CUDA"):
         plan_training(None, "auto", "auto", N_8B, SHAPE_8B, 512, 4, 32, num_processes=2, strategy="fsdp")
+
+
+def test_batch_grows_only_where_memory_and_the_effective_batch_allow():
+    grown = plan(H100)
+    assert grown.per_device_batch * grown.gradient_accumulation_steps == 32
+    assert any("batch raised from 4" in r for r in grown.reasons)
+    kept = plan_training(H100, "auto", "auto", N_8B, SHAPE_8B, 1024, 4, 32, grow_batch=False)
+    assert (kept.per_device_batch, kept.gradient_accumulation_steps) == (4, 8)
+    assert plan(H100, effective=4).per_device_batch == 4  # nothing to trade: no accumulation to cut
+    assert plan(H100, effective=12).per_device_batch == 4  # 8 does not divide 12
+    assert plan(RTX_3090).per_device_batch == 4  # 8 pairs would not fit
+    assert plan(None).per_device_batch == 4  # CPU: as configured

@@ -25,6 +25,7 @@ ARG TORCH_VERSION=2.13.0
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     HF_HOME=/data/hf \
+    DPOFLOW_CACHE_DIR=/data/dpoflow \
     PREFECT_SERVER_ANALYTICS_ENABLED=false \
     PATH=/opt/venv/bin:$PATH
 

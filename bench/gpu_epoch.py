@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -54,6 +55,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp())
     build_model(args.shape, work / "model")
     make_pairs(load_tokenizer(str(work / "model")), args.pairs, SEQ // 2, SEQ // 2, work / "train.jsonl")
+    # A fresh compile cache shared by the scenarios: the first runs cold, later ones find its kernels.
+    os.environ["DPOFLOW_CACHE_DIR"] = str(work / "cache")
     for scenario in args.scenarios.split(","):
         proc = subprocess.run([sys.executable, __file__, "--worker", scenario, "--work", str(work), "--pairs",
                                str(args.pairs), "--batch", str(args.batch)], capture_output=True, text=True)
@@ -137,16 +140,24 @@ def _train(work, pairs, batch, share, name, **variant):
             "losses": [round(x, 4) for x in losses[:3] + losses[-2:]], "backend": adapter.reference}
 
 
+def _import_unsloth() -> None:
+    """As the stage does (backends.activate), timed apart from the stage."""
+    from dpoflow.backends import keep_compile_caches
+
+    keep_compile_caches()
+    import unsloth  # noqa: F401
+
+
 def one_run(work: Path, pairs: int, batch: int, share: bool) -> dict:
-    import unsloth  # noqa: F401  (the gpu extra, imported by the stage anyway; timed apart)
+    _import_unsloth()
 
     inputs = _inputs(work, pairs, batch, share)
     return _train(work, pairs, batch, share, "one-run", prepared=(*inputs, None))
 
 
 def sweep(work: Path, pairs: int, batch: int, share: bool) -> dict:
+    _import_unsloth()
     import torch
-    import unsloth  # noqa: F401
 
     from dpoflow.tasks.dpo import compute_reference_logps
 

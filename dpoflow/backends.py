@@ -4,7 +4,9 @@ installed, else TRL + PEFT (the CPU path CI runs). Everything else asks this mod
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from .config import LoraSpec, TrainSetup
 from .hardware import TrainingPlan, weights_dtype
@@ -50,10 +52,24 @@ def choose_backend(setup: TrainSetup) -> BackendChoice:
     return BackendChoice("trl", "auto: no CUDA GPU, TRL + PEFT")
 
 
+def compile_cache_dir() -> Path:
+    """Where torch.compile's caches live: DPOFLOW_CACHE_DIR (the Docker image points it at the /data
+    volume), else ~/.cache/dpoflow. torch's own default is under /tmp, which a container loses."""
+    return Path(os.environ.get("DPOFLOW_CACHE_DIR") or Path.home() / ".cache" / "dpoflow") / "compile"
+
+
+def keep_compile_caches() -> None:
+    """Point the inductor and Triton caches at `compile_cache_dir()` unless the user set them, so the
+    compiled kernels of one stage serve the next stage and the next run (docs/benchmarks.md)."""
+    root = compile_cache_dir()
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(root / "triton"))
+
+
 def activate(choice: BackendChoice, setup: TrainSetup | None = None) -> None:
     """Unsloth patches TRL and transformers when it is imported, so it must be imported before TRL."""
     if choice.name == "unsloth":
-        import os
+        keep_compile_caches()
         import sys
 
         if "trl" in sys.modules and "unsloth" not in sys.modules:

@@ -203,9 +203,14 @@ def train_dpo(start: ModelRef, data: PreparedData, spec: DPOSpec, setup: TrainSe
     if is_main_process():
         fresh_dir(out_dir)
     save_adapter(trainer, out_dir / "adapter")
+    log = deterministic_log(trainer.state.log_history)
+    # The trainer, its model and optimizer hold each other in reference cycles; free them now, not at
+    # some later collection, or the next stage in this process (another variant, the evaluation) loads
+    # its model beside this one (measured: peak 16.6 -> 30.5 GiB at the 8B shape).
+    del trainer
+    _free_accelerator_memory()
     if not is_main_process():
         return None
-    log = deterministic_log(trainer.state.log_history)
     metrics = final_metrics(log, LOGGED)
     metrics["retries"] = float(len(state["retries"]))
     metrics["final_learning_rate"] = state["learning_rate"]

@@ -95,3 +95,16 @@ def test_several_processes_train_through_trl_and_unsloth_is_refused_there():
     assert choice.name == "trl" and "torchrun" in choice.reason
     with pytest.raises(BackendError, match="unsloth with distributed.num_processes 2 is not supported"):
         choose_backend(TrainSetup(backend="unsloth", distributed=two))
+
+
+def test_compile_caches_go_to_the_dpoflow_cache_unless_set(monkeypatch, tmp_path):
+    from dpoflow.backends import keep_compile_caches
+
+    monkeypatch.setenv("DPOFLOW_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/mine")
+    keep_compile_caches()
+    import os
+
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "compile" / "inductor")
+    assert os.environ["TRITON_CACHE_DIR"] == "/mine"

@@ -84,3 +84,26 @@ def test_sigmoid_plus_sft_loss_trains(tmp_path, yes_no_pairs):
     log = json.loads((tmp_path / "out" / "log_history.json").read_text())
     # The sft term adds 0.5 * NLL of the chosen answer: well above the sigmoid loss's ln 2 at step 1.
     assert log[0]["loss"] > math.log(2) + 1.0
+
+
+def test_the_stage_frees_its_model_before_returning(tmp_path, yes_no_pairs):
+    """A later stage in the same process (a sweep's next variant, the evaluation) must not find this
+    stage's model still alive: with automatic collection off, nothing but the stage can free it."""
+    import gc
+
+    from transformers import PreTrainedModel
+
+    start, data, _ = yes_no_pairs
+    spec = DPOSpec(max_steps=1, per_device_batch_size=4, gradient_accumulation_steps=1)
+
+    def live_models():
+        return sum(isinstance(o, PreTrainedModel) for o in gc.get_objects())
+
+    gc.collect()
+    before = live_models()
+    gc.disable()
+    try:
+        train_dpo(start, data, spec, TRL, plan_stage(TRL, spec, start.path), 0, tmp_path / "out")
+        assert live_models() == before
+    finally:
+        gc.enable()

@@ -151,8 +151,25 @@ def _attention_kwargs(model, layout: SharedLayout, engine: str) -> dict[str, Any
     return {"attention_mask": attention_mask_4d(layout, kind, model.dtype)}
 
 
+def _attention_quirk(config) -> str | None:
+    """What of this model's attention the shared layout does not reproduce: a sliding window (one
+    mask serves every layer here, full and windowed alike) or logit softcapping (Unsloth's
+    shared-prefix kernel does not apply it)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "attn_logit_softcapping", None):
+        return "attention logit softcapping"
+    layer_types = getattr(text, "layer_types", None) or []
+    windowed = getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True)
+    if windowed or any("sliding" in str(t) for t in layer_types):
+        return "sliding-window attention"
+    return None
+
+
 def supported_engine(model, backend: str) -> tuple[str | None, str]:
     """(engine, why): the attention this model can run the shared layout with, or None and the reason."""
+    quirk = _attention_quirk(model.config)
+    if quirk:
+        return None, f"{quirk} is not reproduced by the shared layout"
     if backend == "unsloth":
         try:
             import unsloth.utils.prefix_grouper_kernel  # noqa: F401

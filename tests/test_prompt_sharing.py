@@ -72,6 +72,22 @@ def test_batches_it_cannot_represent_take_trl_s_path(case):
     assert plan_layout(ids, mask, labels) is None
 
 
+@pytest.mark.parametrize("fields, reason", [({"sliding_window": 512}, "sliding-window"),
+                                            ({"layer_types": ["full_attention", "sliding_attention"]}, "sliding-window"),
+                                            ({"attn_logit_softcapping": 50.0}, "softcapping")])
+def test_models_whose_attention_the_layout_cannot_reproduce_keep_trl_s_path(fields, reason):
+    from types import SimpleNamespace
+
+    from dpoflow.prompt_sharing import supported_engine
+
+    model = SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa", **fields))
+    for backend in ("trl", "unsloth"):
+        engine, why = supported_engine(model, backend)
+        assert engine is None and reason in why
+    plain = SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa", sliding_window=None))
+    assert supported_engine(plain, "trl")[0] == "mask"
+
+
 def test_to_trl_layout_is_differentiable():
     ids, mask, labels = _batch([[1, 2]], [[6, 7]], [[9]])
     layout = plan_layout(ids, mask, labels)

@@ -27,9 +27,10 @@ from __future__ import annotations
 import types
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: the CLI imports this module and needs no torch
+    import torch
 
 IGNORE = -100
 
@@ -54,6 +55,8 @@ class SharedLayout:
 
 def plan_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor) -> SharedLayout | None:
     """The flat layout of a TRL DPO batch, or None when the batch is not one it can represent."""
+    import torch
+
     if input_ids is None or labels is None or input_ids.dim() != 2 or input_ids.shape[0] % 2:
         return None
     rows, width = input_ids.shape
@@ -121,6 +124,8 @@ def attention_mask_4d(layout: SharedLayout, kind: str, dtype: torch.dtype) -> to
     """(1, 1, T, T): query q sees key k when both are in the same pair, k <= q, and k is a shared
     prompt token or in q's own answer. `kind` "bool" (True = attend, for SDPA) or "additive" (0 or the
     dtype's minimum, for eager attention)."""
+    import torch
+
     n = layout.group.numel()
     index = torch.arange(n, device=layout.group.device)
     same_pair = layout.group[:, None] == layout.group[None, :]

@@ -204,6 +204,9 @@ def train_dpo(start: ModelRef, data: PreparedData, spec: DPOSpec, setup: TrainSe
         fresh_dir(out_dir)
     save_adapter(trainer, out_dir / "adapter")
     log = deterministic_log(trainer.state.log_history)
+    # Forward calls of this attempt (policy, and the reference when on the fly) through the shared
+    # layout or TRL's own; a fallback count above zero says the data had pairs it could not share.
+    sharing = dict(getattr(trainer, "prompt_sharing", {}))
     # The trainer, its model and optimizer hold each other in reference cycles; free them now, not at
     # some later collection, or the next stage in this process (another variant, the evaluation) loads
     # its model beside this one (measured: peak 16.6 -> 30.5 GiB at the 8B shape).
@@ -214,6 +217,7 @@ def train_dpo(start: ModelRef, data: PreparedData, spec: DPOSpec, setup: TrainSe
     metrics = final_metrics(log, LOGGED)
     metrics["retries"] = float(len(state["retries"]))
     metrics["final_learning_rate"] = state["learning_rate"]
+    metrics.update({f"prompt_sharing/{k}": float(v) for k, v in sharing.items()})
     (out_dir / "dpo_metrics.json").write_text(json.dumps(metrics, indent=1))
     (out_dir / "log_history.json").write_text(json.dumps(log, indent=1))
     (out_dir / "retries.json").write_text(json.dumps(state["retries"], indent=1))

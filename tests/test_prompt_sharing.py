@@ -172,3 +172,23 @@ def test_shared_prompt_step_equals_trl_s_layout(tiny_model, tmp_path, backend):
     for name in grads0:
         a, b = grads0[name].float().flatten(), grads1[name].float().flatten()
         assert (a - b).norm() <= tol["grad"] * a.norm() + 1e-8, (name, (a - b).norm().item(), a.norm().item())
+
+
+def test_the_stage_reports_what_prompt_sharing_did(tmp_path, yes_no_pairs):
+    import json
+
+    from dpoflow.config import DPOSpec, TrainSetup
+    from dpoflow.hardware import plan_stage
+    from dpoflow.tasks.dpo import train_dpo
+
+    start, data, _ = yes_no_pairs
+    setup = TrainSetup(backend="trl")
+    for share in (True, False):
+        spec = DPOSpec(max_steps=2, per_device_batch_size=4, gradient_accumulation_steps=1, share_prompt=share)
+        train_dpo(start, data, spec, setup, plan_stage(setup, spec, start.path), 0, tmp_path / str(share))
+        metrics = json.loads((tmp_path / str(share) / "dpo_metrics.json").read_text())
+        if share:  # 2 steps x (policy + on-the-fly reference) forwards, all shared
+            assert metrics["prompt_sharing/shared_batches"] == 4 and metrics["prompt_sharing/fallback_batches"] == 0
+            assert metrics["prompt_sharing/prompt_tokens_saved"] > 0
+        else:
+            assert not any(k.startswith("prompt_sharing/") for k in metrics)

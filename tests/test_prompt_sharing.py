@@ -122,7 +122,10 @@ TOLERANCE = {"trl": dict(rel=1e-5, metric=1e-4, abs=1e-5, ref=1e-4, grad=1e-4),
              "unsloth": dict(rel=2e-3, metric=2e-2, abs=2e-3, ref=5e-2, grad=5e-2)}
 
 
-@pytest.mark.parametrize("backend", ["trl", pytest.param("unsloth", marks=pytest.mark.gpu)])
+# The trl case checks float32 equality, which TRL + PEFT gives on CPU (on a GPU it trains in bf16).
+@pytest.mark.parametrize("backend", [pytest.param("trl", marks=pytest.mark.skipif(torch.cuda.is_available(),
+                                                                                  reason="float32 on CPU")),
+                                     pytest.param("unsloth", marks=pytest.mark.gpu)])
 def test_shared_prompt_step_equals_trl_s_layout(tiny_model, tmp_path, backend):
     """The whole DPO step, TRL's layout vs the shared one, on pairs with prompts of different lengths
     and answers of different lengths: same loss, metrics, reference log-probs and LoRA gradients."""

@@ -53,25 +53,25 @@ class SharedLayout:
         return sum(prompt for prompt, _ in self.groups)
 
 
-def plan_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor) -> SharedLayout | None:
-    """The flat layout of a TRL DPO batch, or None when the batch is not one it can represent."""
+def plan_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor) -> SharedLayout | str:
+    """The flat layout of a TRL DPO batch, or why the batch is not one it can represent."""
     import torch
 
     if input_ids is None or labels is None or input_ids.dim() != 2 or input_ids.shape[0] % 2:
-        return None
+        return "not 2B rows of token ids with labels"
     rows, width = input_ids.shape
     pairs = rows // 2
     ids = input_ids.tolist()
     scored = (labels != IGNORE).tolist()
     valid = (attention_mask.sum(dim=1) if attention_mask is not None else torch.full((rows,), width)).tolist()
     if attention_mask is not None and not _right_padded(attention_mask):
-        return None
+        return "not right-padded"
 
     spans = []  # per row: (prompt length, completion length)
     for r in range(rows):
         start = next((c for c, s in enumerate(scored[r]) if s), None)
         if start is None or start == 0 or not all(scored[r][start:valid[r]]) or any(scored[r][valid[r]:]):
-            return None
+            return "a row without a prompt followed by one contiguous completion"
         spans.append((start, valid[r] - start))
 
     flat_ids, positions, targets, group, answer = [], [], [], [], []
@@ -80,7 +80,7 @@ def plan_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, la
         chosen_row, rejected_row = p, p + pairs
         prompt = spans[chosen_row][0]
         if spans[rejected_row][0] != prompt or ids[chosen_row][:prompt] != ids[rejected_row][:prompt]:
-            return None
+            return "a pair whose chosen and rejected rows differ in the prompt"
         shared = prompt - 1
         flat_ids += ids[chosen_row][:shared]
         positions += range(shared)
@@ -200,10 +200,11 @@ def install(trainer, backend: str) -> str:
     fused_forward = target.forward  # TRL's fused LM head, installed by DPOTrainer.__init__
     stats = trainer.__dict__.setdefault("prompt_sharing", {"shared_batches": 0, "fallback_batches": 0,
                                                            "prompt_tokens_saved": 0})
+    reasons = trainer.__dict__.setdefault("prompt_sharing_fallbacks", {})  # why, and how often
 
     last: list = [None, None, None]  # (input_ids, labels) weak references and their layout
 
-    def layout_for(input_ids, attention_mask, labels) -> SharedLayout | None:
+    def layout_for(input_ids, attention_mask, labels) -> SharedLayout | str:
         # The policy and the reference forward of one step get the same tensors: plan once (planning
         # reads the batch back to the CPU, which waits for the GPU).
         if last[0] is not None and last[0]() is input_ids and last[1]() is labels:
@@ -214,13 +215,16 @@ def install(trainer, backend: str) -> str:
         return layout
 
     def shared_forward(self, *args, fused_lm_head=False, labels=None, **kwargs):
-        layout = None
-        if fused_lm_head and not args and not kwargs.get("output_router_logits") and "shift_labels" not in kwargs:
+        if not fused_lm_head:  # generation and other plain calls
+            return fused_forward(*args, labels=labels, **kwargs)
+        if args or kwargs.get("output_router_logits") or "shift_labels" in kwargs:
+            layout = "positional inputs, router logits or pre-shifted labels"
+        else:
             layout = layout_for(kwargs.get("input_ids"), kwargs.get("attention_mask"), labels)
-        if layout is None:
-            if fused_lm_head:
-                stats["fallback_batches"] += 1
-            return fused_forward(*args, fused_lm_head=fused_lm_head, labels=labels, **kwargs)
+        if isinstance(layout, str):
+            stats["fallback_batches"] += 1
+            reasons[layout] = reasons.get(layout, 0) + 1
+            return fused_forward(*args, fused_lm_head=True, labels=labels, **kwargs)
         stats["shared_batches"] += 1
         stats["prompt_tokens_saved"] += layout.tokens_saved
         rest = {k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask", "position_ids")}

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,17 +35,16 @@ def main() -> None:
         print("RESULT " + json.dumps(worker(args.pipeline, Path(args.worker))), flush=True)
         return
 
+    from common import run_worker
+
     workdir = Path(tempfile.mkdtemp()) / ".dpoflow"
     rows = []
     for i in range(args.runs):
         began = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, "--pipeline", args.pipeline, "--worker", str(workdir)],
-                              capture_output=True, text=True, cwd=REPO)
+        result, proc = run_worker([__file__, "--pipeline", args.pipeline, "--worker", str(workdir)], cwd=REPO)
         wall = time.perf_counter() - began
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if line is None:
+        if result is None:
             sys.exit(f"run {i + 1} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-        result = json.loads(line[7:])
         work = sum(result["stage_work_s"].values())
         rows.append({"run": "cold" if i == 0 else "cached", "wall_s": round(wall, 1),
                      "until_first_stage_s": result["until_first_stage_s"], "stage_work_s": round(work, 1),

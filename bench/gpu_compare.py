@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,6 +54,7 @@ def main() -> None:
         print("RESULT " + json.dumps(run_config(args.worker, Path(args.work), args.steps)), flush=True)
         return
 
+    from common import report, run_worker
     from gpu_dpo import build_model, make_pairs
 
     from dpoflow.models import load_tokenizer
@@ -64,16 +64,11 @@ def main() -> None:
     make_pairs(load_tokenizer(str(work / "model")), 8 * args.steps, SEQ // 2, SEQ // 2, work / "train.jsonl")
     results = []
     for config in (CONFIGS if args.configs == "all" else args.configs.split(",")):
-        proc = subprocess.run([sys.executable, __file__, "--worker", config, "--work", str(work), "--steps",
-                               str(args.steps)], capture_output=True, text=True)
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-        result = json.loads(line[7:]) if line else {"config": config, "error": proc.stderr[-1500:]}
+        result, proc = run_worker([__file__, "--worker", config, "--work", str(work), "--steps", str(args.steps)])
+        result = result or {"config": config, "error": proc.stderr[-1500:]}
         result["shape"] = args.shape
         results.append(result)
-        print(json.dumps(result), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(result) + "\n")
+        report(result, args.out, prefix="")
     print(table(results))
 
 
@@ -188,16 +183,14 @@ def _dpoflow(work: Path, steps: int, clock, precompute: bool = False, share_prom
 
     from dpoflow.config import DPOSpec, LoraSpec, TrainSetup
     from dpoflow.hardware import plan_stage
-    from dpoflow.records import ModelRef, PreparedData
     from dpoflow.tasks.dpo import compute_reference_logps, train_dpo
+    from gpu_dpo import bench_records
 
     setup = TrainSetup(quantize=quantize)
     spec = DPOSpec(per_device_batch_size=pairs, gradient_accumulation_steps=1, max_steps=steps, max_length=SEQ,
                    logging_steps=1, lr_scheduler="constant", lora=LoraSpec(r=16, alpha=16),
                    precompute_ref_log_probs=precompute, share_prompt=share_prompt)
-    data = PreparedData(path=str(work), digest="bench", train=str(work / "train.jsonl"), heldout="", rejected="",
-                        counts={})
-    start = ModelRef(path=str(work / "model"), digest="bench", source="random", role="base")
+    start, data = bench_records(work, "random")
     plan = plan_stage(setup, spec, start.path)
     reference, reference_s = None, None
     if precompute:

@@ -19,6 +19,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from common import report  # noqa: E402
 
 SHAPES = {
     "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -44,6 +47,15 @@ def build_model(shape: str, out: Path) -> None:
     tok.save_pretrained(out)
     del model
     torch.cuda.empty_cache()
+
+
+def bench_records(work: Path, source: str):
+    """(start model, prepared data) records for the model and pairs built in `work`."""
+    from dpoflow.records import ModelRef, PreparedData
+
+    data = PreparedData(path=str(work), digest="bench", train=str(work / "train.jsonl"), heldout="", rejected="",
+                        counts={})
+    return ModelRef(path=str(work / "model"), digest="bench", source=source, role="base"), data
 
 
 def make_pairs(tok, n_pairs: int, prompt_tokens: int, completion_tokens: int, out: Path) -> None:
@@ -85,7 +97,6 @@ def main() -> None:
 
     from dpoflow.hardware import plan_stage
     from dpoflow.models import load_tokenizer
-    from dpoflow.records import ModelRef, PreparedData
     from dpoflow.tasks import dpo
     from dpoflow.training import step_clock
     work = Path(tempfile.mkdtemp())
@@ -93,9 +104,7 @@ def main() -> None:
     tok = load_tokenizer(str(work / "model"))
     pairs_per_step, seq = 4, 512
     make_pairs(tok, pairs_per_step * args.steps, seq // 2, seq // 2, work / "train.jsonl")
-    data = PreparedData(path=str(work), digest="bench", train=str(work / "train.jsonl"), heldout="", rejected="",
-                        counts={})
-    start = ModelRef(path=str(work / "model"), digest="bench", source=f"random {args.shape}", role="base")
+    start, data = bench_records(work, f"random {args.shape}")
 
     for mode in args.modes.split(","):
         setup = TrainSetup(backend="unsloth", precision="fp8" if mode == "fp8" else "bf16",
@@ -128,11 +137,7 @@ def main() -> None:
             )
         except Exception as e:  # report and go on to the next mode
             result.update(error=f"{type(e).__name__}: {e}"[:500])
-        line = json.dumps(result)
-        print("RESULT", line, flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(line + "\n")
+        report(result, args.out)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +47,7 @@ def main() -> None:
         print("RESULT " + json.dumps({"scenario": args.worker, **result}), flush=True)
         return
 
+    from common import report, run_worker
     from gpu_dpo import build_model, make_pairs
 
     from dpoflow.models import load_tokenizer
@@ -58,31 +58,25 @@ def main() -> None:
     # A fresh compile cache shared by the scenarios: the first runs cold, later ones find its kernels.
     os.environ["DPOFLOW_CACHE_DIR"] = str(work / "cache")
     for scenario in args.scenarios.split(","):
-        proc = subprocess.run([sys.executable, __file__, "--worker", scenario, "--work", str(work), "--pairs",
-                               str(args.pairs), "--batch", str(args.batch)], capture_output=True, text=True)
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-        result = json.loads(line[7:]) if line else {"scenario": scenario, "error": proc.stderr[-3000:]}
+        result, proc = run_worker([__file__, "--worker", scenario, "--work", str(work), "--pairs", str(args.pairs),
+                                   "--batch", str(args.batch)])
+        result = result or {"scenario": scenario, "error": proc.stderr[-3000:]}
         result.update(shape=args.shape, pairs=args.pairs, batch=args.batch)
-        print(json.dumps(result), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(result) + "\n")
+        report(result, args.out, prefix="")
 
 
 def _inputs(work: Path, pairs: int, batch: int, share: bool, beta: float = 0.1, lr: float = 5e-6,
             precompute: bool = False):
     from dpoflow.config import DPOSpec, LoraSpec, TrainSetup
     from dpoflow.hardware import plan_stage
-    from dpoflow.records import ModelRef, PreparedData
+    from gpu_dpo import bench_records
 
     setup = TrainSetup()
     # The default effective batch (4 x 8 = 32 pairs): the planner may trade accumulation for a larger micro-batch.
     spec = DPOSpec(per_device_batch_size=batch, gradient_accumulation_steps=8, epochs=1, max_length=SEQ,
                    logging_steps=10, lr_scheduler="constant", lora=LoraSpec(r=16, alpha=16), beta=beta,
                    learning_rate=lr, share_prompt=share, precompute_ref_log_probs=precompute)
-    data = PreparedData(path=str(work), digest="bench", train=str(work / "train.jsonl"), heldout="", rejected="",
-                        counts={})
-    start = ModelRef(path=str(work / "model"), digest="bench", source="random", role="base")
+    start, data = bench_records(work, "random")
     return start, data, spec, setup, plan_stage(setup, spec, start.path)
 
 

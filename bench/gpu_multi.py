@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from gpu_dpo import build_model, make_pairs  # noqa: E402
+from common import report  # noqa: E402
+from gpu_dpo import bench_records, build_model, make_pairs  # noqa: E402
 
 PAIRS_PER_DEVICE, EFFECTIVE_PAIRS, SEQ = 4, 8, 512
 
@@ -44,7 +45,6 @@ def main() -> None:
     from dpoflow.distributed import launch
     from dpoflow.hardware import plan_stage
     from dpoflow.models import load_tokenizer
-    from dpoflow.records import ModelRef, PreparedData
     from dpoflow.tasks.dpo import train_dpo
     from dpoflow.tasks.sft import train_sft
 
@@ -54,9 +54,7 @@ def main() -> None:
     tok = load_tokenizer(str(work / "model"))
     make_pairs(tok, EFFECTIVE_PAIRS * args.steps, SEQ // 2, SEQ // 2, work / "train.jsonl")
     print(f"model + data built in {time.perf_counter() - began:.0f} s", flush=True)
-    data = PreparedData(path=str(work), digest="bench", train=str(work / "train.jsonl"), heldout="", rejected="",
-                        counts={})
-    start = ModelRef(path=str(work / "model"), digest="bench", source=f"random {args.shape}", role="base")
+    start, data = bench_records(work, f"random {args.shape}")
     spec = DPOSpec(learning_rate=5e-6, beta=0.1, per_device_batch_size=PAIRS_PER_DEVICE,
                    gradient_accumulation_steps=EFFECTIVE_PAIRS // PAIRS_PER_DEVICE, max_steps=args.steps,
                    max_length=SEQ, logging_steps=1, lr_scheduler="constant", lora=LoraSpec(r=16, alpha=16))
@@ -125,14 +123,6 @@ def _changed(before: str, after: str) -> bool:
                     return f.get_tensor(name).float()
 
     return not bool((tensor(before) == tensor(after)).all())
-
-
-def report(result: dict, out: str | None) -> None:
-    line = json.dumps(result)
-    print("RESULT", line, flush=True)
-    if out:
-        with open(out, "a") as f:
-            f.write(line + "\n")
 
 
 if __name__ == "__main__":

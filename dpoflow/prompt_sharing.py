@@ -198,9 +198,9 @@ def install(trainer, backend: str) -> str:
     if engine is None:
         return f"prompt sharing off: {why}"
     fused_forward = target.forward  # TRL's fused LM head, installed by DPOTrainer.__init__
-    stats = trainer.__dict__.setdefault("prompt_sharing", {"shared_batches": 0, "fallback_batches": 0,
-                                                           "prompt_tokens_saved": 0})
-    reasons = trainer.__dict__.setdefault("prompt_sharing_fallbacks", {})  # why, and how often
+    # Per forward call: shared, or fallen back to TRL's layout (counted by reason).
+    stats = trainer.__dict__.setdefault("prompt_sharing", {"shared_batches": 0, "prompt_tokens_saved": 0,
+                                                           "fallbacks": {}})
 
     last: list = [None, None, None]  # (input_ids, labels) weak references and their layout
 
@@ -222,8 +222,7 @@ def install(trainer, backend: str) -> str:
         else:
             layout = layout_for(kwargs.get("input_ids"), kwargs.get("attention_mask"), labels)
         if isinstance(layout, str):
-            stats["fallback_batches"] += 1
-            reasons[layout] = reasons.get(layout, 0) + 1
+            stats["fallbacks"][layout] = stats["fallbacks"].get(layout, 0) + 1
             return fused_forward(*args, fused_lm_head=True, labels=labels, **kwargs)
         stats["shared_batches"] += 1
         stats["prompt_tokens_saved"] += layout.tokens_saved

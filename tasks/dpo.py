@@ -207,8 +207,11 @@ def train_dpo(start: ModelRef, data: PreparedData, spec: DPOSpec, setup: TrainSe
     # Forward calls of this attempt (policy, and the reference when on the fly) through the shared
     # layout or TRL's own; a fallback count above zero says the data had pairs it could not share.
     sharing = dict(getattr(trainer, "prompt_sharing", {}))
-    if getattr(trainer, "prompt_sharing_fallbacks", None):
-        stage_logger()(f"prompt sharing fell back to TRL's layout: {trainer.prompt_sharing_fallbacks}")
+    fallbacks = sharing.pop("fallbacks", {})
+    if sharing:
+        sharing["fallback_batches"] = sum(fallbacks.values())
+    if fallbacks:
+        stage_logger()(f"prompt sharing fell back to TRL's layout: {fallbacks}")
     # The trainer, its model and optimizer hold each other in reference cycles; free them now, not at
     # some later collection, or the next stage in this process (another variant, the evaluation) loads
     # its model beside this one (measured: peak 16.6 -> 30.5 GiB at the 8B shape).

@@ -202,34 +202,36 @@ def install(trainer, backend: str) -> str:
     stats = trainer.__dict__.setdefault("prompt_sharing", {"shared_batches": 0, "prompt_tokens_saved": 0,
                                                            "fallbacks": {}})
 
-    last: list = [None, None, None]  # (input_ids, labels) weak references and their layout
+    last: list = [None, None, None]  # weak references to (input_ids, labels), and what was planned for them
 
-    def layout_for(input_ids, attention_mask, labels) -> SharedLayout | str:
-        # The policy and the reference forward of one step get the same tensors: plan once (planning
-        # reads the batch back to the CPU, which waits for the GPU).
+    def plan_for(input_ids, attention_mask, labels) -> tuple[SharedLayout, dict[str, Any]] | str:
+        """(layout, attention kwargs), or why the batch keeps TRL's layout. The policy and the reference
+        forward of one step get the same tensors: plan once (planning reads the batch back to the CPU,
+        which waits for the GPU, and builds the attention mask)."""
         if last[0] is not None and last[0]() is input_ids and last[1]() is labels:
             return last[2]
         layout = plan_layout(input_ids, attention_mask, labels)
+        planned = layout if isinstance(layout, str) else (layout, _attention_kwargs(target, layout, engine))
         if input_ids is not None and labels is not None:
-            last[:] = [weakref.ref(input_ids), weakref.ref(labels), layout]
-        return layout
+            last[:] = [weakref.ref(input_ids), weakref.ref(labels), planned]
+        return planned
 
     def shared_forward(self, *args, fused_lm_head=False, labels=None, **kwargs):
         if not fused_lm_head:  # generation and other plain calls
             return fused_forward(*args, labels=labels, **kwargs)
         if args or kwargs.get("output_router_logits") or "shift_labels" in kwargs:
-            layout = "positional inputs, router logits or pre-shifted labels"
+            planned = "positional inputs, router logits or pre-shifted labels"
         else:
-            layout = layout_for(kwargs.get("input_ids"), kwargs.get("attention_mask"), labels)
-        if isinstance(layout, str):
-            stats["fallbacks"][layout] = stats["fallbacks"].get(layout, 0) + 1
+            planned = plan_for(kwargs.get("input_ids"), kwargs.get("attention_mask"), labels)
+        if isinstance(planned, str):
+            stats["fallbacks"][planned] = stats["fallbacks"].get(planned, 0) + 1
             return fused_forward(*args, fused_lm_head=True, labels=labels, **kwargs)
+        layout, attention = planned
         stats["shared_batches"] += 1
         stats["prompt_tokens_saved"] += layout.tokens_saved
         rest = {k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask", "position_ids")}
         out = fused_forward(input_ids=layout.flat_ids, position_ids=layout.position_ids,
-                            shift_labels=layout.shift_labels, fused_lm_head=True,
-                            **_attention_kwargs(self, layout, engine), **rest)
+                            shift_labels=layout.shift_labels, fused_lm_head=True, **attention, **rest)
         for name in ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask"):
             setattr(out, name, to_trl_layout(layout, getattr(out, name, None)))
         out.loss = -out.log_probs.sum() / out.label_mask.sum().clamp(min=1)

@@ -32,10 +32,11 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 CONFIGS = ("trl-refcopy", "trl-peft", "unsloth-bf16", "unsloth-4bit", "dpoflow", "dpoflow-noshare", "dpoflow-mb8",
-           "dpoflow-4bit", "dpoflow-precomputed")
+           "dpoflow-4bit", "dpoflow-precomputed", "dpoflow-trl")
 # dpoflow variants: the `dpo` stage with its GPU defaults (prompt sharing on), changed in one setting each.
 DPOFLOW = {"dpoflow": {}, "dpoflow-noshare": {"share_prompt": False}, "dpoflow-mb8": {"pairs": 8},
-           "dpoflow-4bit": {"quantize": "4bit"}, "dpoflow-precomputed": {"precompute": True}}
+           "dpoflow-4bit": {"quantize": "4bit"}, "dpoflow-precomputed": {"precompute": True},
+           "dpoflow-trl": {"backend": "trl"}}
 PAIRS, SEQ, WARMUP = 4, 512, 3
 PEAK_FLOPS = 772e12
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -87,7 +88,7 @@ def table(results: list[dict]) -> str:
 
 def run_config(config: str, work: Path, steps: int) -> dict:
     began = time.perf_counter()
-    if config.startswith(("unsloth", "dpoflow")):
+    if config.startswith(("unsloth", "dpoflow")) and config != "dpoflow-trl":
         import unsloth  # noqa: F401  (before trl: it patches TRL and transformers)
     import torch
     import trl  # noqa: F401
@@ -98,10 +99,10 @@ def run_config(config: str, work: Path, steps: int) -> dict:
     clock = step_clock(work / f"clock-{config}.json")
     torch.cuda.reset_peak_memory_stats()
     loaded = time.perf_counter()
-    reference_s = None
+    reference_s, sharing = None, None
     pairs = DPOFLOW.get(config, {}).get("pairs", PAIRS)
     if config.startswith("dpoflow"):
-        started, log, reference_s = _dpoflow(work, steps, clock, **DPOFLOW[config])
+        started, log, reference_s, sharing = _dpoflow(work, steps, clock, **DPOFLOW[config])
         loaded = started
     else:
         trainer = _trainer(config, work, steps, clock)
@@ -125,6 +126,7 @@ def run_config(config: str, work: Path, steps: int) -> dict:
                             for e in log if "loss" in e][:4],
             # With the reference pass precomputed: its seconds, and tokens/s over pass + steady steps.
             "reference_pass_s": round(reference_s, 2) if reference_s is not None else None,
+            "prompt_sharing": sharing,
             "tok_per_s_incl_reference": round(tokens * len(t) / (len(t) * per_step + reference_s))
             if reference_s is not None else None}
 
@@ -174,7 +176,7 @@ def _trainer(config: str, work: Path, steps: int, clock):
 
 
 def _dpoflow(work: Path, steps: int, clock, precompute: bool = False, share_prompt: bool = True, pairs: int = PAIRS,
-             quantize: str = "auto") -> tuple[float, list[dict], float | None]:
+             quantize: str = "auto", backend: str = "auto") -> tuple[float, list[dict], float | None, dict]:
     """The pipeline's own stage with the defaults a GPU user gets (train: backend/precision/quantize
     auto, prompt sharing on); only the batch, steps and sequence length are the benchmark's.
     `precompute`: the reference log-probs come from the `reference` stage's pass first (timed on its
@@ -186,7 +188,7 @@ def _dpoflow(work: Path, steps: int, clock, precompute: bool = False, share_prom
     from dpoflow.tasks.dpo import compute_reference_logps, train_dpo
     from gpu_dpo import bench_records
 
-    setup = TrainSetup(quantize=quantize)
+    setup = TrainSetup(quantize=quantize, backend=backend)
     spec = DPOSpec(per_device_batch_size=pairs, gradient_accumulation_steps=1, max_steps=steps, max_length=SEQ,
                    logging_steps=1, lr_scheduler="constant", lora=LoraSpec(r=16, alpha=16),
                    precompute_ref_log_probs=precompute, share_prompt=share_prompt)
@@ -201,7 +203,10 @@ def _dpoflow(work: Path, steps: int, clock, precompute: bool = False, share_prom
     began = time.perf_counter()
     adapter = train_dpo(start, data, spec, setup, plan, 0, work / f"out-dpoflow-{time.time_ns()}", reference=reference,
                         callbacks=(clock,))
-    return began, json.loads((Path(adapter.path).parent / "log_history.json").read_text()), reference_s
+    out = Path(adapter.path).parent
+    metrics = json.loads((out / "dpo_metrics.json").read_text())
+    sharing = {k: v for k, v in metrics.items() if k.startswith("prompt_sharing/")}
+    return began, json.loads((out / "log_history.json").read_text()), reference_s, sharing
 
 
 def _params_without_embedding(model_dir: Path) -> int:

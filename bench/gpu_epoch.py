@@ -4,8 +4,11 @@
   reference computed on the fly). Counted: every second of `train_dpo` after the model is loaded (the
   first step's compilation included), and the stage's whole wall time beside it.
 - sweep: the `reference` stage's pass once, then four `dpo` stages (beta/lr variants) reusing it, as
-  four pipelines that differ only in beta or lr do through the cache. Counted: the whole sequence's
-  wall time, pass and the four model loads included; also without the loads.
+  `dpoflow sweep` runs them: the stages one after the other inside `model_reuse.keep_loaded()`, so the
+  model is loaded once. Counted: the whole sequence's wall time, the pass and its load included.
+- sweep-reload: the same, each stage loading its own model (four pipelines run one by one).
+- reuse-check: variant A on a fresh load, then variant B and A again on one kept model: A's two
+  adapters and logged losses must match.
 
 Tokens are counted as the workload defines them: pairs x 2 x 512 (prompt + answer, both answers),
 whatever the stage computes internally.
@@ -42,8 +45,10 @@ def main() -> None:
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        run = {"one-run": one_run, "one-run-noshare": one_run, "sweep": sweep}[args.worker]
-        result = run(Path(args.work), args.pairs, args.batch, share=not args.worker.endswith("noshare"))
+        run = {"one-run": one_run, "one-run-noshare": one_run, "sweep": sweep, "sweep-reload": sweep,
+               "reuse-check": reuse_check}[args.worker]
+        result = run(Path(args.work), args.pairs, args.batch, share=not args.worker.endswith("noshare"),
+                     **({"keep": False} if args.worker == "sweep-reload" else {}))
         print("RESULT " + json.dumps({"scenario": args.worker, **result}), flush=True)
         return
 
@@ -149,28 +154,59 @@ def one_run(work: Path, pairs: int, batch: int, share: bool) -> dict:
     return _train(work, pairs, batch, share, "one-run", prepared=(*inputs, None))
 
 
-def sweep(work: Path, pairs: int, batch: int, share: bool) -> dict:
+def sweep(work: Path, pairs: int, batch: int, share: bool, keep: bool = True) -> dict:
     _import_unsloth()
+    import contextlib
+
     import torch
 
+    from dpoflow.model_reuse import keep_loaded
     from dpoflow.tasks.dpo import compute_reference_logps
 
     began = time.perf_counter()
-    start, data, spec, setup, plan = _inputs(work, pairs, batch, share, precompute=True)
-    reference = compute_reference_logps(start, data, spec, setup, plan, 0, work / "reference")
-    torch.cuda.synchronize()
-    pass_s = time.perf_counter() - began
-    runs = []
-    for beta, lr in VARIANTS:
-        inputs = _inputs(work, pairs, batch, share, beta=beta, lr=lr, precompute=True)
-        runs.append({"beta": beta, "lr": lr,
-                     **_train(work, pairs, batch, share, f"sweep-{beta}-{lr}", prepared=(*inputs, reference))})
+    with keep_loaded() if keep else contextlib.nullcontext() as kept:
+        start, data, spec, setup, plan = _inputs(work, pairs, batch, share, precompute=True)
+        reference = compute_reference_logps(start, data, spec, setup, plan, 0, work / f"reference-{keep}")
+        torch.cuda.synchronize()
+        pass_s = time.perf_counter() - began
+        runs = []
+        for beta, lr in VARIANTS:
+            inputs = _inputs(work, pairs, batch, share, beta=beta, lr=lr, precompute=True)
+            runs.append({"beta": beta, "lr": lr, **_train(work, pairs, batch, share, f"sweep-{keep}-{beta}-{lr}",
+                                                          prepared=(*inputs, reference))})
+            runs[-1]["allocated_after_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
+        loads = {"loads": kept.loads, "reuses": kept.reuses} if keep else None
     total = time.perf_counter() - began
     tokens = len(VARIANTS) * pairs * 2 * SEQ
-    loads = sum(r["load_s"] for r in runs)
-    return {"reference_pass_s": round(pass_s, 1), "total_s": round(total, 1),
-            "effective_tok_per_s": round(tokens / total),
-            "effective_tok_per_s_without_loads": round(tokens / (total - loads)), "runs": runs}
+    return {"reference_pass_s": round(pass_s, 1), "total_s": round(total, 1), "training_model": loads,
+            "effective_tok_per_s": round(tokens / total), "runs": runs}
+
+
+def reuse_check(work: Path, pairs: int, batch: int, share: bool) -> dict:
+    """Variant A fresh, then B and A on one kept model: the two A adapters must be the same numbers."""
+    _import_unsloth()
+    import torch
+    from safetensors.torch import load_file
+
+    from dpoflow.model_reuse import keep_loaded
+
+    def variant(name, beta, lr):
+        inputs = _inputs(work, pairs, batch, share, beta=beta, lr=lr)
+        result = _train(work, pairs, batch, share, name, prepared=(*inputs, None))
+        return result, load_file(work / name / "adapter" / "adapter_model.safetensors")
+
+    fresh, fresh_weights = variant("check-fresh", 0.1, 5e-6)
+    with keep_loaded() as kept:
+        other, _ = variant("check-other", 0.2, 2.5e-6)
+        reused, reused_weights = variant("check-reused", 0.1, 5e-6)
+        loads = {"loads": kept.loads, "reuses": kept.reuses}
+    diff = max((fresh_weights[k].float() - reused_weights[k].float()).abs().max().item() for k in fresh_weights)
+    scale = max(fresh_weights[k].float().abs().max().item() for k in fresh_weights)
+    return {"training_model": loads, "max_abs_weight_diff": diff, "max_abs_weight": scale,
+            "losses_fresh": fresh["losses"], "losses_reused": reused["losses"], "losses_other": other["losses"],
+            "load_s": [fresh["load_s"], other["load_s"], reused["load_s"]],
+            "peak_alloc_gib": [fresh["peak_alloc_gib"], other["peak_alloc_gib"], reused["peak_alloc_gib"]],
+            "allocated_after_gib": round(torch.cuda.memory_allocated() / 2**30, 2)}
 
 
 if __name__ == "__main__":

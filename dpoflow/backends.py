@@ -84,10 +84,12 @@ def load_for_training(choice: BackendChoice, path: str, plan: TrainingPlan, lora
                       seed: int):
     """(model, tokenizer, peft_config) ready for a TRL trainer with ref_model=None.
 
-    TRL: a plain model plus `peft_config`; TRL adds a fresh adapter and the reference is the model with
-    adapters off. Unsloth ignores `peft_config`, so the adapter is attached here; TRL then copies the
-    fresh (zero-effect) adapter as a frozen "ref", which again makes the reference the loaded model.
+    Both backends attach a fresh LoRA adapter here (seeded) and return `peft_config` None; TRL then
+    copies that zero-effect adapter as a frozen "ref", so the reference is the loaded model. One model
+    object from load to the trainer is what lets model_reuse reset and reuse it. Under torchrun (TRL
+    only) the plain model and `peft_config` go to TRL instead, which wraps it for DDP or FSDP itself.
     """
+    from .distributed import world_size
     from .models import load_model, load_tokenizer, torch_dtype
     from .training import lora_config
 
@@ -96,7 +98,14 @@ def load_for_training(choice: BackendChoice, path: str, plan: TrainingPlan, lora
         if plan.load_in_4bit or plan.precision == "fp8":
             raise BackendError("4-bit and FP8 weights need the unsloth backend (pip install 'dpoflow[gpu]' on a "
                                "CUDA machine), or set train.quantize: none and train.precision: bf16")
-        return load_model(path, dtype), load_tokenizer(path), lora_config(lora)
+        model, tokenizer = load_model(path, dtype), load_tokenizer(path)
+        if world_size() > 1:
+            return model, tokenizer, lora_config(lora)
+        from peft import get_peft_model
+        from transformers import set_seed
+
+        set_seed(seed)  # the adapter's random init, as Unsloth's random_state does
+        return get_peft_model(model, lora_config(lora)), tokenizer, None
 
     activate(choice)
     from unsloth import FastLanguageModel, PatchDPOTrainer

@@ -24,6 +24,12 @@ def main(argv: list[str] | None = None) -> int:
                        help="override a config field, e.g. --set dpo.beta=0.2 (repeatable)")
 
     add_common(sub.add_parser("run", help="run a pipeline end to end (cached stages are reused)"), True)
+    p = sub.add_parser("sweep", help="run a pipeline once per combination of --vary values, in one process "
+                                     "(shared stages and one loaded model), and compare the variants")
+    add_common(p, True)
+    p.add_argument("--vary", action="append", default=[], metavar="KEY.PATH=V1,V2,...",
+                   help="a field and its values, e.g. --vary dpo.beta=0.05,0.1,0.2 (repeatable: every combination "
+                        "runs); list values as [a,b],[c]")
     add_common(sub.add_parser("prepare", help="run only the prepare stage (and the model it tokenizes with) "
                                               "and print the data report"), True)
     add_common(sub.add_parser("validate", help="check the pipelines file; non-zero exit on any bad field"), False)
@@ -106,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
             for c in configs:
                 print(f"ok: {c.name}")
             return 0
+        if args.command == "sweep":
+            from .sweeps import plan_sweep
+
+            return sweep(plan_sweep(args.pipeline, args.vary, args.file, args.overrides), args.overrides)
         if args.command == "doctor":
             return doctor(load_pipeline(args.pipeline, args.file, args.overrides) if args.pipeline else None)
         config = load_pipeline(args.pipeline, args.file, args.overrides)
@@ -170,6 +180,23 @@ def run(config, overrides: list[str] = ()) -> int:
             print(f"{name + ':':<15}{path}")
     return 0
 
+
+def sweep(variants, overrides: list[str]) -> int:
+    configure_environment()
+    from pathlib import Path
+
+    from dpoflow.flows.sweep import sweep as sweep_flow
+
+    name = variants[0].config.name
+    print(f"dpoflow: sweep of {name!r}: {len(variants)} variants")
+    try:
+        result = sweep_flow(variants, list(overrides))
+    except Exception as e:
+        print(f"\ndpoflow: sweep of {name!r} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    print("\n" + (Path(result["sweep_dir"]) / "sweep.md").read_text())
+    print(f"sweep folder: {result['sweep_dir']}")
+    return 0
 
 
 def init(args) -> int:

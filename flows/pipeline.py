@@ -24,6 +24,7 @@ from dpoflow.backends import activate, choose_backend
 from dpoflow.cache import Workspace, stage_key
 from dpoflow.config import PipelineConfig
 from dpoflow.hardware import TrainingPlan, plan_key, plan_stage
+from dpoflow.model_reuse import keep_loaded
 from dpoflow.runtime import set_cpu_threads
 from dpoflow.summary import StageRow, key_metric, markdown, rows_as_dicts
 from dpoflow.tasks.dpo import dpo_task, reference_task
@@ -89,9 +90,29 @@ class Outputs:
     published: Any = None
 
 
+@dataclass
+class Trained:
+    """What the training half of the pipeline produced: the input of the evaluation and release half."""
+
+    base: Any
+    data: Any
+    start: Any
+    reference: Any
+    adapter: Any
+    plans: dict[str, TrainingPlan]
+    fingerprints: list[str]
+
+
 def compose(config: PipelineConfig, backend, run, plan_for) -> Outputs:
     """The stages, their order and what feeds what: the one place the pipeline is wired. `run` runs
     (or looks up) a stage by its content key; `plan_for(spec, model)` is the hardware plan."""
+    with keep_loaded():  # the reference pass and the dpo stage share one loaded model
+        trained = compose_training(config, backend, run, plan_for)
+    return compose_release(config, run, trained)
+
+
+def compose_training(config: PipelineConfig, backend, run, plan_for) -> Trained:
+    """model -> prepare -> [sft] -> [reference] -> dpo."""
     # Hashing the data files once: the prepare key and the model card both name them.
     fingerprints = [sources.fingerprint(s) for s in config.data.source_specs]
     base, data = compose_data(config, run, fingerprints)
@@ -115,6 +136,13 @@ def compose(config: PipelineConfig, backend, run, plan_for) -> Outputs:
                   {**dpo_inputs, "spec": config.dpo.model_dump(), "reference": reference and reference.digest},
                   start=start, data=data, spec=config.dpo, setup=config.train, plan=plan, seed=config.seed,
                   reference=reference, checkpoints=True)
+    return Trained(base, data, start, reference, adapter, {k: v for k, v in plans.items() if v}, fingerprints)
+
+
+def compose_release(config: PipelineConfig, run, trained: Trained) -> Outputs:
+    """evaluate (the forgetting gate) -> export -> card -> [publish], for what `compose_training` made."""
+    base, data, start, reference, adapter, plans = (trained.base, trained.data, trained.start, trained.reference,
+                                                    trained.adapter, trained.plans)
     report = gate = None
     if config.evaluate.enabled:
         ev = config.evaluate
@@ -136,7 +164,8 @@ def compose(config: PipelineConfig, backend, run, plan_for) -> Outputs:
                   adapter=adapter, spec=config.export)
     # The card is built from what the run did; apart from the exports so that editing it never redoes them.
     forgetting_md = forgetting.report_markdown(gate) if gate is not None else None
-    data_sources = [{"label": s.label, "fingerprint": f} for s, f in zip(config.data.source_specs, fingerprints)]
+    data_sources = [{"label": s.label, "fingerprint": f}
+                    for s, f in zip(config.data.source_specs, trained.fingerprints)]
     commit = modelcard.git_commit(Path.cwd())
     card = run(card_task, "card",
                {"config": config.model_dump(mode="json", exclude={"workdir"}), "data": data.digest,
@@ -150,8 +179,7 @@ def compose(config: PipelineConfig, backend, run, plan_for) -> Outputs:
                          "spec": config.publish.model_dump(exclude={"token_secret", "max_attempts"})},
                         exports=exports, card=card, spec=config.publish,
                         message=f"dpoflow: pipeline {config.name}, run {flow_run.get_name() or 'local'}")
-    return Outputs(base, data, start, reference, adapter, report, exports, {k: v for k, v in plans.items() if v},
-                   gate, card, published)
+    return Outputs(base, data, start, reference, adapter, report, exports, plans, gate, card, published)
 
 
 def compose_data(config: PipelineConfig, run, fingerprints: list[str]) -> tuple[Any, Any]:
@@ -179,11 +207,11 @@ def prepare_only(config: PipelineConfig) -> dict[str, Any]:
     return summary
 
 
-def publish_data_report(config: PipelineConfig, data, run_dir: Path) -> None:
+def publish_data_report(config: PipelineConfig, data, run_dir: Path, key: str | None = None) -> None:
     """data_report.json at a stable place in the run folder, and the report as a Prefect artifact."""
     report = Path(data.report)
     (run_dir / "data_report.json").write_bytes(report.read_bytes())
-    create_markdown_artifact(report.with_suffix(".md").read_text(), key=artifact_key(config.name) + "-data",
+    create_markdown_artifact(report.with_suffix(".md").read_text(), key=(key or artifact_key(config.name)) + "-data",
                              description=f"dpoflow data report of {config.name}")
 
 
@@ -191,31 +219,48 @@ def publish_data_report(config: PipelineConfig, data, run_dir: Path) -> None:
 def pipeline(config: PipelineConfig, overrides: list[str] | None = None) -> dict[str, Any]:
     """Align `config.model` on `config.data` and export it; returns the run summary. `overrides` are
     the --set items (CLI, or a deployment run's form) already applied to `config`, for the record."""
-    logger = get_run_logger()
     set_cpu_threads(config.cpu_threads)
     workspace = Workspace(config.workdir)
     run = StageRunner(workspace)
-    backend = choose_backend(config.train)
-    activate(backend, config.train)  # before any stage imports transformers or TRL
-    logger.info("training backend: %s (%s)", backend.name, backend.reason)
+    backend = start_backend(config)
     blocked = None
     try:
-        out = compose(config, backend, run, lambda spec, model: plan_stage(config.train, spec, model.path))
+        out = compose(config, backend, run, hardware_plans(config))
     except GateBlocked as e:  # still leave the summary and the score table before failing the run
         blocked, out = e, e.outputs
-    run_dir = new_run_folder(workspace, config)
-    if out.gate is not None:
-        write_gate_report(out.gate, run_dir)
-        create_table_artifact(out.gate.rows, key=artifact_key(config.name) + "-forgetting",
-                              description="Forgetting check: start model vs tuned, accuracy points per task")
-    summary, summary_md = summarize(config, backend, run, out, blocked, run_dir, overrides or [])
-    write_run_folder(run_dir, summary, run.outputs, summary_md)
-    publish_data_report(config, out.data, run_dir)
-    create_markdown_artifact(summary_md, key=artifact_key(config.name),
-                             description=f"dpoflow summary of {config.name}")
-    logger.info("run folder: %s", run_dir)
+    summary = record_run(config, backend, run, out, blocked, new_run_folder(workspace, config), overrides or [])
     if blocked:
         raise blocked
+    return summary
+
+
+def start_backend(config: PipelineConfig):
+    """The training backend for `config`, imported before any stage imports transformers or TRL."""
+    backend = choose_backend(config.train)
+    activate(backend, config.train)
+    get_run_logger().info("training backend: %s (%s)", backend.name, backend.reason)
+    return backend
+
+
+def hardware_plans(config: PipelineConfig):
+    return lambda spec, model: plan_stage(config.train, spec, model.path)
+
+
+def record_run(config: PipelineConfig, backend, run: StageRunner, out: Outputs, blocked: GateBlocked | None,
+               run_dir: Path, overrides: list[str], artifact_name: str | None = None,
+               latest: bool = True) -> dict[str, Any]:
+    """The run folder (summary, stage links, forgetting table, data report) and the Prefect artifacts;
+    returns the summary."""
+    key = artifact_key(artifact_name or config.name)
+    if out.gate is not None:
+        write_gate_report(out.gate, run_dir)
+        create_table_artifact(out.gate.rows, key=key + "-forgetting",
+                              description="Forgetting check: start model vs tuned, accuracy points per task")
+    summary, summary_md = summarize(config, backend, run, out, blocked, run_dir, overrides)
+    write_run_folder(run_dir, summary, run.outputs, summary_md, latest=latest)
+    publish_data_report(config, out.data, run_dir, key)
+    create_markdown_artifact(summary_md, key=key, description=f"dpoflow summary of {artifact_name or config.name}")
+    get_run_logger().info("run folder: %s", run_dir)
     return summary
 
 
@@ -256,6 +301,7 @@ def summarize(config: PipelineConfig, backend, run: StageRunner, out: Outputs, b
         "reference": adapter.reference,
         "backend": {"name": backend.name, "reason": backend.reason},
         "retries": adapter.retries,
+        "dpo_metrics": adapter.metrics,
         "plans": {stage: asdict(p) for stage, p in out.plans.items()},
         "exports": ({"adapter": exports.adapter, "merged": exports.merged,
                      **{f"gguf_{t}": g["file"] for t, g in exports.gguf.items()}} if exports else {}),
@@ -269,21 +315,27 @@ def summarize(config: PipelineConfig, backend, run: StageRunner, out: Outputs, b
     return summary, md
 
 
-def new_run_folder(workspace: Workspace, config: PipelineConfig) -> Path:
-    """runs/<pipeline>/<time>-<flow run>/, with the resolved config."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    run_dir = workspace.runs(config.name) / f"{stamp}-{flow_run.get_name()}"
+def new_run_folder(workspace: Workspace, config: PipelineConfig, run_dir: Path | None = None) -> Path:
+    """runs/<pipeline>/<time>-<flow run>/ (or `run_dir`), with the resolved config."""
+    run_dir = run_dir or workspace.runs(config.name) / run_folder_name()
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(config.model_dump_json(indent=1))
     return run_dir
 
 
-def write_run_folder(run_dir: Path, summary: dict, outputs: dict[str, str], summary_md: str) -> None:
-    """The summary, a link per stage output, and runs/<pipeline>/latest pointing here."""
+def run_folder_name() -> str:
+    return f"{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}-{flow_run.get_name()}"
+
+
+def write_run_folder(run_dir: Path, summary: dict, outputs: dict[str, str], summary_md: str,
+                     latest: bool = True) -> None:
+    """The summary, a link per stage output, and (`latest`) runs/<pipeline>/latest pointing here."""
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     (run_dir / "summary.md").write_text(summary_md)
     for stage, out_dir in outputs.items():
         (run_dir / stage).symlink_to(out_dir, target_is_directory=True)
+    if not latest:
+        return
     # Swapped in one rename, so a concurrent run never sees `latest` missing.
     link = run_dir.parent / f".latest.{run_dir.name}"
     link.symlink_to(run_dir.name, target_is_directory=True)

@@ -23,6 +23,7 @@ from dpoflow.backends import BackendChoice, choose_backend, load_for_training
 from dpoflow.config import DPOSpec, TrainSetup
 from dpoflow.distributed import is_main_process, run_stage
 from dpoflow.hardware import TrainingPlan
+from dpoflow.model_reuse import free_accelerator_memory, training_model
 from dpoflow.prompt_sharing import install as share_prompts
 from dpoflow.records import ModelRef, PreparedData, ReferenceLogps, TrainedAdapter
 from dpoflow.training import deterministic_log, final_metrics, keep_outputs_fp32, save_adapter, trainer_args
@@ -127,7 +128,12 @@ def _train_rows(data: PreparedData, reference: ReferenceLogps | None):
 
 def _trainer(backend: BackendChoice, start: ModelRef, dataset, spec: DPOSpec, plan: TrainingPlan, seed: int,
              output_dir: Path, learning_rate: float, max_steps: int, callbacks: list):
-    model, tokenizer, peft_config = load_for_training(backend, start.path, plan, spec.lora, spec.max_length, seed)
+    # The same weights, LoRA and length load the same model: inside model_reuse.keep_loaded() the
+    # reference pass and each sweep variant take the one already loaded, reset.
+    key = (backend.name, start.path, start.digest, plan.precision, plan.load_in_4bit, spec.lora.model_dump_json(),
+           spec.max_length, seed)
+    model, tokenizer, peft_config = training_model(
+        key, lambda: load_for_training(backend, start.path, plan, spec.lora, spec.max_length, seed), stage_logger())
     from trl import DPOConfig, DPOTrainer
 
     args = trainer_args(spec, output_dir, seed, plan)
@@ -141,16 +147,6 @@ def _trainer(backend: BackendChoice, start: ModelRef, dataset, spec: DPOSpec, pl
     if spec.share_prompt:
         stage_logger()(share_prompts(trainer, backend.name))
     return trainer
-
-
-def _free_accelerator_memory() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _load_adapter_weights(trainer, checkpoint: Path) -> None:
@@ -198,7 +194,7 @@ def train_dpo(start: ModelRef, data: PreparedData, spec: DPOSpec, setup: TrainSe
         except _Collapsed as collapse:
             state = _retry_after(collapse, state, attempt_dir, trainer.state.max_steps, spec.guards)
             del trainer
-            _free_accelerator_memory()
+            free_accelerator_memory()
 
     if is_main_process():
         fresh_dir(out_dir)
@@ -216,7 +212,7 @@ def train_dpo(start: ModelRef, data: PreparedData, spec: DPOSpec, setup: TrainSe
     # some later collection, or the next stage in this process (another variant, the evaluation) loads
     # its model beside this one (measured: peak 16.6 -> 30.5 GiB at the 8B shape).
     del trainer
-    _free_accelerator_memory()
+    free_accelerator_memory()
     if not is_main_process():
         return None
     metrics = final_metrics(log, LOGGED)
@@ -259,7 +255,7 @@ def compute_reference_logps(start: ModelRef, data: PreparedData, spec: DPOSpec, 
                 chosen += c.float().cpu().tolist()
                 rejected += r.float().cpu().tolist()
         del trainer, loader
-        _free_accelerator_memory()  # the dpo stage, in this same process, loads its own copy next
+        free_accelerator_memory()  # unless the model is kept (model_reuse), the dpo stage loads its own next
     file = out_dir / "reference_logps.jsonl"
     write_jsonl(file, [{"row": row, "ref_chosen_logps": c, "ref_rejected_logps": r}
                        for row, c, r in zip(dataset["row"], chosen, rejected)])

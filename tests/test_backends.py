@@ -26,13 +26,25 @@ def test_quantized_loading_needs_unsloth(tiny_model):
         load_for_training(choose_backend(TrainSetup(backend="trl")), str(tiny_model), plan, LoraSpec(), 64, 0)
 
 
-def test_trl_backend_gives_a_plain_model_and_a_peft_config(tiny_model):
+def test_trl_backend_attaches_a_fresh_seeded_adapter(tiny_model):
     setup = TrainSetup(backend="trl")
     plan = TrainingPlan(precision="fp32", load_in_4bit=False, per_device_batch=4, gradient_accumulation_steps=1)
-    model, tokenizer, peft_config = load_for_training(choose_backend(setup), str(tiny_model), plan, LoraSpec(r=4),
-                                                      64, 0)
-    assert not hasattr(model, "peft_config") and peft_config.r == 4
+    loads = [load_for_training(choose_backend(setup), str(tiny_model), plan, LoraSpec(r=4), 64, seed)
+             for seed in (0, 0, 1)]
+    model, tokenizer, peft_config = loads[0]
+    assert peft_config is None and model.peft_config["default"].r == 4
     assert tokenizer.chat_template
+    lora_a = [next(p for n, p in m.named_parameters() if "lora_A" in n) for m, _, _ in loads]
+    assert (lora_a[0] == lora_a[1]).all() and not (lora_a[0] == lora_a[2]).all()  # seeded init
+    assert all(not p.any() for n, p in model.named_parameters() if "lora_B" in n)  # zero effect at start
+
+
+def test_trl_backend_under_torchrun_leaves_the_wrapping_to_trl(tiny_model, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    plan = TrainingPlan(precision="fp32", load_in_4bit=False, per_device_batch=4, gradient_accumulation_steps=1)
+    model, _, peft_config = load_for_training(choose_backend(TrainSetup(backend="trl")), str(tiny_model), plan,
+                                              LoraSpec(r=4), 64, 0)
+    assert not hasattr(model, "peft_config") and peft_config.r == 4
 
 
 def test_backend_is_a_config_field():

@@ -34,6 +34,7 @@ def demo(repo, tmp_path_factory):
         summary["output"] = proc.stdout + proc.stderr
         return summary
 
+    run.tmp = tmp
     return run
 
 
@@ -88,6 +89,35 @@ def test_a_beta_sweep_pays_the_precomputed_reference_pass_once(demo):
                   "dpo.loss_weights=[1.0,0.1]")
     assert second["status"]["reference"] == "cached"
     assert second["status"]["dpo"] == "ran"
+
+
+def test_a_sweep_trains_its_variants_on_one_loaded_model_and_each_equals_its_own_run(demo, repo):
+    common = ["dpo.precompute_ref_log_probs=true", "evaluate.limit=20"]
+    env = {**os.environ, "PREFECT_HOME": str(demo.tmp / "prefect"), "OMP_NUM_THREADS": "1"}
+    env.pop("PREFECT_API_URL", None)
+    cmd = ["python", "-m", "dpoflow", "sweep", "demo", "-f", str(repo / "pipelines.yaml"), "--vary",
+           "dpo.beta=0.15,0.25", "--set", f"workdir={demo.tmp / 'work'}"]
+    for item in common:
+        cmd += ["--set", item]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    sweep_dir = Path(next(line.split(":", 1)[1].strip() for line in proc.stdout.splitlines()
+                          if line.startswith("sweep folder:")))
+    result = json.loads((sweep_dir / "sweep.json").read_text())
+    rows = result["variants"]
+    assert [r["variant"] for r in rows] == ["dpo.beta=0.15", "dpo.beta=0.25"]
+    assert [r["dpo_stage"] for r in rows] == ["ran", "ran"] and {r["gate"] for r in rows} == {"passed"}
+    assert all(r["heldout_accuracy"] >= 0.9 for r in rows)
+    # Both DPO stages (and the reference pass, if it ran) trained on the model loaded once.
+    assert result["training_model"]["loads"] == 1 and result["training_model"]["reuses"] >= 1
+    assert "| dpo.beta=0.15 |" in (sweep_dir / "sweep.md").read_text()
+    variant = json.loads((sweep_dir / "v2" / "summary.json").read_text())
+    assert variant["overrides"][-1] == "dpo.beta=0.25" and variant["exports"]["merged"]
+
+    # A variant is the pipeline with its items: run alone, every stage is the sweep's, from the cache.
+    alone = demo(*common, "dpo.beta=0.25")
+    assert set(alone["status"].values()) == {"cached"}
+    assert alone["metrics"] == variant["metrics"]
 
 
 def test_the_forgetting_gate_blocks_export_when_enforced_and_only_reports_in_warn_mode(demo):

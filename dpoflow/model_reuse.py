@@ -1,0 +1,130 @@
+"""One loaded training model kept between the DPO stages of one process: the reference pass and the
+`dpo` stage of a pipeline, or every variant of a sweep. Each stage after the first skips the model
+load (about 13 s at the 8B shape on an H100, docs/benchmarks.md).
+
+A DPO stage hands TRL a PEFT model with a fresh adapter, and training changes that model in place:
+the adapter's weights, the frozen "ref" adapter TRL adds, instance `forward` patches (TRL's fused LM
+head, prompt sharing, accelerate's autocast wrapper), hooks and `requires_grad` flags. `Kept`
+snapshots all of that right after the load and puts it back before the next stage takes the model,
+so every stage starts from what a fresh load gives (tests/test_model_reuse.py: the trained adapters
+are identical).
+
+Only inside `keep_loaded()`; outside it each stage loads its own model and frees it when done.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+# Module hook tables that training may add to (TRL's input-grad hook, accelerate, Unsloth).
+HOOK_TABLES = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+
+
+class Kept:
+    """A loaded (PEFT model, tokenizer) and the state it had when loaded."""
+
+    def __init__(self, key: Hashable, model, tokenizer):
+        self.key, self.model, self.tokenizer = key, model, tokenizer
+        self.adapters = set(model.peft_config)
+        self.active_adapter = model.active_adapter
+        self.training = model.training
+        params = dict(model.named_parameters())
+        self.requires_grad = {name: p.requires_grad for name, p in params.items()}
+        # The fresh adapter's weights (LoRA A random, B zero), kept in host memory: up to a few hundred MB
+        # that the accelerator then need not hold beside the training.
+        self.fresh = {name: p.detach().to("cpu", copy=True) for name, p in params.items() if p.requires_grad}
+        self.modules = [(module, module.__dict__.get("forward"),
+                         {table: set(getattr(module, table, {})) for table in HOOK_TABLES})
+                        for module in model.modules()]
+
+    def restore(self) -> None:
+        """Put the model back as it was loaded: adapters, weights, flags, forwards and hooks."""
+        import torch
+
+        model = self.model
+        for name in set(model.peft_config) - self.adapters:
+            model.delete_adapter(name)
+        model.set_adapter(self.active_adapter)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in self.fresh:
+                    param.copy_(self.fresh[name])
+                param.requires_grad_(self.requires_grad[name])
+                param.grad = None
+        for module, forward, hooks in self.modules:
+            if forward is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = forward
+            for table, keys in hooks.items():
+                added = getattr(module, table, {})
+                for handle in [k for k in added if k not in keys]:
+                    del added[handle]
+        model.train(self.training)
+
+
+class _Scope:
+    def __init__(self):
+        self.kept: Kept | None = None
+        self.loads = self.reuses = 0
+
+    def take(self, key: Hashable, load: Callable[[], tuple[Any, Any, Any]], log: Callable[[str], Any]):
+        if self.kept is not None and self.kept.key == key:
+            self.kept.restore()
+            self.reuses += 1
+            log("model: the one the previous stage loaded, reset to its fresh adapter (no load)")
+            return self.kept.model, self.kept.tokenizer, None
+        self.release()
+        model, tokenizer, peft_config = load()
+        self.loads += 1
+        if peft_config is None:  # a PEFT model we can reset; with a peft_config TRL wraps it per trainer
+            self.kept = Kept(key, model, tokenizer)
+        return model, tokenizer, peft_config
+
+    def release(self) -> None:
+        if self.kept is None:
+            return
+        self.kept = None
+        free_accelerator_memory()
+
+
+_scope: _Scope | None = None
+_lock = threading.Lock()  # Prefect runs tasks in worker threads; stages of one flow run one at a time
+
+
+@contextmanager
+def keep_loaded() -> Iterator[_Scope]:
+    """Within this block the DPO stages of this process share one loaded model when they load the same
+    one (same start model, weights precision, LoRA, max length and seed); it is freed on leaving."""
+    global _scope
+    with _lock:
+        outer, _scope = _scope, _scope or _Scope()
+        scope = _scope
+    try:
+        yield scope
+    finally:
+        if outer is None:
+            with _lock:
+                _scope = None
+            scope.release()
+
+
+def training_model(key: Hashable, load: Callable[[], tuple[Any, Any, Any]], log: Callable[[str], Any] = print):
+    """`load()`'s (model, tokenizer, peft_config), or inside `keep_loaded()` the kept model reset to how
+    it was loaded, when it was loaded under the same `key`."""
+    scope = _scope
+    return load() if scope is None else scope.take(key, load, log)
+
+
+def free_accelerator_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,99 @@
+"""The sweep flow: several variants of one pipeline (dpoflow.sweeps) in one flow run.
+
+The variants' training halves run first, back to back: they share the model, prepare, sft and reference
+stages through the cache, and their DPO stages share one loaded model (dpoflow.model_reuse), so a
+variant costs its training steps and not a model load. Then each variant is evaluated, exported and
+recorded as its own pipeline run would be, and a table compares them. A variant that fails does not
+stop the others; the sweep fails at the end if any did.
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from dpoflow.cache import Workspace
+from dpoflow.config import PipelineConfig
+from dpoflow.model_reuse import keep_loaded
+from dpoflow.runtime import set_cpu_threads
+from dpoflow.sweeps import Variant, comparison_markdown, comparison_row
+
+from .pipeline import (GateBlocked, StageRunner, artifact_key, compose_release, compose_training, hardware_plans,
+                       new_run_folder, record_run, run_folder_name, start_backend)
+
+
+class SweepFailed(RuntimeError):
+    pass
+
+
+@flow(name="dpoflow-sweep")
+def sweep(variants: list[Variant], overrides: list[str] | None = None) -> dict[str, Any]:
+    """Train, evaluate and export every variant; returns the comparison. `overrides` are the --set items
+    common to all variants, for the record."""
+    logger = get_run_logger()
+    first = variants[0].config
+    if len({(v.config.name, v.config.workdir) for v in variants}) != 1:
+        raise ValueError("a sweep's variants are one pipeline in one workdir")
+    set_cpu_threads(first.cpu_threads)
+    workspace = Workspace(first.workdir)
+    sweep_dir = workspace.runs(first.name) / "sweeps" / run_folder_name()
+    runs = [StageRunner(workspace) for _ in variants]
+    backends = [start_backend(v.config) for v in variants]
+    trained, errors = {}, {}
+    with keep_loaded() as kept:
+        for i, (variant, run, backend) in enumerate(zip(variants, runs, backends)):
+            logger.info("sweep variant %d of %d: %s: training", i + 1, len(variants), variant.label)
+            try:
+                trained[i] = compose_training(variant.config, backend, run, hardware_plans(variant.config))
+            except Exception as e:  # noqa: BLE001 - recorded in the table; the other variants go on
+                errors[i] = _failure(logger, variant, e)
+    rows = []
+    for i, variant in enumerate(variants):
+        if i in trained:
+            logger.info("sweep variant %d of %d: %s: evaluation and export", i + 1, len(variants), variant.label)
+            try:
+                rows.append(_release(variant, runs[i], backends[i], trained[i], sweep_dir / f"v{i + 1}",
+                                     [*(overrides or []), *variant.items], f"{first.name}-sweep-v{i + 1}"))
+                continue
+            except Exception as e:  # noqa: BLE001
+                errors[i] = _failure(logger, variant, e)
+        rows.append({"variant": variant.label, "error": errors[i], "run_dir": None})
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    # How many training-model loads the variants' DPO stages (and reference pass) paid, and how many reused one.
+    loads = {"loads": kept.loads, "reuses": kept.reuses}
+    table = comparison_markdown(first.name, rows, [
+        f"training model: {kept.loads} load(s) for {kept.loads + kept.reuses} DPO stage(s) that ran (reference "
+        "passes included); the others reused the loaded one"])
+    (sweep_dir / "sweep.json").write_text(json.dumps({"pipeline": first.name, "overrides": overrides or [],
+                                                      "training_model": loads, "variants": rows}, indent=1))
+    (sweep_dir / "sweep.md").write_text(table)
+    create_markdown_artifact(table, key=artifact_key(first.name) + "-sweep", description=f"sweep of {first.name}")
+    create_table_artifact([{k: v for k, v in r.items() if k != "exports"} for r in rows],
+                          key=artifact_key(first.name) + "-sweep-table")
+    logger.info("sweep folder: %s", sweep_dir)
+    if errors:
+        raise SweepFailed(f"{len(errors)} of {len(variants)} variants failed: "
+                          + "; ".join(f"{variants[i].label}: {msg}" for i, msg in errors.items())
+                          + f" (table: {sweep_dir / 'sweep.md'})")
+    return {"pipeline": first.name, "sweep_dir": str(sweep_dir), "training_model": loads, "variants": rows}
+
+
+def _release(variant: Variant, run: StageRunner, backend, trained, run_dir, overrides, artifact_name) -> dict:
+    config = variant.config
+    blocked = None
+    try:
+        out = compose_release(config, run, trained)
+    except GateBlocked as e:  # a variant the gate stops is a result of the sweep, not a failure
+        blocked, out = e, e.outputs
+    new_run_folder(Workspace(config.workdir), config, run_dir)
+    summary = record_run(config, backend, run, out, blocked, run_dir, overrides, artifact_name, latest=False)
+    return comparison_row(variant, summary)
+
+
+def _failure(logger, variant: Variant, error: Exception) -> str:
+    logger.error("sweep variant %s failed:\n%s", variant.label, "".join(traceback.format_exception(error)))
+    return f"{type(error).__name__}: {error}"

@@ -1,0 +1,119 @@
+"""The DPO stages of one process share one loaded model inside `keep_loaded()`, and a stage on the kept
+model trains exactly as it does on a freshly loaded one."""
+
+import gc
+import json
+import weakref
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpoflow import model_reuse
+from dpoflow.config import DPOSpec, TrainSetup
+from dpoflow.hardware import plan_stage
+from dpoflow.tasks.dpo import compute_reference_logps, train_dpo
+
+TRL = TrainSetup(backend="trl")
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="exact float32 equality on the CPU")
+
+
+def spec(**fields) -> DPOSpec:
+    return DPOSpec(**{"max_steps": 3, "per_device_batch_size": 4, "gradient_accumulation_steps": 1,
+                      "logging_steps": 1, "lr_scheduler": "constant", "learning_rate": 1e-2, **fields})
+
+
+def train(pairs, out, dpo: DPOSpec, reference=None):
+    start, data, _ = pairs
+    train_dpo(start, data, dpo, TRL, plan_stage(TRL, dpo, start.path), 0, out, reference=reference)
+    return load_file(out / "adapter" / "adapter_model.safetensors"), json.loads((out / "log_history.json").read_text())
+
+
+@cpu_only
+def test_a_variant_trained_on_the_kept_model_equals_one_trained_on_a_fresh_load(tmp_path, yes_no_pairs):
+    fresh, fresh_log = train(yes_no_pairs, tmp_path / "fresh", spec(beta=0.1))
+    with model_reuse.keep_loaded() as scope:
+        other, _ = train(yes_no_pairs, tmp_path / "other", spec(beta=0.5, learning_rate=3e-2))
+        reused, reused_log = train(yes_no_pairs, tmp_path / "reused", spec(beta=0.1))
+        assert scope.loads == 1 and scope.reuses == 1
+    assert fresh.keys() == reused.keys()
+    assert all(torch.equal(fresh[k], reused[k]) for k in fresh)
+    assert not all(torch.equal(fresh[k], other[k]) for k in fresh)  # the other variant did train differently
+    assert [e.get("loss") for e in reused_log] == [e.get("loss") for e in fresh_log]
+
+
+@cpu_only
+def test_the_reference_pass_and_the_dpo_stage_share_one_load(tmp_path, yes_no_pairs):
+    start, data, _ = yes_no_pairs
+    dpo = spec(precompute_ref_log_probs=True)
+    plan = plan_stage(TRL, dpo, start.path)
+    fresh_reference = compute_reference_logps(start, data, dpo, TRL, plan, 0, tmp_path / "ref-fresh")
+    fresh, _ = train(yes_no_pairs, tmp_path / "fresh", dpo, fresh_reference)
+    with model_reuse.keep_loaded() as scope:
+        reference = compute_reference_logps(start, data, dpo, TRL, plan, 0, tmp_path / "ref")
+        reused, log = train(yes_no_pairs, tmp_path / "reused", dpo, reference)
+        assert scope.loads == 1
+    assert (tmp_path / "ref" / "reference_logps.jsonl").read_text() == \
+        (tmp_path / "ref-fresh" / "reference_logps.jsonl").read_text()
+    assert all(torch.equal(fresh[k], reused[k]) for k in fresh)
+    assert abs(log[0]["rewards/margins"]) < 1e-6  # the reference is still the start model
+
+
+def test_another_model_or_seed_replaces_the_kept_one_and_leaving_frees_it(tmp_path, yes_no_pairs):
+    start, data, _ = yes_no_pairs
+    dpo = spec(max_steps=1)
+    plan = plan_stage(TRL, dpo, start.path)
+    with model_reuse.keep_loaded() as scope:
+        train_dpo(start, data, dpo, TRL, plan, 0, tmp_path / "a")
+        first = weakref.ref(scope.kept.model)
+        train_dpo(start, data, dpo, TRL, plan, 1, tmp_path / "b")  # another seed: another adapter init
+        assert scope.loads == 2
+        gc.collect()
+        assert first() is None  # the first model was let go, not kept beside the second
+        second = weakref.ref(scope.kept.model)
+    gc.collect()
+    assert second() is None and model_reuse._scope is None
+
+
+def test_outside_keep_loaded_every_stage_loads_its_own(tmp_path, yes_no_pairs):
+    calls = []
+
+    def load():
+        calls.append(1)
+        return object(), object(), "peft-config"
+
+    assert model_reuse.training_model("k", load)[2] == "peft-config"
+    model_reuse.training_model("k", load)
+    assert len(calls) == 2
+
+
+def test_restore_undoes_what_training_adds(yes_no_pairs):
+    """Adapters, weights, requires_grad, instance forwards and hooks come back as loaded."""
+    from dpoflow.backends import choose_backend, load_for_training
+
+    start, _, _ = yes_no_pairs
+    dpo = spec()
+    model, _, _ = load_for_training(choose_backend(TRL), start.path, plan_stage(TRL, dpo, start.path), dpo.lora,
+                                    64, 0)
+    kept = model_reuse.Kept("k", model, None)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    base = model.get_base_model()
+    model.add_adapter("ref", model.peft_config["default"])
+    base.forward = lambda *a, **k: None
+    handle = base.get_input_embeddings().register_forward_hook(lambda *a: None)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n and ".default." in n:
+                p.add_(1.0)
+                p.grad = torch.ones_like(p)
+    model.eval()
+
+    kept.restore()
+    assert set(model.peft_config) == {"default"} and model.active_adapter == "default"
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[n], before[n]) and after[n].grad is None for n in before)
+    assert all(after[n].requires_grad == ("lora_" in n) for n in before)
+    assert "forward" not in base.__dict__
+    assert handle.id not in base.get_input_embeddings()._forward_hooks
+    assert model.training

@@ -46,7 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         run = {"one-run": one_run, "one-run-noshare": one_run, "sweep": sweep, "sweep-reload": sweep,
-               "reuse-check": reuse_check}[args.worker]
+               "reuse-check": reuse_check, "setup-profile": setup_profile}[args.worker]
         result = run(Path(args.work), args.pairs, args.batch, share=not args.worker.endswith("noshare"),
                      **({"keep": False} if args.worker == "sweep-reload" else {}))
         print("RESULT " + json.dumps({"scenario": args.worker, **result}), flush=True)
@@ -207,6 +207,54 @@ def reuse_check(work: Path, pairs: int, batch: int, share: bool) -> dict:
             "load_s": [fresh["load_s"], other["load_s"], reused["load_s"]],
             "peak_alloc_gib": [fresh["peak_alloc_gib"], other["peak_alloc_gib"], reused["peak_alloc_gib"]],
             "allocated_after_gib": round(torch.cuda.memory_allocated() / 2**30, 2)}
+
+
+def setup_profile(work: Path, pairs: int, batch: int, share: bool) -> dict:
+    """Where a reused model's stage spends the seconds before its first step (cProfile of a 1-step stage
+    on the kept model), and the reference pass at the training micro-batch against a 4x larger one."""
+    _import_unsloth()
+    import cProfile
+    import dataclasses
+    import io
+    import pstats
+
+    import torch
+
+    from dpoflow.artifacts import read_jsonl_rows
+    from dpoflow.model_reuse import keep_loaded
+    from dpoflow.tasks.dpo import compute_reference_logps, train_dpo
+
+    out: dict = {}
+    with keep_loaded():
+        start, data, spec, setup, plan = _inputs(work, pairs, batch, share, precompute=True)
+        passes = {}
+        for i, micro in enumerate([plan.per_device_batch, plan.per_device_batch, 4 * plan.per_device_batch]):
+            torch.cuda.synchronize()
+            began = time.perf_counter()
+            ref = compute_reference_logps(start, data, spec, setup, dataclasses.replace(plan, per_device_batch=micro),
+                                          0, work / f"pass-{i}")
+            torch.cuda.synchronize()
+            passes[f"{i}:batch{micro}"] = round(time.perf_counter() - began, 1)
+            rows = read_jsonl_rows(ref.file)
+            if i == 0:
+                first_rows, reference = rows, ref
+            else:
+                passes[f"{i}:max_abs_diff_vs_0"] = max(abs(a[k] - b[k]) for a, b in zip(first_rows, rows)
+                                                       for k in ("ref_chosen_logps", "ref_rejected_logps"))
+        out["reference_pass_s"] = passes
+        one_step = spec.model_copy(update={"max_steps": 1})
+        for name in ("warm", "profiled"):
+            profiler = cProfile.Profile()
+            began = time.perf_counter()
+            if name == "profiled":
+                profiler.enable()
+            train_dpo(start, data, one_step, setup, plan, 0, work / f"setup-{name}", reference=reference)
+            profiler.disable()
+            out[f"one_step_stage_s_{name}"] = round(time.perf_counter() - began, 1)
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(45)
+        Path(os.environ.get("OUT", work), "setup_profile.txt").write_text(text.getvalue())
+    return out
 
 
 if __name__ == "__main__":

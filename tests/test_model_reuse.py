@@ -117,3 +117,22 @@ def test_restore_undoes_what_training_adds(yes_no_pairs):
     assert "forward" not in base.__dict__
     assert handle.id not in base.get_input_embeddings()._forward_hooks
     assert model.training
+
+
+@pytest.mark.gpu
+def test_on_unsloth_a_variant_on_the_kept_model_equals_one_on_a_fresh_load(tmp_path, yes_no_pairs):
+    pytest.importorskip("unsloth")
+    start, data, _ = yes_no_pairs
+    setup = TrainSetup(backend="unsloth")
+
+    def train_on_gpu(name, **fields):
+        dpo = spec(**fields)
+        train_dpo(start, data, dpo, setup, plan_stage(setup, dpo, start.path), 0, tmp_path / name)
+        return load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")
+
+    fresh = train_on_gpu("fresh", beta=0.1)
+    with model_reuse.keep_loaded() as scope:
+        train_on_gpu("other", beta=0.5, learning_rate=3e-2)
+        reused = train_on_gpu("reused", beta=0.1)
+        assert scope.loads == 1 and scope.reuses == 1
+    assert all(torch.equal(fresh[k], reused[k]) for k in fresh)

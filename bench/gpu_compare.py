@@ -32,11 +32,13 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 CONFIGS = ("trl-refcopy", "trl-peft", "unsloth-bf16", "unsloth-4bit", "dpoflow", "dpoflow-noshare", "dpoflow-mb8",
-           "dpoflow-4bit", "dpoflow-precomputed", "dpoflow-trl")
+           "dpoflow-4bit", "dpoflow-precomputed", "dpoflow-trl",
+           "dpoflow-mb8-precomputed", "dpoflow-mb16-precomputed")
 # dpoflow variants: the `dpo` stage with its GPU defaults (prompt sharing on), changed in one setting each.
 DPOFLOW = {"dpoflow": {}, "dpoflow-noshare": {"share_prompt": False}, "dpoflow-mb8": {"pairs": 8},
            "dpoflow-4bit": {"quantize": "4bit"}, "dpoflow-precomputed": {"precompute": True},
-           "dpoflow-trl": {"backend": "trl"}}
+           "dpoflow-trl": {"backend": "trl"}, "dpoflow-mb8-precomputed": {"pairs": 8, "precompute": True},
+           "dpoflow-mb16-precomputed": {"pairs": 16, "precompute": True}}
 PAIRS, SEQ, WARMUP = 4, 512, 3
 PEAK_FLOPS = 772e12
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -210,50 +210,42 @@ def reuse_check(work: Path, pairs: int, batch: int, share: bool) -> dict:
 
 
 def setup_profile(work: Path, pairs: int, batch: int, share: bool) -> dict:
-    """Where a reused model's stage spends the seconds before its first step (cProfile of a 1-step stage
-    on the kept model), and the reference pass at the training micro-batch against a 4x larger one."""
+    """On one kept model: the reference pass at 1x, 2x and 4x the training micro-batch (seconds, peak
+    memory, values against 1x), and the trainer's setup with the dataset tokenized in this process
+    against Unsloth's worker pool."""
     _import_unsloth()
-    import cProfile
-    import dataclasses
-    import io
-    import pstats
-
     import torch
 
+    import dpoflow.tasks.dpo as stage
     from dpoflow.artifacts import read_jsonl_rows
     from dpoflow.model_reuse import keep_loaded
-    from dpoflow.tasks.dpo import compute_reference_logps, train_dpo
 
-    out: dict = {}
+    out: dict = {"passes": [], "setup_s": {"in_process": [], "pool": []}}
     with keep_loaded():
         start, data, spec, setup, plan = _inputs(work, pairs, batch, share, precompute=True)
-        passes = {}
-        for i, micro in enumerate([plan.per_device_batch, plan.per_device_batch, 4 * plan.per_device_batch]):
+        first_rows = None
+        for i, factor in enumerate([1, 1, 2, 4, 2]):  # the first pays the load and compilation
+            stage.REFERENCE_BATCH_FACTOR = factor
             torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
             began = time.perf_counter()
-            ref = compute_reference_logps(start, data, spec, setup, dataclasses.replace(plan, per_device_batch=micro),
-                                          0, work / f"pass-{i}")
+            ref = stage.compute_reference_logps(start, data, spec, setup, plan, 0, work / f"pass-{i}")
             torch.cuda.synchronize()
-            passes[f"{i}:batch{micro}"] = round(time.perf_counter() - began, 1)
             rows = read_jsonl_rows(ref.file)
-            if i == 0:
-                first_rows, reference = rows, ref
-            else:
-                passes[f"{i}:max_abs_diff_vs_0"] = max(abs(a[k] - b[k]) for a, b in zip(first_rows, rows)
-                                                       for k in ("ref_chosen_logps", "ref_rejected_logps"))
-        out["reference_pass_s"] = passes
-        one_step = spec.model_copy(update={"max_steps": 1})
-        for name in ("warm", "profiled"):
-            profiler = cProfile.Profile()
+            first_rows = first_rows or rows
+            out["passes"].append({"factor": factor, "s": round(time.perf_counter() - began, 1),
+                                  "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                                  "max_abs_diff_vs_first": max(abs(a[k] - b[k]) for a, b in zip(first_rows, rows)
+                                                               for k in ("ref_chosen_logps", "ref_rejected_logps"))})
+        dataset = stage._train_rows(data, None)
+        for name, threshold in [("in_process", 10**9), ("pool", 0), ("in_process", 10**9), ("pool", 0)]:
+            stage.SERIAL_TOKENIZING_ROWS = threshold
             began = time.perf_counter()
-            if name == "profiled":
-                profiler.enable()
-            train_dpo(start, data, one_step, setup, plan, 0, work / f"setup-{name}", reference=reference)
-            profiler.disable()
-            out[f"one_step_stage_s_{name}"] = round(time.perf_counter() - began, 1)
-        text = io.StringIO()
-        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(45)
-        Path(os.environ.get("OUT", work), "setup_profile.txt").write_text(text.getvalue())
+            trainer = stage._trainer(stage.choose_backend(setup), start, dataset, spec, plan, 0, work / "setup",
+                                     spec.learning_rate, 1, [])
+            out["setup_s"][name].append(round(time.perf_counter() - began, 2))
+            del trainer
+            stage.free_accelerator_memory()
     return out
 
 

@@ -36,8 +36,9 @@ WATCHED = ("loss", "grad_norm", "logps/chosen", "logps/rejected", "rewards/margi
 STATE = "attempt.json"
 SERIAL_TOKENIZING_ROWS = 5_000  # unsloth_zoo's own threshold for its multi-process dataset paths
 # The reference pass keeps no activations for a backward pass, so it runs this many training
-# micro-batches at once (measured at the 8B shape: 31.9 s -> 27.7 s for 1,024 pairs, same values).
-REFERENCE_BATCH_FACTOR = 4
+# micro-batches at once. Measured at the 8B shape on an H100, 1,024 pairs at micro-batch 8: 4x took
+# 27.7 s against 31.9 s, same values, but peaked at 18.2 GiB against training's 16.6 (docs/benchmarks.md).
+REFERENCE_BATCH_FACTOR = 2
 
 
 class NonFiniteLoss(RuntimeError):

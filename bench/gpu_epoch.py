@@ -46,7 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         run = {"one-run": one_run, "one-run-noshare": one_run, "sweep": sweep, "sweep-reload": sweep,
-               "reuse-check": reuse_check, "setup-profile": setup_profile}[args.worker]
+               "reuse-check": reuse_check}[args.worker]
         result = run(Path(args.work), args.pairs, args.batch, share=not args.worker.endswith("noshare"),
                      **({"keep": False} if args.worker == "sweep-reload" else {}))
         print("RESULT " + json.dumps({"scenario": args.worker, **result}), flush=True)
@@ -207,46 +207,6 @@ def reuse_check(work: Path, pairs: int, batch: int, share: bool) -> dict:
             "load_s": [fresh["load_s"], other["load_s"], reused["load_s"]],
             "peak_alloc_gib": [fresh["peak_alloc_gib"], other["peak_alloc_gib"], reused["peak_alloc_gib"]],
             "allocated_after_gib": round(torch.cuda.memory_allocated() / 2**30, 2)}
-
-
-def setup_profile(work: Path, pairs: int, batch: int, share: bool) -> dict:
-    """On one kept model: the reference pass at 1x, 2x and 4x the training micro-batch (seconds, peak
-    memory, values against 1x), and the trainer's setup with the dataset tokenized in this process
-    against Unsloth's worker pool."""
-    _import_unsloth()
-    import torch
-
-    import dpoflow.tasks.dpo as stage
-    from dpoflow.artifacts import read_jsonl_rows
-    from dpoflow.model_reuse import keep_loaded
-
-    out: dict = {"passes": [], "setup_s": {"in_process": [], "pool": []}}
-    with keep_loaded():
-        start, data, spec, setup, plan = _inputs(work, pairs, batch, share, precompute=True)
-        first_rows = None
-        for i, factor in enumerate([1, 1, 2, 4, 2]):  # the first pays the load and compilation
-            stage.REFERENCE_BATCH_FACTOR = factor
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            began = time.perf_counter()
-            ref = stage.compute_reference_logps(start, data, spec, setup, plan, 0, work / f"pass-{i}")
-            torch.cuda.synchronize()
-            rows = read_jsonl_rows(ref.file)
-            first_rows = first_rows or rows
-            out["passes"].append({"factor": factor, "s": round(time.perf_counter() - began, 1),
-                                  "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                                  "max_abs_diff_vs_first": max(abs(a[k] - b[k]) for a, b in zip(first_rows, rows)
-                                                               for k in ("ref_chosen_logps", "ref_rejected_logps"))})
-        dataset = stage._train_rows(data, None)
-        for name, threshold in [("in_process", 10**9), ("pool", 0), ("in_process", 10**9), ("pool", 0)]:
-            stage.SERIAL_TOKENIZING_ROWS = threshold
-            began = time.perf_counter()
-            trainer = stage._trainer(stage.choose_backend(setup), start, dataset, spec, plan, 0, work / "setup",
-                                     spec.learning_rate, 1, [])
-            out["setup_s"][name].append(round(time.perf_counter() - began, 2))
-            del trainer
-            stage.free_accelerator_memory()
-    return out
 
 
 if __name__ == "__main__":

@@ -34,11 +34,6 @@ LOGGED = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "re
           "logps/chosen", "logps/rejected")
 WATCHED = ("loss", "grad_norm", "logps/chosen", "logps/rejected", "rewards/margins")
 STATE = "attempt.json"
-SERIAL_TOKENIZING_ROWS = 5_000  # unsloth_zoo's own threshold for its multi-process dataset paths
-# The reference pass keeps no activations for a backward pass, so it runs this many training
-# micro-batches at once. Measured at the 8B shape on an H100, 1,024 pairs at micro-batch 8: 4x took
-# 27.7 s against 31.9 s, same values, but peaked at 18.2 GiB against training's 16.6 (docs/benchmarks.md).
-REFERENCE_BATCH_FACTOR = 2
 
 
 class NonFiniteLoss(RuntimeError):
@@ -144,11 +139,6 @@ def _trainer(backend: BackendChoice, start: ModelRef, dataset, spec: DPOSpec, pl
     args = trainer_args(spec, output_dir, seed, plan)
     args.update(learning_rate=learning_rate, max_steps=max_steps, save_strategy="steps",
                 save_steps=spec.guards.checkpoint_steps)
-    if backend.name == "unsloth" and len(dataset) < SERIAL_TOKENIZING_ROWS:
-        # Left to choose, Unsloth tokenizes in a pool of up to 8 processes; for a few thousand pairs
-        # starting and feeding the pool costs more than it saves (3.4 s of a stage's 5 s setup at 1,024
-        # pairs on an H100 box, docs/benchmarks.md). Unsloth reads 1 as "in this process".
-        args["dataset_num_proc"] = 1
     config = DPOConfig(**args, beta=spec.beta, loss_type=list(spec.loss_type), loss_weights=spec.loss_weights)
     # ref_model=None: the reference is the start model (see backends.load_for_training).
     trainer = DPOTrainer(model=model, ref_model=None, args=config, train_dataset=dataset,
@@ -254,7 +244,7 @@ def compute_reference_logps(start: ModelRef, data: PreparedData, spec: DPOSpec, 
         dataset = trainer.train_dataset
         token_columns = ["prompt_ids", "chosen_ids", "rejected_ids"]
         loader = trainer.accelerator.prepare(DataLoader(
-            dataset.select_columns(token_columns), batch_size=plan.per_device_batch * REFERENCE_BATCH_FACTOR,
+            dataset.select_columns(token_columns), batch_size=plan.per_device_batch,
             collate_fn=trainer.data_collator, shuffle=False))
         chosen, rejected = [], []
         # Train mode, as in training (dropout is 0 there too): under Unsloth, eval() switches to other

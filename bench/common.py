@@ -23,3 +23,15 @@ def report(result: dict, out: str | None, prefix: str = "RESULT ") -> None:
     if out:
         with open(out, "a") as f:
             f.write(line + "\n")
+
+
+def scratch() -> Path:
+    """A temporary folder removed when the bench exits: an 8B model copy is 16 GB, and a GPU machine's
+    disk (64 GiB) fills after a few benches that leave theirs behind."""
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="dpoflow-bench-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder

@@ -57,12 +57,12 @@ def main() -> None:
         print("RESULT " + json.dumps(run_config(args.worker, Path(args.work), args.steps)), flush=True)
         return
 
-    from common import report, run_worker
+    from common import report, run_worker, scratch
     from gpu_dpo import build_model, make_pairs
 
     from dpoflow.models import load_tokenizer
 
-    work = Path(tempfile.mkdtemp())
+    work = scratch()
     build_model(args.shape, work / "model")
     make_pairs(load_tokenizer(str(work / "model")), 8 * args.steps, SEQ // 2, SEQ // 2, work / "train.jsonl")
     results = []

@@ -13,7 +13,6 @@ import json
 import math
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -99,7 +98,9 @@ def main() -> None:
     from dpoflow.models import load_tokenizer
     from dpoflow.tasks import dpo
     from dpoflow.training import step_clock
-    work = Path(tempfile.mkdtemp())
+    from common import scratch
+
+    work = scratch()
     build_model(args.shape, work / "model")
     tok = load_tokenizer(str(work / "model"))
     pairs_per_step, seq = 4, 512

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -52,12 +51,12 @@ def main() -> None:
         print("RESULT " + json.dumps({"scenario": args.worker, **result}), flush=True)
         return
 
-    from common import report, run_worker
+    from common import report, run_worker, scratch
     from gpu_dpo import build_model, make_pairs
 
     from dpoflow.models import load_tokenizer
 
-    work = Path(tempfile.mkdtemp())
+    work = scratch()
     build_model(args.shape, work / "model")
     make_pairs(load_tokenizer(str(work / "model")), args.pairs, SEQ // 2, SEQ // 2, work / "train.jsonl")
     # A fresh compile cache shared by the scenarios: the first runs cold, later ones find its kernels.

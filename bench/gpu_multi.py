@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -48,7 +47,9 @@ def main() -> None:
     from dpoflow.tasks.dpo import train_dpo
     from dpoflow.tasks.sft import train_sft
 
-    work = Path(tempfile.mkdtemp())
+    from common import scratch
+
+    work = scratch()
     began = time.perf_counter()
     build_model(args.shape, work / "model")
     tok = load_tokenizer(str(work / "model"))

@@ -17,7 +17,6 @@ import json
 import random
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -74,7 +73,9 @@ def main() -> None:
     from dpoflow.tasks.prepare import prepare_data
     from dpoflow.tiny import build_tiny_model
 
-    work = Path(tempfile.mkdtemp())
+    from common import scratch
+
+    work = scratch()
     model = build_tiny_model("tiny-llama", work / "model")
     # Written by a child process, so the data's generation doesn't count towards this one's peak RSS.
     import multiprocessing

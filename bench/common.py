@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 
 def run_worker(argv: list[str], cwd=None) -> tuple[dict | None, subprocess.CompletedProcess]:

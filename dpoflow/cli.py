@@ -192,6 +192,8 @@ def sweep(variants, overrides: list[str]) -> int:
     try:
         result = sweep_flow(variants, list(overrides))
     except Exception as e:
+        if getattr(e, "sweep_dir", None):  # some variants failed: the table still shows every one
+            print("\n" + (Path(e.sweep_dir) / "sweep.md").read_text())
         print(f"\ndpoflow: sweep of {name!r} failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     print("\n" + (Path(result["sweep_dir"]) / "sweep.md").read_text())

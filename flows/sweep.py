@@ -27,7 +27,11 @@ from .pipeline import (GateBlocked, StageRunner, artifact_key, compose_release, 
 
 
 class SweepFailed(RuntimeError):
-    pass
+    """Some variants failed; `sweep_dir` holds the table of all of them."""
+
+    def __init__(self, message: str, sweep_dir):
+        super().__init__(message)
+        self.sweep_dir = sweep_dir
 
 
 @flow(name="dpoflow-sweep")
@@ -66,8 +70,9 @@ def sweep(variants: list[Variant], overrides: list[str] | None = None) -> dict[s
     # How many training-model loads the variants' DPO stages (and reference pass) paid, and how many reused one.
     loads = {"loads": kept.loads, "reuses": kept.reuses}
     table = comparison_markdown(first.name, rows, [
-        f"training model: {kept.loads} load(s) for {kept.loads + kept.reuses} DPO stage(s) that ran (reference "
-        "passes included); the others reused the loaded one"])
+        f"training model: {kept.loads} load(s) for the {kept.loads + kept.reuses} DPO stage(s) that ran (reference "
+        "passes included); the others reused the loaded one" if kept.loads else
+        "training model: not loaded; every DPO stage came from the cache"])
     (sweep_dir / "sweep.json").write_text(json.dumps({"pipeline": first.name, "overrides": overrides or [],
                                                       "training_model": loads, "variants": rows}, indent=1))
     (sweep_dir / "sweep.md").write_text(table)
@@ -78,7 +83,7 @@ def sweep(variants: list[Variant], overrides: list[str] | None = None) -> dict[s
     if errors:
         raise SweepFailed(f"{len(errors)} of {len(variants)} variants failed: "
                           + "; ".join(f"{variants[i].label}: {msg}" for i, msg in errors.items())
-                          + f" (table: {sweep_dir / 'sweep.md'})")
+                          + f" (table: {sweep_dir / 'sweep.md'})", sweep_dir)
     return {"pipeline": first.name, "sweep_dir": str(sweep_dir), "training_model": loads, "variants": rows}
 
 

@@ -120,6 +120,23 @@ def test_a_sweep_trains_its_variants_on_one_loaded_model_and_each_equals_its_own
     assert alone["metrics"] == variant["metrics"]
 
 
+def test_a_failed_sweep_variant_is_reported_and_the_others_finish(demo, repo):
+    env = {**os.environ, "PREFECT_HOME": str(demo.tmp / "prefect"), "OMP_NUM_THREADS": "1"}
+    env.pop("PREFECT_API_URL", None)
+    cmd = ["python", "-m", "dpoflow", "sweep", "demo", "-f", str(repo / "pipelines.yaml"), "--vary",
+           "model.source=builtin:no-such-model,builtin:tiny-llama", "--set", f"workdir={demo.tmp / 'work'}",
+           "--set", "sft.enabled=false", "--set", "dpo.max_steps=4", "--set", "evaluate.limit=10",
+           "--set", "evaluate.gate.mode=warn"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "1 of 2 variants failed: model.source=builtin:no-such-model: " in proc.stderr
+    sweep_dir = Path(proc.stderr.split("(table: ")[1].split(")")[0]).parent
+    rows = json.loads((sweep_dir / "sweep.json").read_text())["variants"]
+    assert "no-such-model" in rows[0]["error"] and rows[0]["run_dir"] is None
+    assert rows[1]["dpo_stage"] == "ran" and rows[1]["heldout_accuracy"] is not None
+    assert "| model.source=builtin:no-such-model | " in (sweep_dir / "sweep.md").read_text()
+
+
 def test_the_forgetting_gate_blocks_export_when_enforced_and_only_reports_in_warn_mode(demo):
     impossible = "evaluate.gate.required_gain={dpoflow_preference: 90}"  # the demo gains ~41 points
     blocked = demo(impossible, expect=1)

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from . import tempserver
 from .config import DEFAULT_FILE, ConfigError, load_pipeline, pipeline_names, validate_file
 from .runtime import configure_environment
 
@@ -130,9 +131,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def prepare(config) -> int:
     configure_environment()
+    server = tempserver.start()  # boots while the flow module is imported
     from pathlib import Path
 
     from dpoflow.flows.pipeline import prepare_only
+
+    if server:
+        import torch  # noqa: F401  (every run needs it; imported while the server boots)
+
+        server.wait()
 
     try:
         summary = prepare_only(config)
@@ -148,8 +155,14 @@ def prepare(config) -> int:
 
 def run(config, overrides: list[str] = ()) -> int:
     configure_environment()
+    server = tempserver.start()  # boots while the flow module is imported
     from dpoflow.flows.pipeline import pipeline
     from dpoflow.summary import StageRow, text_table
+
+    if server:
+        import torch  # noqa: F401  (every run needs it; imported while the server boots)
+
+        server.wait()
 
     try:
         summary = pipeline(config, list(overrides))

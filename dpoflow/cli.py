@@ -8,7 +8,7 @@ import sys
 
 from . import tempserver
 from .config import DEFAULT_FILE, ConfigError, load_pipeline, pipeline_names, validate_file
-from .runtime import configure_environment
+from .runtime import configure_environment, skip_exit_collection
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def prepare(config) -> int:
     configure_environment()
+    skip_exit_collection()
     server = tempserver.start()  # boots while the flow module is imported
     from pathlib import Path
 
@@ -155,6 +156,7 @@ def prepare(config) -> int:
 
 def run(config, overrides: list[str] = ()) -> int:
     configure_environment()
+    skip_exit_collection()
     server = tempserver.start()  # boots while the flow module is imported
     from dpoflow.flows.pipeline import pipeline
     from dpoflow.summary import StageRow, text_table

@@ -8,7 +8,7 @@ import sys
 
 from . import tempserver
 from .config import DEFAULT_FILE, ConfigError, load_pipeline, pipeline_names, validate_file
-from .runtime import configure_environment, skip_exit_collection
+from .runtime import configure_environment, freeze_imports, skip_exit_collection
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,9 +137,10 @@ def prepare(config) -> int:
 
     from dpoflow.flows.pipeline import prepare_only
 
-    if server:
-        import torch  # noqa: F401  (every run needs it; imported while the server boots)
+    import torch  # noqa: F401  (every run needs it; imported while the server boots)
 
+    freeze_imports()
+    if server:
         server.wait()
 
     try:
@@ -161,9 +162,10 @@ def run(config, overrides: list[str] = ()) -> int:
     from dpoflow.flows.pipeline import pipeline
     from dpoflow.summary import StageRow, text_table
 
-    if server:
-        import torch  # noqa: F401  (every run needs it; imported while the server boots)
+    import torch  # noqa: F401  (every run needs it; imported while the server boots)
 
+    freeze_imports()
+    if server:
         server.wait()
 
     try:

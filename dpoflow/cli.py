@@ -140,11 +140,9 @@ def prepare(config) -> int:
     import torch  # noqa: F401  (every run needs it; imported while the server boots)
 
     freeze_imports()
-    if server:
-        server.wait()
-
     try:
-        summary = prepare_only(config)
+        with tempserver.serving(server):
+            summary = prepare_only(config)
     except Exception as e:
         print(f"\ndpoflow: prepare of {config.name!r} failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
@@ -165,11 +163,9 @@ def run(config, overrides: list[str] = ()) -> int:
     import torch  # noqa: F401  (every run needs it; imported while the server boots)
 
     freeze_imports()
-    if server:
-        server.wait()
-
     try:
-        summary = pipeline(config, list(overrides))
+        with tempserver.serving(server):
+            summary = pipeline(config, list(overrides))
     except Exception as e:  # the flow run is marked failed in Prefect; say why here in one line
         print(f"\ndpoflow: pipeline {config.name!r} failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1

@@ -135,6 +135,22 @@ class TemporaryServer:
         self.process = None
 
 
+@contextlib.contextmanager
+def serving(server: TemporaryServer | None):
+    """Around a command's flow call: waits for the temporary server (if there is one) and, while the
+    flow runs against it, sends no flow-run heartbeats unless configured. Heartbeats let a lasting
+    server notice a crashed run; this one ends with the process, so nothing ever reads them, and
+    Prefect's heartbeat thread (1 s sleeps) holds up the end of every run by up to 1 s."""
+    if server is None:
+        yield
+        return
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    server.wait()
+    with temporary_settings(set_defaults={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
+
+
 def use_api(url: str, ui: bool = True) -> None:
     """Point Prefect in this process (every thread: the global settings context is rebuilt from the
     environment, Prefect's own mechanism after plugins set variables) and in its children at `url`.

@@ -26,13 +26,15 @@ SCRIPT = textwrap.dedent("""
 
     @flow(name="tempserver-test")
     def pipeline():
+        from prefect.settings import get_current_settings
+
         stage("a")
         state = stage("a", return_state=True)  # second call: from the cache
         create_markdown_artifact("# done", key="tempserver-test")
-        return state.name
+        return state.name, get_current_settings().flows.heartbeat_frequency
 
-    server.wait()
-    second_call = pipeline()
+    with tempserver.serving(server):  # waits for the server
+        second_call, heartbeat = pipeline()
 
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -46,7 +48,7 @@ SCRIPT = textwrap.dedent("""
     print("RESULT " + json.dumps({
         "api_url": os.environ["PREFECT_API_URL"], "server_url": server.api_url, "pid": server.process.pid,
         "runs": [r.state.name for r in runs], "tasks": sorted(t.state.name for t in tasks),
-        "second_call": second_call, "artifact": artifact["key"],
+        "second_call": second_call, "heartbeat": heartbeat, "artifact": artifact["key"],
         "prefect_started_its_own": "prefect.server.api.server" in sys.modules}))
 """)
 
@@ -64,6 +66,7 @@ def test_run_records_in_the_background_started_server_which_stops_with_the_proce
     assert result["runs"] == ["Completed"]
     assert result["tasks"] == ["Cached", "Completed"] and result["second_call"] == "Cached"
     assert result["artifact"] == "tempserver-test"
+    assert result["heartbeat"] is None  # no one could ever read them
     assert not result["prefect_started_its_own"]
     assert "Starting temporary server" in proc.stderr + proc.stdout
     assert "View at" not in proc.stderr + proc.stdout  # the temporary server serves no UI
@@ -72,9 +75,23 @@ def test_run_records_in_the_background_started_server_which_stops_with_the_proce
     assert not os.path.exists(f"/proc/{result['pid']}") or "zombie" in open(f"/proc/{result['pid']}/status").read()
 
 
-def test_nothing_is_started_when_an_api_is_configured():
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+def test_nothing_is_started_or_changed_when_an_api_is_configured():
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
     with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
         assert not tempserver.needs_temporary_server()
         assert tempserver.start() is None
+        with tempserver.serving(None):
+            assert get_current_settings().flows.heartbeat_frequency == 180  # Prefect's default
+
+
+def test_a_configured_heartbeat_is_kept_with_the_temporary_server(monkeypatch):
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
+
+    class Ready:
+        def wait(self):
+            pass
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 60}):
+        with tempserver.serving(Ready()):
+            assert get_current_settings().flows.heartbeat_frequency == 60

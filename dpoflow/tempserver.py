@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import importlib.util
 import os
 import random
 import socket
@@ -61,14 +62,10 @@ def _free_port() -> int:
 class TemporaryServer:
     """One temporary Prefect API server child process (see the module docstring)."""
 
-    def __init__(self):
-        import prefect
-        from prefect.settings import get_current_settings
-
-        self._app_dir = str(Path(prefect.__file__).resolve().parent.parent)
-        # The settings this process runs with (profile, temporary settings), as Prefect passes them.
-        self._env = {**os.environ, **SERVER_ENV,
-                     **get_current_settings().to_environment_variables(exclude_unset=True)}
+    def __init__(self, env: dict[str, str]):
+        # Prefect's package folder, found without importing Prefect (see start()).
+        self._app_dir = str(Path(importlib.util.find_spec("prefect").origin).resolve().parent.parent)
+        self._env = {**env, **SERVER_ENV}
         self.port = _free_port()
         self.process: subprocess.Popen | None = self._launch()
         self.ready = False
@@ -79,19 +76,28 @@ class TemporaryServer:
         return f"http://127.0.0.1:{self.port}/api"
 
     def _launch(self) -> subprocess.Popen:
-        process = subprocess.Popen(
+        return subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--app-dir", self._app_dir, "--factory",
              "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
              "--log-level", "error", "--lifespan", "on"],
             env=self._env,
         )
+
+    def announce(self) -> None:
+        """Prefect's own message when it starts its temporary server."""
         import prefect.main  # noqa: F401  (sets up Prefect's logging, as `from prefect import flow` does)
         from prefect.logging import get_logger
 
         get_logger().info(f"Starting temporary server on http://127.0.0.1:{self.port}\nSee "
                           "https://docs.prefect.io/v3/concepts/server#how-to-guides for more information on "
                           "running a dedicated Prefect server.")
-        return process
+
+    def discard(self) -> None:
+        """Stop a server launched ahead of Prefect's settings that turned out not to be needed."""
+        atexit.unregister(self.stop)
+        self.process.kill()
+        self.process.wait()
+        self.process = None
 
     def wait(self, timeout: float | None = None) -> str:
         """Block until the server answers its health check, then make it this process's Prefect API
@@ -107,6 +113,7 @@ class TemporaryServer:
                 if self.process.poll() == 3:  # uvicorn's exit code when the port was taken meanwhile
                     self.port = _free_port()
                     self.process = self._launch()
+                    self.announce()
                 elif self.process.poll() is not None:
                     raise RuntimeError(f"the temporary Prefect server exited with code {self.process.returncode}")
                 with contextlib.suppress(httpx.TransportError):
@@ -168,11 +175,28 @@ _server: TemporaryServer | None = None
 
 def start() -> TemporaryServer | None:
     """Start the temporary server in the background if runs need one (once per process); None when a
-    Prefect API is configured."""
+    Prefect API is configured.
+
+    In a fresh process (Prefect not imported yet) with no PREFECT_API_URL in the environment, the
+    server is launched first and Prefect's settings (profile, prefect.toml, .env: 0.7 s to import)
+    confirm it afterwards; if they name an API after all, the child is killed before it has done
+    anything but import. Launched that early it reads the same settings sources itself; once Prefect
+    is imported, the process's own settings (temporary settings included) are handed to it, as
+    Prefect does."""
     global _server
     if _server is not None and _server.process is not None:
         return _server
+    early = None
+    if "prefect" not in sys.modules and not os.environ.get("PREFECT_API_URL"):
+        early = TemporaryServer(dict(os.environ))
     if not needs_temporary_server():
+        if early is not None:
+            early.discard()
         return None
-    _server = TemporaryServer()
+    if early is None:
+        from prefect.settings import get_current_settings
+
+        early = TemporaryServer({**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True)})
+    _server = early
+    _server.announce()
     return _server

@@ -39,10 +39,15 @@ SCRIPT = textwrap.dedent("""
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.client.schemas.sorting import FlowRunSort, TaskRunSort
+    import time
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(limit=10, sort=FlowRunSort.START_TIME_DESC)
-        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[runs[0].id])),
-                                      limit=10, sort=TaskRunSort.EXPECTED_START_TIME_DESC)
+        for _ in range(100):  # task runs are recorded from events, a moment later
+            tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[runs[0].id])),
+                                          limit=10, sort=TaskRunSort.EXPECTED_START_TIME_DESC)
+            if len(tasks) == 2 and all(t.state for t in tasks):
+                break
+            time.sleep(0.1)
     import httpx
     artifact = httpx.post(server.api_url + "/artifacts/filter", json={"limit": 1, "sort": "CREATED_DESC"}).json()[0]
     print("RESULT " + json.dumps({
@@ -95,3 +100,28 @@ def test_a_configured_heartbeat_is_kept_with_the_temporary_server(monkeypatch):
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 60}):
         with tempserver.serving(Ready()):
             assert get_current_settings().flows.heartbeat_frequency == 60
+
+
+def test_an_api_named_only_in_the_prefect_profile_is_used_and_no_server_is_left_running(tmp_path, repo):
+    """A fresh process launches the server before importing Prefect; Prefect's settings (here the
+    profile) then name an API, and the launched child is gone before start() returns."""
+    home = tmp_path / "prefect"
+    home.mkdir()
+    (home / "profiles.toml").write_text('active = "remote"\n\n[profiles.remote]\n'
+                                        'PREFECT_API_URL = "http://127.0.0.1:9/api"\n')
+    script = textwrap.dedent("""
+        import os
+        from dpoflow import tempserver
+        server = tempserver.start()
+        children = open(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read().split()
+        from prefect.settings import get_current_settings
+        print(server, children, get_current_settings().api.url)
+    """)
+    env = {**os.environ, "PREFECT_HOME": str(home), "PYTHONPATH": str(repo)}
+    env.pop("PREFECT_API_URL", None)
+    env.pop("PREFECT_PROFILE", None)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["None", "[]", "http://127.0.0.1:9/api"]
+    assert "Starting temporary server" not in proc.stderr

@@ -45,7 +45,7 @@ SCRIPT = textwrap.dedent("""
         for _ in range(100):  # task runs are recorded from events, a moment later
             tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[runs[0].id])),
                                           limit=10, sort=TaskRunSort.EXPECTED_START_TIME_DESC)
-            if len(tasks) == 2 and all(t.state for t in tasks):
+            if len(tasks) == 2 and all(t.state and t.state.is_final() for t in tasks):
                 break
             time.sleep(0.1)
     import httpx

@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 def prepare(config) -> int:
     configure_environment()
     skip_exit_collection()
-    server = tempserver.start()  # boots while the flow module is imported
+    boot = tempserver.start()  # Prefect's temporary server boots while the flow module is imported
     from pathlib import Path
 
     from dpoflow.flows.pipeline import prepare_only
@@ -141,7 +141,7 @@ def prepare(config) -> int:
 
     freeze_imports()
     try:
-        with tempserver.serving(server):
+        with tempserver.serving(boot):
             summary = prepare_only(config)
     except Exception as e:
         print(f"\ndpoflow: prepare of {config.name!r} failed: {type(e).__name__}: {e}", file=sys.stderr)
@@ -156,7 +156,7 @@ def prepare(config) -> int:
 def run(config, overrides: list[str] = ()) -> int:
     configure_environment()
     skip_exit_collection()
-    server = tempserver.start()  # boots while the flow module is imported
+    boot = tempserver.start()  # Prefect's temporary server boots while the flow module is imported
     from dpoflow.flows.pipeline import pipeline
     from dpoflow.summary import StageRow, text_table
 
@@ -164,7 +164,7 @@ def run(config, overrides: list[str] = ()) -> int:
 
     freeze_imports()
     try:
-        with tempserver.serving(server):
+        with tempserver.serving(boot):
             summary = pipeline(config, list(overrides))
     except Exception as e:  # the flow run is marked failed in Prefect; say why here in one line
         print(f"\ndpoflow: pipeline {config.name!r} failed: {type(e).__name__}: {e}", file=sys.stderr)

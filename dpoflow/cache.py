@@ -52,6 +52,23 @@ def code_digest(module_name: str) -> str:
 def _dpoflow_imports(source: Path, seen: set[Path] | None = None) -> set[Path]:
     """dpoflow's own module files that `source` imports, transitively (read from the code, not run)."""
     seen = set() if seen is None else seen
+    for path in _direct_imports(source, *_stamp(source)):
+        if path not in seen:
+            seen.add(path)
+            _dpoflow_imports(path, seen)
+    return seen
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_mtime_ns, stat.st_size
+
+
+@cache
+def _direct_imports(source: Path, mtime_ns: int, size: int) -> tuple[Path, ...]:
+    """The dpoflow module files `source` imports itself. Parsed once per version of the file (the
+    stages share most of their modules: every stage key needs them)."""
+    found: list[Path] = []
     for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
         names: list[str] = []
         if isinstance(node, ast.Import):
@@ -65,10 +82,9 @@ def _dpoflow_imports(source: Path, seen: set[Path] | None = None) -> set[Path]:
             if not name.startswith("dpoflow."):
                 continue
             path = PACKAGE.joinpath(*name.split(".")[1:]).with_suffix(".py")
-            if path.is_file() and path not in seen:
-                seen.add(path)
-                _dpoflow_imports(path, seen)
-    return seen
+            if path.is_file() and path not in found:
+                found.append(path)
+    return tuple(found)
 
 
 def key_material(stage: str, module_name: str, inputs: dict[str, Any]) -> dict[str, Any]:

@@ -6,8 +6,9 @@ import argparse
 import json
 import sys
 
+from . import tempserver
 from .config import DEFAULT_FILE, ConfigError, load_pipeline, pipeline_names, validate_file
-from .runtime import configure_environment
+from .runtime import configure_environment, freeze_imports, skip_exit_collection
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,14 +139,31 @@ def main(argv: list[str] | None = None) -> int:
     return run(config, args.overrides)
 
 
-def prepare(config) -> int:
+def start_flow_command():
+    """First thing a command that runs a flow does: Prefect's temporary server (when no API is
+    configured) starts booting here, while the command goes on to import its flow. Returns the boot,
+    for `tempserver.serving()` around the flow call."""
     configure_environment()
+    skip_exit_collection()
+    return tempserver.start()
+
+
+def imports_done() -> None:
+    import torch  # noqa: F401  (every run needs it; imported while the server boots)
+
+    freeze_imports()
+
+
+def prepare(config) -> int:
+    boot = start_flow_command()
     from pathlib import Path
 
     from dpoflow.flows.pipeline import prepare_only
 
+    imports_done()
     try:
-        summary = prepare_only(config)
+        with tempserver.serving(boot):
+            summary = prepare_only(config)
     except Exception as e:
         print(f"\ndpoflow: prepare of {config.name!r} failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
@@ -157,12 +175,14 @@ def prepare(config) -> int:
 
 
 def run(config, overrides: list[str] = ()) -> int:
-    configure_environment()
+    boot = start_flow_command()
     from dpoflow.flows.pipeline import pipeline
     from dpoflow.summary import StageRow, text_table
 
+    imports_done()
     try:
-        summary = pipeline(config, list(overrides))
+        with tempserver.serving(boot):
+            summary = pipeline(config, list(overrides))
     except Exception as e:  # the flow run is marked failed in Prefect; say why here in one line
         print(f"\ndpoflow: pipeline {config.name!r} failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
@@ -182,15 +202,17 @@ def run(config, overrides: list[str] = ()) -> int:
 
 
 def sweep(variants, overrides: list[str]) -> int:
-    configure_environment()
+    boot = start_flow_command()
     from pathlib import Path
 
     from dpoflow.flows.sweep import sweep as sweep_flow
 
+    imports_done()
     name = variants[0].config.name
     print(f"dpoflow: sweep of {name!r}: {len(variants)} variants")
     try:
-        result = sweep_flow(variants, list(overrides))
+        with tempserver.serving(boot):
+            result = sweep_flow(variants, list(overrides))
     except Exception as e:
         if getattr(e, "sweep_dir", None):  # some variants failed: the table still shows every one
             print("\n" + (Path(e.sweep_dir) / "sweep.md").read_text())

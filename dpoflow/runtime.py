@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import gc
 import os
 
 PREFECT_DEFAULTS = {
@@ -25,3 +27,33 @@ def set_cpu_threads(threads: int | None) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+_exit_freeze_registered = False
+
+
+def skip_exit_collection() -> None:
+    """At interpreter exit, skip the garbage collector's passes over everything still alive.
+
+    Python's shutdown runs several full collections while it tears modules down; after a run that
+    has imported torch, transformers, TRL and Prefect that is ~500k objects per pass, ~1 s on a small
+    CPU, spent after the command's work and output are done. Freezing them at exit (the last exit
+    handler, so after Prefect has flushed its logs and the temporary server has stopped) leaves those
+    passes nothing to scan; the memory goes back to the OS with the process. An atexit handler, so a
+    caller that runs several commands in one process (tests) is unaffected until it exits."""
+    global _exit_freeze_registered
+    if not _exit_freeze_registered:
+        atexit.register(gc.freeze)  # registered first, so it runs after every later-registered handler
+        _exit_freeze_registered = True
+
+
+def freeze_imports() -> None:
+    """Move what the imports so far created (modules, classes, functions: ~260k objects once Prefect
+    and torch are in) out of the collector's reach, once per process.
+
+    They live as long as the process, yet every full collection during the run scans them again:
+    ~2 s of a demo run on 2 cores. Frozen (the pattern `gc.freeze` is documented for), later full
+    collections scan only what the run itself allocates. Once per process: a caller that runs
+    several commands in one process never freezes its later garbage."""
+    if gc.get_freeze_count() == 0:
+        gc.freeze()

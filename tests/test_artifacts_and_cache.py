@@ -76,3 +76,19 @@ def test_code_digest_follows_only_the_dpoflow_modules_a_stage_imports(tmp_path):
     assert {"records.py", "models.py", "config.py", "artifacts.py", "tiny.py"} <= found  # transitive too
     assert "cli.py" not in found and "wizard.py" not in found
     assert all(Path(PACKAGE / f).is_file() for f in found)
+
+
+def test_code_digest_sees_an_edit_to_a_shared_module_after_parsing_it(tmp_path, monkeypatch):
+    """Each dpoflow module's imports are parsed once per version of the file, not once per process."""
+    from dpoflow import cache
+
+    package = tmp_path / "dpoflow"
+    package.mkdir()
+    (package / "shared.py").write_text("X = 1\n")
+    stage = tmp_path / "stage.py"
+    stage.write_text("from dpoflow.shared import X\n")
+    monkeypatch.setattr(cache, "PACKAGE", package)
+    assert cache._dpoflow_imports(stage) == {package / "shared.py"}
+    (package / "other.py").write_text("Y = 2\n")
+    (package / "shared.py").write_text("from dpoflow.other import Y\nX = 1\n")  # a new import
+    assert cache._dpoflow_imports(stage) == {package / "shared.py", package / "other.py"}

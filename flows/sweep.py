@@ -60,7 +60,7 @@ def sweep(variants: list[Variant], overrides: list[str] | None = None) -> dict[s
         if i in trained:
             logger.info("sweep variant %d of %d: %s: evaluation and export", i + 1, len(variants), variant.label)
             try:
-                rows.append(_release(variant, runs[i], backends[i], trained[i], sweep_dir / f"v{i + 1}",
+                rows.append(_release(variant, runs[i], backends[i], trained[i], workspace, sweep_dir / f"v{i + 1}",
                                      [*(overrides or []), *variant.items], f"{first.name}-sweep-v{i + 1}"))
                 continue
             except Exception as e:  # noqa: BLE001
@@ -87,14 +87,15 @@ def sweep(variants: list[Variant], overrides: list[str] | None = None) -> dict[s
     return {"pipeline": first.name, "sweep_dir": str(sweep_dir), "training_model": loads, "variants": rows}
 
 
-def _release(variant: Variant, run: StageRunner, backend, trained, run_dir, overrides, artifact_name) -> dict:
+def _release(variant: Variant, run: StageRunner, backend, trained, workspace: Workspace, run_dir, overrides,
+             artifact_name) -> dict:
     config = variant.config
     blocked = None
     try:
         out = compose_release(config, run, trained)
     except GateBlocked as e:  # a variant the gate stops is a result of the sweep, not a failure
         blocked, out = e, e.outputs
-    new_run_folder(Workspace(config.workdir), config, run_dir)
+    new_run_folder(workspace, config, run_dir)
     summary = record_run(config, backend, run, out, blocked, run_dir, overrides, artifact_name, latest=False)
     return comparison_row(variant, summary)
 

@@ -113,6 +113,12 @@ def keep_loaded() -> Iterator[_Scope]:
             scope.release()
 
 
+def release_kept() -> None:
+    """Free the kept model now, before a stage that loads another (SFT): never two models at once."""
+    if _scope is not None:
+        _scope.release()
+
+
 def training_model(key: Hashable, load: Callable[[], tuple[Any, Any, Any]], log: Callable[[str], Any] = print):
     """`load()`'s (model, tokenizer, peft_config), or inside `keep_loaded()` the kept model reset to how
     it was loaded, when it was loaded under the same `key`."""

@@ -75,6 +75,22 @@ def test_another_model_or_seed_replaces_the_kept_one_and_leaving_frees_it(tmp_pa
     assert second() is None and model_reuse._scope is None
 
 
+def test_an_sft_stage_frees_the_kept_dpo_model_before_loading_its_own(tmp_path, yes_no_pairs):
+    from dpoflow.config import SFTSpec
+    from dpoflow.tasks.sft import train_sft
+
+    start, data, _ = yes_no_pairs
+    dpo = spec(max_steps=1)
+    sft = SFTSpec(max_steps=1, per_device_batch_size=4, gradient_accumulation_steps=1)
+    with model_reuse.keep_loaded() as scope:
+        train_dpo(start, data, dpo, TRL, plan_stage(TRL, dpo, start.path), 0, tmp_path / "dpo")
+        kept = weakref.ref(scope.kept.model)
+        train_sft(start, data, sft, TRL, plan_stage(TRL, sft, start.path), 0, tmp_path / "sft")
+        assert scope.kept is None
+        gc.collect()
+        assert kept() is None
+
+
 def test_outside_keep_loaded_every_stage_loads_its_own(tmp_path, yes_no_pairs):
     calls = []
 

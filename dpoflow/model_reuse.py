@@ -14,7 +14,6 @@ Only inside `keep_loaded()`; outside it each stage loads its own model and frees
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -92,8 +91,7 @@ class _Scope:
         free_accelerator_memory()
 
 
-_scope: _Scope | None = None
-_lock = threading.Lock()  # Prefect runs tasks in worker threads; stages of one flow run one at a time
+_scope: _Scope | None = None  # one flow's stages run one at a time, whichever worker thread runs them
 
 
 @contextmanager
@@ -101,20 +99,18 @@ def keep_loaded() -> Iterator[_Scope]:
     """Within this block the DPO stages of this process share one loaded model when they load the same
     one (same start model, weights precision, LoRA, max length and seed); it is freed on leaving."""
     global _scope
-    with _lock:
-        outer, _scope = _scope, _scope or _Scope()
-        scope = _scope
+    outer = _scope
+    scope = _scope = outer or _Scope()
     try:
         yield scope
     finally:
         if outer is None:
-            with _lock:
-                _scope = None
+            _scope = None
             scope.release()
 
 
 def release_kept() -> None:
-    """Free the kept model now, before a stage that loads another (SFT): never two models at once."""
+    """Free the kept model now, before another training model is loaded: never two at once."""
     if _scope is not None:
         _scope.release()
 

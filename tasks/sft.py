@@ -12,7 +12,6 @@ from dpoflow.backends import BackendError, choose_backend, load_for_training
 from dpoflow.config import SFTSpec, TrainSetup
 from dpoflow.distributed import is_main_process, run_stage
 from dpoflow.hardware import TrainingPlan
-from dpoflow.model_reuse import release_kept
 from dpoflow.models import load_model
 from dpoflow.records import ModelRef, PreparedData
 from dpoflow.training import final_metrics, keep_outputs_fp32, save_adapter, trainer_args
@@ -28,7 +27,6 @@ def train_sft(base: ModelRef, data: PreparedData, spec: SFTSpec, setup: TrainSet
         raise BackendError("sft: merging an adapter into 4-bit/FP8 weights is not supported; "
                            "set train.quantize: none and train.precision: bf16 for SFT, or sft.enabled: false")
     backend = choose_backend(setup)
-    release_kept()  # a sweep's previous DPO model, if one is kept: it is not this stage's model
     model, tokenizer, peft_config = load_for_training(backend, base.path, plan, spec.lora, spec.max_length, seed)
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer

@@ -5,15 +5,21 @@
   first step's compilation included), and the stage's whole wall time beside it.
 - sweep: the `reference` stage's pass once, then four `dpo` stages (beta/lr variants) reusing it, as
   `dpoflow sweep` runs them: the stages one after the other inside `model_reuse.keep_loaded()`, so the
-  model is loaded once. Counted: the whole sequence's wall time, the pass and its load included.
+  model is loaded once. Counted: the whole sequence's wall time, the pass and its load included, and
+  the same less the one model load.
 - sweep-reload: the same, each stage loading its own model (four pipelines run one by one).
 - reuse-check: variant A on a fresh load, then variant B and A again on one kept model: A's two
   adapters and logged losses must match.
 
 Tokens are counted as the workload defines them: pairs x 2 x 512 (prompt + answer, both answers),
-whatever the stage computes internally.
+whatever the stage computes internally. Each scenario runs in a child process that, as the CLI does,
+imports torch and dpoflow and freezes them from the collector before Unsloth is imported; one-run and
+the stages of a sweep run inside `keep_loaded()`, as `dpoflow run` and `dpoflow sweep` run them.
+Seconds spent in the garbage collector during a stage are reported as `gc_s`.
 
     python3 bench/gpu_epoch.py --shape llama-3.1-8b --scenarios one-run,sweep --pairs 512
+    # keep the model, data and compile caches in DIR for the next call (a warm machine keeps them):
+    python3 bench/gpu_epoch.py --scenarios reuse-check --pairs 64 --keep DIR
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -40,10 +47,17 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=512)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--keep", help="a folder kept after the bench, reused when it has the model and data")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
+        import torch  # noqa: F401
+
+        import dpoflow.tasks.dpo  # noqa: F401
+        from dpoflow.runtime import freeze_imports
+
+        freeze_imports()  # as the CLI does once its imports are done (cli.imports_done)
         run = {"one-run": one_run, "one-run-noshare": one_run, "sweep": sweep, "sweep-reload": sweep,
                "reuse-check": reuse_check}[args.worker]
         result = run(Path(args.work), args.pairs, args.batch, share=not args.worker.endswith("noshare"),
@@ -56,8 +70,13 @@ def main() -> None:
 
     from dpoflow.models import load_tokenizer
 
-    work = scratch()
-    build_model(args.shape, work / "model")
+    work = Path(args.keep) if args.keep else scratch()
+    work.mkdir(parents=True, exist_ok=True)
+    for old in work.iterdir():  # an earlier call's stage outputs: a stage would resume from their checkpoints
+        if old.name not in ("model", "cache"):
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+    if not (work / "model" / "config.json").exists():
+        build_model(args.shape, work / "model")
     make_pairs(load_tokenizer(str(work / "model")), args.pairs, SEQ // 2, SEQ // 2, work / "train.jsonl")
     # A fresh compile cache shared by the scenarios: the first runs cold, later ones find its kernels.
     os.environ["DPOFLOW_CACHE_DIR"] = str(work / "cache")
@@ -112,6 +131,31 @@ def _train_clock():
     return Marks()
 
 
+class _GcClock:
+    """Seconds the garbage collector runs, from `gc.callbacks`."""
+
+    def __init__(self):
+        self.seconds, self.collections, self._began = 0.0, 0, None
+
+    def __call__(self, phase, info):
+        if phase == "start":
+            self._began = time.perf_counter()
+        elif self._began is not None:
+            self.seconds += time.perf_counter() - self._began
+            self.collections += 1 if info["generation"] == 2 else 0
+
+    def __enter__(self):
+        import gc
+
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        import gc
+
+        gc.callbacks.remove(self)
+
+
 def _train(work, pairs, batch, share, name, **variant):
     import torch
 
@@ -121,7 +165,9 @@ def _train(work, pairs, batch, share, name, **variant):
     marks = _train_clock()
     torch.cuda.reset_peak_memory_stats()
     began = time.perf_counter()
-    adapter = train_dpo(start, data, spec, setup, plan, 0, work / name, reference=reference, callbacks=(marks,))
+    with _GcClock() as collector:
+        adapter = train_dpo(start, data, spec, setup, plan, 0, work / name, reference=reference,
+                            callbacks=(marks,))
     done = time.perf_counter()
     m = marks.marks
     tokens = pairs * 2 * SEQ
@@ -129,7 +175,8 @@ def _train(work, pairs, batch, share, name, **variant):
     log = json.loads((Path(adapter.path).parent / "log_history.json").read_text())
     losses = [e["loss"] for e in log if "loss" in e]
     metrics = json.loads((Path(adapter.path).parent / "dpo_metrics.json").read_text())
-    return {"retries": metrics.get("retries"), "stage_s": round(done - began, 1), "load_s": round(m["begin"] - began, 1),
+    return {"retries": metrics.get("retries"), "stage_s": round(done - began, 1), "gc_s": round(collector.seconds, 2),
+            "full_collections": collector.collections, "load_s": round(m["begin"] - began, 1),
             "after_load_s": round(m["end"] - m["begin"], 1), "first_step_s": round(m["first_step"] - m["begin"], 1),
             "tok_per_s_after_load": round(tokens / (m["end"] - m["begin"])),
             "tok_per_s_steady": round(tokens * (marks.steps - 1) / marks.steps / (m["end"] - m["first_step"])),
@@ -148,9 +195,31 @@ def _import_unsloth() -> None:
 
 def one_run(work: Path, pairs: int, batch: int, share: bool) -> dict:
     _import_unsloth()
+    from dpoflow.model_reuse import keep_loaded
 
     inputs = _inputs(work, pairs, batch, share)
-    return _train(work, pairs, batch, share, "one-run", prepared=(*inputs, None))
+    with keep_loaded():
+        return _train(work, pairs, batch, share, "one-run", prepared=(*inputs, None))
+
+
+def _timed_loads():
+    """Wrap the stage's model load to time it: the sweep's figures with and without the one load."""
+    import torch
+
+    import dpoflow.tasks.dpo as stage
+
+    seconds = []
+    load = stage.load_for_training
+
+    def timed(*args, **kwargs):
+        began = time.perf_counter()
+        loaded = load(*args, **kwargs)
+        torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - began)
+        return loaded
+
+    stage.load_for_training = timed
+    return seconds
 
 
 def sweep(work: Path, pairs: int, batch: int, share: bool, keep: bool = True) -> dict:
@@ -162,6 +231,7 @@ def sweep(work: Path, pairs: int, batch: int, share: bool, keep: bool = True) ->
     from dpoflow.model_reuse import keep_loaded
     from dpoflow.tasks.dpo import compute_reference_logps
 
+    load_seconds = _timed_loads()
     began = time.perf_counter()
     with keep_loaded() if keep else contextlib.nullcontext() as kept:
         start, data, spec, setup, plan = _inputs(work, pairs, batch, share, precompute=True)
@@ -177,8 +247,11 @@ def sweep(work: Path, pairs: int, batch: int, share: bool, keep: bool = True) ->
         loads = {"loads": kept.loads, "reuses": kept.reuses} if keep else None
     total = time.perf_counter() - began
     tokens = len(VARIANTS) * pairs * 2 * SEQ
+    loaded = sum(load_seconds[:1])  # the first load; a sweep that loads again pays the others
     return {"reference_pass_s": round(pass_s, 1), "total_s": round(total, 1), "training_model": loads,
-            "effective_tok_per_s": round(tokens / total), "runs": runs}
+            "effective_tok_per_s": round(tokens / total), "first_load_s": round(loaded, 1),
+            "effective_tok_per_s_after_load": round(tokens / (total - loaded)),
+            "loads_s": [round(x, 1) for x in load_seconds], "runs": runs}
 
 
 def reuse_check(work: Path, pairs: int, batch: int, share: bool) -> dict:

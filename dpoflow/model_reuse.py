@@ -14,6 +14,7 @@ Only inside `keep_loaded()`; outside it each stage loads its own model and frees
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -70,11 +71,14 @@ class _Scope:
     def __init__(self):
         self.kept: Kept | None = None
         self.loads = self.reuses = 0
+        self.froze = False
+        self.frozen_before = gc.get_freeze_count() > 0  # the CLI froze its imports (runtime.freeze_imports)
 
     def take(self, key: Hashable, load: Callable[[], tuple[Any, Any, Any]], log: Callable[[str], Any]):
         if self.kept is not None and self.kept.key == key:
             self.kept.restore()
             self.reuses += 1
+            self._freeze()
             log("model: the one the previous stage loaded, reset to its fresh adapter (no load)")
             return self.kept.model, self.kept.tokenizer, None
         self.release()
@@ -82,13 +86,32 @@ class _Scope:
         self.loads += 1
         if peft_config is None:  # a PEFT model we can reset; with a peft_config TRL wraps it per trainer
             self.kept = Kept(key, model, tokenizer)
+            self._freeze()
         return model, tokenizer, peft_config
 
+    def _freeze(self) -> None:
+        """Take what is alive now out of the collector's reach until `release`: the kept model, the
+        imported Unsloth/TRL modules, compiled graphs. Unsloth and TRL run several full collections in
+        every stage; over that whole heap they cost ~2.6 s a stage at the 8B shape (docs/benchmarks.md),
+        while the garbage they are there for is the stage's own, which stays collectable. Collected
+        first: the previous stage's trainer, unreachable once `restore` dropped its hooks, is freed
+        now rather than frozen with its optimizer state."""
+        gc.collect()
+        gc.freeze()
+        self.froze = True
+
     def release(self) -> None:
-        if self.kept is None:
-            return
-        self.kept = None
-        free_accelerator_memory()
+        if self.froze:
+            # Unfrozen first, so the kept model's reference cycles (and anything else that died since
+            # the freeze) are collected now and its accelerator memory really goes back.
+            gc.unfreeze()
+            self.froze = False
+        if self.kept is not None:
+            self.kept = None
+            free_accelerator_memory()
+        if self.frozen_before and gc.get_freeze_count() == 0:
+            gc.collect()
+            gc.freeze()  # as the CLI left it: everything alive after its imports is long-lived
 
 
 _scope: _Scope | None = None  # one flow's stages run one at a time, whichever worker thread runs them
@@ -123,8 +146,6 @@ def training_model(key: Hashable, load: Callable[[], tuple[Any, Any, Any]], log:
 
 
 def free_accelerator_memory() -> None:
-    import gc
-
     import torch
 
     gc.collect()

@@ -36,6 +36,10 @@ class ReferenceLogps(Artifact):
 
     file: str
     start: ModelRef
+    # The same rows as TRL tokenized them for the pass, with their log-probs (Arrow): what the dpo stage
+    # trains on, so no stage that reuses this pass tokenizes the data again. None in records made
+    # before it existed; such a dpo stage tokenizes as usual.
+    pairs: str | None = None
 
 
 class TrainedAdapter(Artifact):

@@ -112,9 +112,17 @@ def _retry_after(collapse: _Collapsed, state: dict, attempt_dir: Path, total_ste
             "max_steps": max(total_steps - done, 1), "retries": state["retries"] + [record]}
 
 
+TOKENIZED = ("prompt_ids", "chosen_ids", "rejected_ids")
+PAIRS_FILE = "train_pairs.arrow"
+
+
 def _train_rows(data: PreparedData, reference: ReferenceLogps | None):
     from datasets import Dataset
 
+    if reference is not None and reference.pairs:
+        # Tokenized by the reference pass with this start model's tokenizer and this max_length (both
+        # in that pass's cache key): the very token ids its log-probs were computed from.
+        return Dataset.from_file(reference.pairs)
     rows = [{"row": i, **{k: r[k] for k in ("prompt", "chosen", "rejected")}}
             for i, r in enumerate(read_rows(data.train))]
     if reference is not None:
@@ -126,6 +134,30 @@ def _train_rows(data: PreparedData, reference: ReferenceLogps | None):
     return Dataset.from_list(rows)
 
 
+def _write_pairs(path: Path, dataset, chosen: list[float], rejected: list[float]) -> None:
+    """TRL's tokenized rows and their reference log-probs as one Arrow file (`Dataset.from_file` reads it)."""
+    import pyarrow as pa
+
+    table = dataset.select_columns(["row", *TOKENIZED]).flatten_indices().data.table
+    table = table.append_column("ref_chosen_logps", pa.array(chosen, pa.float64()))
+    table = table.append_column("ref_rejected_logps", pa.array(rejected, pa.float64()))
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+def _dpo_trainer_class():
+    """TRL's DPOTrainer (Unsloth's, once Unsloth is imported), taking rows already tokenized as they are."""
+    from trl import DPOTrainer
+
+    class PretokenizedDPOTrainer(DPOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            if set(TOKENIZED) <= set(dataset.column_names):
+                return dataset
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    return PretokenizedDPOTrainer
+
+
 def _trainer(backend: BackendChoice, start: ModelRef, dataset, spec: DPOSpec, plan: TrainingPlan, seed: int,
              output_dir: Path, learning_rate: float, max_steps: int, callbacks: list):
     # The same weights, LoRA and length load the same model: inside model_reuse.keep_loaded() the
@@ -134,15 +166,15 @@ def _trainer(backend: BackendChoice, start: ModelRef, dataset, spec: DPOSpec, pl
            spec.max_length, seed)
     model, tokenizer, peft_config = training_model(
         key, lambda: load_for_training(backend, start.path, plan, spec.lora, spec.max_length, seed), stage_logger())
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig
 
     args = trainer_args(spec, output_dir, seed, plan)
     args.update(learning_rate=learning_rate, max_steps=max_steps, save_strategy="steps",
                 save_steps=spec.guards.checkpoint_steps)
     config = DPOConfig(**args, beta=spec.beta, loss_type=list(spec.loss_type), loss_weights=spec.loss_weights)
     # ref_model=None: the reference is the start model (see backends.load_for_training).
-    trainer = DPOTrainer(model=model, ref_model=None, args=config, train_dataset=dataset,
-                         processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    trainer = _dpo_trainer_class()(model=model, ref_model=None, args=config, train_dataset=dataset,
+                                   processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
     keep_outputs_fp32(trainer)
     if spec.share_prompt:
         stage_logger()(share_prompts(trainer, backend.name))
@@ -242,9 +274,8 @@ def compute_reference_logps(start: ModelRef, data: PreparedData, spec: DPOSpec, 
         trainer = _trainer(backend, start, _train_rows(data, None), spec, plan, seed, Path(scratch),
                            spec.learning_rate, 1, [])
         dataset = trainer.train_dataset
-        token_columns = ["prompt_ids", "chosen_ids", "rejected_ids"]
         loader = trainer.accelerator.prepare(DataLoader(
-            dataset.select_columns(token_columns), batch_size=plan.per_device_batch,
+            dataset.select_columns(list(TOKENIZED)), batch_size=plan.per_device_batch,
             collate_fn=trainer.data_collator, shuffle=False))
         chosen, rejected = [], []
         # Train mode, as in training (dropout is 0 there too): under Unsloth, eval() switches to other
@@ -259,7 +290,9 @@ def compute_reference_logps(start: ModelRef, data: PreparedData, spec: DPOSpec, 
     file = out_dir / "reference_logps.jsonl"
     write_jsonl(file, [{"row": row, "ref_chosen_logps": c, "ref_rejected_logps": r}
                        for row, c, r in zip(dataset["row"], chosen, rejected)])
-    return ReferenceLogps(path=str(out_dir), digest=seal(out_dir), file=str(file), start=start)
+    _write_pairs(out_dir / PAIRS_FILE, dataset, chosen, rejected)
+    return ReferenceLogps(path=str(out_dir), digest=seal(out_dir), file=str(file), start=start,
+                          pairs=str(out_dir / PAIRS_FILE))
 
 
 @stage_task

@@ -70,6 +70,40 @@ def test_precomputed_reference_is_trl_s_own_and_equals_the_start_model(tiny_mode
     assert "precomputed" in adapter.reference
 
 
+@cpu_only
+def test_dpo_trains_on_the_reference_pass_s_tokens_without_tokenizing_again(tmp_path, yes_no_pairs, monkeypatch):
+    """A dpo stage that reuses a reference pass trains on the rows that pass tokenized (stored beside its
+    log-probs) and does not tokenize again: same losses and adapter as tokenizing the text itself."""
+    from safetensors.torch import load_file
+    from trl import DPOTrainer
+
+    from dpoflow.tasks.dpo import compute_reference_logps
+
+    start, data, _ = yes_no_pairs
+    spec = DPOSpec(learning_rate=1e-2, max_steps=3, per_device_batch_size=2, gradient_accumulation_steps=1,
+                   logging_steps=1, lr_scheduler="constant", precompute_ref_log_probs=True)
+    plan = plan_stage(TRL, spec, start.path)
+    reference = compute_reference_logps(start, data, spec, TRL, plan, 0, tmp_path / "ref")
+    assert reference.pairs and is_intact(tmp_path / "ref")
+
+    tokenized = []
+    prepare = DPOTrainer._prepare_dataset
+    monkeypatch.setattr(DPOTrainer, "_prepare_dataset",
+                        lambda self, *args: tokenized.append(args[-1]) or prepare(self, *args))
+    train_dpo(start, data, spec, TRL, plan, 0, tmp_path / "stored", reference=reference)
+    assert tokenized == []
+    # A reference record from before the stored rows existed: the stage tokenizes the text itself.
+    train_dpo(start, data, spec, TRL, plan, 0, tmp_path / "text", reference=reference.model_copy(update={"pairs": None}))
+    assert tokenized == ["train"]
+
+    logs = [json.loads((tmp_path / run / "log_history.json").read_text()) for run in ("stored", "text")]
+    assert [e.get("loss") for e in logs[0]] == [e.get("loss") for e in logs[1]]
+    weights = [load_file(tmp_path / run / "adapter" / "adapter_model.safetensors") for run in ("stored", "text")]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not all(torch.equal(weights[0][k], torch.zeros_like(weights[0][k])) for k in weights[0] if "lora_B" in k)
+
+
 def test_loss_types_and_weights_are_validated():
     import pytest
     from pydantic import ValidationError

@@ -152,3 +152,43 @@ def test_on_unsloth_a_variant_on_the_kept_model_equals_one_on_a_fresh_load(tmp_p
         reused = train_on_gpu("reused", beta=0.1)
         assert scope.loads == 1 and scope.reuses == 1
     assert all(torch.equal(fresh[k], reused[k]) for k in fresh)
+
+
+def test_the_kept_model_is_frozen_from_the_collector_only_while_kept(tmp_path, yes_no_pairs):
+    """Inside the block what is alive at each stage's start is out of the collector's reach (Unsloth and
+    TRL collect several times a stage); the previous stage's garbage is not frozen with it, and leaving
+    the block leaves the process frozen as it was."""
+    from transformers import TrainerCallback
+
+    start, data, _ = yes_no_pairs
+    dpo = spec(max_steps=1)
+    plan = plan_stage(TRL, dpo, start.path)
+    optimizers = []
+
+    class KeepOptimizer(TrainerCallback):
+        def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+            optimizers.append(weakref.ref(optimizer))
+
+    def stage(name):
+        train_dpo(start, data, dpo, TRL, plan, 0, tmp_path / name, callbacks=(KeepOptimizer(),))
+
+    was_frozen = gc.get_freeze_count() > 0
+    try:
+        for frozen_before in (False, True):
+            gc.unfreeze()
+            if frozen_before:
+                gc.freeze()
+            with model_reuse.keep_loaded() as scope:
+                stage(f"a{frozen_before}")
+                model = weakref.ref(scope.kept.model)
+                assert gc.get_freeze_count() > 0
+                stage(f"b{frozen_before}")
+                gc.collect()
+                assert optimizers[-2]() is None  # stage a's trainer: collected, not frozen at b's start
+            gc.collect()
+            assert model() is None  # frozen while kept, freed on leaving
+            assert (gc.get_freeze_count() > 0) == frozen_before
+    finally:
+        gc.unfreeze()
+        if was_frozen:
+            gc.freeze()

@@ -110,29 +110,35 @@ def reachable(torch) -> list[dict]:
         except Exception:  # noqa: BLE001
             continue
     tensors.sort(key=lambda pair: -pair[0])
-    own = {id(tensors)}
+    own = {id(tensors), *(id(pair) for pair in tensors)}
     return [{"mib": round(size / MIB), "shape": [int(x) for x in t.shape], "held_by": holders(t, own)}
             for size, t in tensors[:4]]
 
 
-def holders(obj, own: set, depth: int = 5) -> list:
-    """Who refers to `obj`, and who to them, `depth` levels up: type names, a dict's first keys, a
+def holders(obj, own: set, depth: int = 7) -> list:
+    """Who refers to `obj`, and who to them, `depth` levels up: type names, frames (code and line), a dict's first keys, a
     function's or module's name."""
     import types
 
     if depth == 0:
         return []
     found = []
-    for ref in gc.get_referrers(obj):
-        if (id(ref) in own or isinstance(ref, types.FrameType) or type(ref).__name__ == "list_iterator"
-                or isinstance(ref, list) and len(ref) > 100_000):  # the probe's own walk over the heap
+    referrers = gc.get_referrers(obj)
+    own.add(id(referrers))
+    for ref in referrers:
+        if (id(ref) in own or type(ref).__name__ == "list_iterator" or isinstance(ref, list) and len(ref) > 100_000
+                or isinstance(ref, types.FrameType) and ref.f_code.co_filename == __file__):  # the probe's own walk
             continue
         own.add(id(ref))
         label = type(ref).__name__
-        if isinstance(ref, dict):
+        if isinstance(ref, types.FrameType):  # a live call or one kept by a stored exception's traceback
+            label += f" {ref.f_code.co_qualname} {Path(ref.f_code.co_filename).name}:{ref.f_lineno}"
+        elif isinstance(ref, BaseException):
+            label += f" {str(ref)[:80]!r}"
+        elif isinstance(ref, dict):
             label += " keys=" + ",".join(repr(k)[:40] for k in list(ref)[:5])
         elif isinstance(ref, (types.FunctionType, types.ModuleType, type)):
-            label += " " + getattr(ref, "__module__", "") + "." + getattr(ref, "__qualname__", getattr(ref, "__name__", ""))
+            label += f" {getattr(ref, '__module__', '')}.{getattr(ref, '__qualname__', getattr(ref, '__name__', ''))}"
         elif hasattr(ref, "__wrapped__"):
             label += " wrapping " + getattr(ref.__wrapped__, "__qualname__", "?")
         found.append({label: holders(ref, own, depth - 1)})

@@ -45,6 +45,27 @@ def test_two_processes_train_what_one_process_trains_with_the_same_effective_bat
     assert not (tmp_path / "out-2-checkpoints").exists()
 
 
+def test_two_processes_train_on_a_precomputed_reference_s_stored_rows_as_one_does(yes_no_pairs, tmp_path):
+    """Every rank reads the reference pass's stored rows (token ids and log-probs) from its artifact."""
+    from dpoflow.tasks.dpo import compute_reference_logps
+
+    start, data, _ = yes_no_pairs
+    spec = DPOSpec(learning_rate=1e-2, max_steps=3, per_device_batch_size=8, gradient_accumulation_steps=2,
+                   logging_steps=1, lr_scheduler="constant", precompute_ref_log_probs=True)
+    reference = compute_reference_logps(start, data, spec, _setup(1), plan_stage(_setup(1), spec, start.path), 0,
+                                        tmp_path / "reference")
+    assert reference.pairs
+    losses = {}
+    for n in (1, 2):
+        run_stage(train_dpo, n, print, start=start, data=data, spec=spec, setup=_setup(n),
+                  plan=plan_stage(_setup(n), spec, start.path), seed=0, out_dir=tmp_path / f"out-{n}",
+                  reference=reference)
+        log = json.loads((tmp_path / f"out-{n}" / "log_history.json").read_text())
+        losses[n] = [e["loss"] for e in log if "loss" in e]
+    assert len(losses[2]) == 3 and losses[2][-1] < losses[2][0]
+    assert losses[2] == pytest.approx(losses[1], abs=1e-5)
+
+
 def test_sft_on_two_processes_writes_one_merged_model(yes_no_pairs, tmp_path):
     start, data, _ = yes_no_pairs
     spec = SFTSpec(enabled=True, max_steps=2, per_device_batch_size=8, gradient_accumulation_steps=1,

@@ -71,7 +71,6 @@ class _Scope:
     def __init__(self):
         self.kept: Kept | None = None
         self.loads = self.reuses = 0
-        self.froze = False
         self.frozen_before = gc.get_freeze_count() > 0  # the CLI froze its imports (runtime.freeze_imports)
 
     def take(self, key: Hashable, load: Callable[[], tuple[Any, Any, Any]], log: Callable[[str], Any]):
@@ -98,19 +97,16 @@ class _Scope:
         now rather than frozen with its optimizer state."""
         gc.collect()
         gc.freeze()
-        self.froze = True
 
     def release(self) -> None:
-        if self.froze:
-            # Unfrozen first, so the kept model's reference cycles (and anything else that died since
-            # the freeze) are collected now and its accelerator memory really goes back.
-            gc.unfreeze()
-            self.froze = False
-        if self.kept is not None:
-            self.kept = None
-            free_accelerator_memory()
-        if self.frozen_before and gc.get_freeze_count() == 0:
-            gc.collect()
+        if self.kept is None:
+            return
+        self.kept = None
+        # A kept model is always frozen (`_freeze`): unfrozen first, so its reference cycles (and
+        # anything else that died since the freeze) are collected now and its memory really goes back.
+        gc.unfreeze()
+        free_accelerator_memory()
+        if self.frozen_before:
             gc.freeze()  # as the CLI left it: everything alive after its imports is long-lived
 
 

@@ -89,23 +89,36 @@ def dpoflow(server, *args, expect=0):
     return proc.stdout
 
 
+def api(server, method: str, path: str, **kwargs):
+    """One call to the server's REST API, the way Prefect's own client makes it: 429, 502 and 503 are
+    retried (the server answers 503 for errors it calls retryable, e.g. a busy SQLite database on a
+    loaded machine); any other non-2xx fails the test with the server's answer."""
+    deadline = time.time() + 90
+    while True:
+        response = httpx.request(method, f"{server['api']}{path}", timeout=30, **kwargs)
+        if response.status_code not in (429, 502, 503) or time.time() > deadline:
+            break
+        time.sleep(2)
+    assert response.is_success, (f"{method} {path}: {response.status_code} {response.text[:2000]}\n"
+                                 + (server["tmp"] / "server.log").read_text()[-3000:])
+    return response.json()
+
+
 def deployments(server) -> dict:
-    found = httpx.post(f"{server['api']}/deployments/filter", json={}, timeout=30).json()
-    return {d["name"]: d for d in found}
+    return {d["name"]: d for d in api(server, "POST", "/deployments/filter", json={})}
 
 
 def scheduled_runs(server, deployment_id) -> list:
     body = {"deployments": {"id": {"any_": [deployment_id]}}, "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}}
-    return httpx.post(f"{server['api']}/flow_runs/filter", json=body, timeout=30).json()
+    return api(server, "POST", "/flow_runs/filter", json=body)
 
 
 def run_to_the_end(server, deployment_id, parameters, timeout=420) -> str:
     """Start a run the way the UI's Run button does, and wait for its final state type."""
-    run = httpx.post(f"{server['api']}/deployments/{deployment_id}/create_flow_run", timeout=30,
-                     json={"parameters": parameters}).json()
+    run = api(server, "POST", f"/deployments/{deployment_id}/create_flow_run", json={"parameters": parameters})
     deadline, state = time.time() + timeout, None
     while time.time() < deadline:
-        state = httpx.get(f"{server['api']}/flow_runs/{run['id']}", timeout=30).json()["state"]["type"]
+        state = api(server, "GET", f"/flow_runs/{run['id']}")["state"]["type"]
         if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
             break
         time.sleep(2)

@@ -168,7 +168,9 @@ def compose_release(config: PipelineConfig, run, trained: Trained) -> Outputs:
                     for s, f in zip(config.data.source_specs, trained.fingerprints)]
     commit = modelcard.git_commit(Path.cwd())
     card = run(card_task, "card",
-               {"config": config.model_dump(mode="json", exclude={"workdir"}), "data": data.digest,
+               # Data sources by content, not by path: a worker's fresh clone of the same commit is the same card.
+               {"config": config.model_dump(mode="json", exclude={"workdir": True, "data": {"sources"}}),
+                "sources": trained.fingerprints, "data": data.digest,
                 "adapter": adapter.digest, "exports": exports.digest, "forgetting": forgetting_md, "commit": commit},
                config=config, data=data, adapter=adapter, forgetting_md=forgetting_md, exports=exports,
                commit=commit, sources=data_sources)

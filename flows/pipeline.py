@@ -7,6 +7,7 @@ output folder is missing or altered on disk is refreshed instead of trusted.
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from dpoflow import forgetting, modelcard, models, sources
@@ -215,6 +216,16 @@ def publish_data_report(config: PipelineConfig, data, run_dir: Path, key: str | 
     (run_dir / "data_report.json").write_bytes(report.read_bytes())
     create_markdown_artifact(report.with_suffix(".md").read_text(), key=(key or artifact_key(config.name)) + "-data",
                              description=f"dpoflow data report of {config.name}")
+    chart_artifact(report.with_suffix(".png"), (key or artifact_key(config.name)) + "-data-chart",
+                   f"Token lengths of {config.name}'s pairs")
+
+
+def chart_artifact(png: Path, key: str, description: str) -> None:
+    """A PNG chart as an image artifact the Prefect UI shows. Inlined as a data URL: the file is on the
+    machine that ran the flow, which the UI's browser cannot reach."""
+    if png.is_file():
+        data = base64.b64encode(png.read_bytes()).decode()
+        create_image_artifact(image_url=f"data:image/png;base64,{data}", key=key, description=description)
 
 
 @flow(name="dpoflow")
@@ -258,6 +269,7 @@ def record_run(config: PipelineConfig, backend, run: StageRunner, out: Outputs, 
         write_gate_report(out.gate, run_dir)
         create_table_artifact(out.gate.rows, key=key + "-forgetting",
                               description="Forgetting check: start model vs tuned, accuracy points per task")
+        chart_artifact(run_dir / "forgetting.png", key + "-forgetting-chart", "Forgetting check: accuracy per task")
     summary, summary_md = summarize(config, backend, run, out, blocked, run_dir, overrides)
     write_run_folder(run_dir, summary, run.outputs, summary_md, latest=latest)
     publish_data_report(config, out.data, run_dir, key)

@@ -307,7 +307,9 @@ def test_serve_runs_schedules_and_plain_runs_beside_sync(server):
     assert {row["status"] for row in summary["stages"]} == {"cached"}  # the same pipeline, run again
     artifacts = api(server, "POST", "/artifacts/filter",
                     json={"artifacts": {"flow_run_id": {"any_": [triggered[0]["id"]]}}})
-    assert {"markdown", "table"} <= {a["type"] for a in artifacts}  # on the run a user opens
+    # On the run a user opens: the summary, the data report, the forgetting table and both charts.
+    assert sorted(a["type"] for a in artifacts) == ["image", "image", "markdown", "markdown", "table"]
+    assert all(a["data"].startswith("data:image/png;base64,") for a in artifacts if a["type"] == "image")
 
 
 def test_a_process_worker_runs_cloned_code_and_keeps_the_work(server):
@@ -386,6 +388,65 @@ def test_bad_inputs_are_one_line_and_change_nothing(server, tmp_path):
     response = httpx.post(f"{server['api']}/deployments/{nightly['id']}/create_flow_run",
                           json={"parameters": {"pipeline_name": "other"}}, timeout=30)
     assert response.status_code == 409
+
+
+def test_a_failed_run_notifies_through_the_documented_automation(server):
+    """docs/automations/notify-on-failure.yaml, created with Prefect's CLI as the docs say, sends a
+    notification when a run fails; the run fails on overrides the config refuses, named in one line."""
+    import http.server
+    import threading
+
+    received = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            received.append(self.rfile.read(int(self.headers["Content-Length"])).decode())
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    hook = http.server.HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    block = subprocess.run(["python", "-c", (
+        "from prefect.blocks.notifications import CustomWebhookNotificationBlock as B; "
+        f"print(B(name='dpoflow', url='http://127.0.0.1:{hook.server_port}/hook', "
+        "json_data={'text': '{{subject}}: {{body}}'}).save('dpoflow-alerts', overwrite=True))")],
+        env=server["env"], capture_output=True, text=True, timeout=120)
+    assert block.returncode == 0, block.stderr
+    spec = (server["repo"] / "docs" / "automations" / "notify-on-failure.yaml").read_text()
+    automation = server["tmp"] / "automation.yaml"
+    automation.write_text(spec.replace("BLOCK_DOCUMENT_ID", block.stdout.strip()))
+    created = subprocess.run(["prefect", "automation", "create", "--from-file", str(automation)], env=server["env"],
+                             capture_output=True, text=True, timeout=120)
+    assert created.returncode == 0, created.stdout + created.stderr
+
+    project = new_project(server, "failing", f"pipelines:\n  failing:{FAST}\n    deploy: {{enabled: true, "
+                                             f"work_pool: dpoflow-test}}\n")
+    dpoflow(server, project, "sync")
+    failing = deployments(server)["failing"]
+    log = server["tmp"] / "failing-worker.log"
+    worker = subprocess.Popen(["prefect", "worker", "start", "--pool", "dpoflow-test", "--type", "process"],
+                              env=server["env"], stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    try:
+        run = api(server, "POST", f"/deployments/{failing['id']}/create_flow_run",
+                  json={"parameters": {"overrides": {"dpo": {"loss_weights": [1.0, 0.5]}}}})
+        deadline = time.time() + 300
+        while (state := api(server, "GET", f"/flow_runs/{run['id']}")["state"])["type"] not in ("FAILED", "CRASHED",
+                                                                                              "COMPLETED"):
+            assert time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(2)
+        assert state["type"] == "FAILED" and "invalid config" in state["message"] and "loss_weights" in \
+            state["message"], state
+        deadline = time.time() + 120
+        while not received and time.time() < deadline:
+            time.sleep(2)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+        hook.shutdown()
+    assert received and "failing" in received[0] and "Failed" in received[0], received
 
 
 def ui_shows_the_deployment(server, name):

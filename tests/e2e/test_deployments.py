@@ -368,8 +368,9 @@ def test_a_process_worker_runs_cloned_code_and_keeps_the_work(server):
 def test_bad_inputs_are_one_line_and_change_nothing(server, tmp_path):
     project = new_project(server, "bad", PIPELINES)
     unreachable = {**server["env"], "PREFECT_API_URL": f"http://127.0.0.1:{_free_port()}/api"}
-    for command in ("sync", "serve"):
-        proc = dpoflow(server, project, command, expect=2, env=unreachable)
+    served = new_project(server, "bad-served", PIPELINES.replace("      work_pool: dpoflow-test\n", ""))
+    for command, where in (("sync", project), ("serve", served)):
+        proc = dpoflow(server, where, command, expect=2, env=unreachable)
         assert proc.stderr.count("\n") == 1 and "cannot reach the Prefect server at" in proc.stderr, proc.stderr
     no_url = {k: v for k, v in server["env"].items() if k != "PREFECT_API_URL"}
     assert "PREFECT_API_URL" in dpoflow(server, project, "sync", expect=2, env=no_url).stderr

@@ -117,13 +117,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def deployments(args) -> int:
     """`sync` (work-pool deployments, made equal to the file) and `serve` (pool-less ones, run here)."""
-    import os
     from pathlib import Path
+
+    from prefect.settings import get_current_settings
 
     from . import deploy
 
     configure_environment()
-    if not os.environ.get("PREFECT_API_URL"):
+    if not get_current_settings().api.url:  # the environment, or the active Prefect profile
         print(f"dpoflow {args.command}: set PREFECT_API_URL to the Prefect server "
               + ("whose deployments to update" if args.command == "sync" else "to serve the deployments to")
               + " (without it there is only a temporary local one)", file=sys.stderr)

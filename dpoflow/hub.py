@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .config import PublishSpec
+from .redact import redact_text
 
 
 # The longest Retry-After honoured: a rate limit asking for more is better reported than slept through.
@@ -29,7 +30,9 @@ def resolve_token(spec: PublishSpec) -> str:
         try:
             return Secret.load(spec.token_secret).get()
         except ValueError as e:
-            raise PublishError(f"publish.token_secret: no Prefect Secret block named {spec.token_secret!r}") from e
+            # A token pasted here instead of a block's name must not reach the error (logs, Prefect's database).
+            raise PublishError(f"publish.token_secret: no Prefect Secret block named "
+                               f"{redact_text(spec.token_secret)!r}") from None  # its own error names it too
     token = os.environ.get("HF_TOKEN")
     if not token:
         raise PublishError("publish needs a Hub token: set HF_TOKEN, or publish.token_secret to a Prefect Secret block")

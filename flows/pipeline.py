@@ -213,7 +213,8 @@ def publish_data_report(config: PipelineConfig, data, run_dir: Path, key: str | 
     """data_report.json at a stable place in the run folder, and the report as a Prefect artifact."""
     report = Path(data.report)
     (run_dir / "data_report.json").write_bytes(report.read_bytes())
-    create_markdown_artifact(redact_text(report.with_suffix(".md").read_text()), key=(key or artifact_key(config.name)) + "-data",
+    create_markdown_artifact(redact_text(report.with_suffix(".md").read_text()),
+                             key=(key or artifact_key(config.name)) + "-data",
                              description=f"dpoflow data report of {config.name}")
 
 
@@ -263,7 +264,8 @@ def record_run(config: PipelineConfig, backend, run: StageRunner, out: Outputs, 
     summary, summary_md = summarize(config, backend, run, out, blocked, run_dir, overrides)
     write_run_folder(run_dir, summary, run.outputs, summary_md, latest=latest)
     publish_data_report(config, out.data, run_dir, key)
-    create_markdown_artifact(redact_text(summary_md), key=key, description=f"dpoflow summary of {artifact_name or config.name}")
+    create_markdown_artifact(redact_text(summary_md), key=key,
+                             description=f"dpoflow summary of {artifact_name or config.name}")
     get_run_logger().info("run folder: %s", run_dir)
     return redact(summary)  # the flow's result, which Prefect may store too
 

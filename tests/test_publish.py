@@ -142,3 +142,12 @@ def test_an_offline_error_from_the_client_is_not_retried():
     with pytest.raises(PublishError, match="after 1 attempt"):
         with_retries(action, attempts=5, what="x", log=print, base_delay=0)
     assert len(calls) == 1
+
+
+def test_a_token_pasted_as_the_secret_block_name_is_not_shown():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness():
+        with pytest.raises(PublishError, match="no Prefect Secret block named") as e:
+            resolve_token(PublishSpec(token_secret=TOKEN))
+    assert TOKEN not in str(e.value)

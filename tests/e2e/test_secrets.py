@@ -45,7 +45,8 @@ def planted_run(repo, tmp_path_factory):
     demo["export"]["gguf_pre_tokenizer"] = PLANTED["export.gguf_pre_tokenizer"]
     demo["deploy"] = {"tags": ["team-a", PLANTED["deploy.tags"]], "work_queue": PLANTED["deploy.work_queue"],
                       "repository": f"https://bot:{PLANTED['deploy.repository']}@git.example.com/org/repo.git",
-                      "job_variables": {"image": f"registry.example.com/dpoflow:{PLANTED['deploy.job_variables.image']}",
+                      "job_variables": {"image": "registry.example.com/dpoflow:"
+                                                         + PLANTED["deploy.job_variables.image"],
                                         "api_key": PLANTED["deploy.job_variables.api_key"],
                                         "env": {"HF_TOKEN": PLANTED["deploy.job_variables.env.HF_TOKEN"],
                                                 "DATABASE_URL": PLANTED["deploy.job_variables.env.DATABASE_URL"]}}}
@@ -56,7 +57,8 @@ def planted_run(repo, tmp_path_factory):
     env.pop("PREFECT_API_URL", None)
     with HubServer(HF_TOKEN) as hub:
         cmd = ["python", "-m", "dpoflow", "run", "demo", "-f", str(file), "--set", f"workdir={tmp / 'work'}",
-               "--set", "publish.enabled=true", "--set", f"publish.repo_id={REPO}", "--set", f"publish.endpoint={hub.url}",
+               "--set", "publish.enabled=true", "--set", f"publish.repo_id={REPO}",
+               "--set", f"publish.endpoint={hub.url}",
                "--set", f"description={PLANTED['--set description']}",
                "--set", f"deploy.job_variables.env.EXTRA={PLANTED['--set deploy.job_variables.env.EXTRA']}"]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .artifacts import file_sha256, json_digest, write_atomically
+from .redact import redact
 
 # Libraries whose upgrade can change a stage's outputs.
 VERSIONED = ("torch", "transformers", "trl", "peft", "datasets", "tokenizers", "accelerate")
@@ -124,7 +125,9 @@ class Workspace:
         return self.root / "keys" / stage / f"{key[:24]}.json"
 
     def save_key_material(self, stage: str, key: str, material: dict) -> None:
-        write_atomically(self.key_file(stage, key), json.dumps(material, indent=1, sort_keys=True, default=str))
+        """Redacted: the key is the digest of the real material, the file only has to say what changed."""
+        material = redact(json.loads(json.dumps(material, default=str)))
+        write_atomically(self.key_file(stage, key), json.dumps(material, indent=1, sort_keys=True))
 
     @contextlib.contextmanager
     def stage_lock(self, stage: str, key: str):

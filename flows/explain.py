@@ -20,6 +20,7 @@ from dpoflow.cache import Workspace, stage_key
 from dpoflow.config import PipelineConfig
 from dpoflow.hardware import TrainingPlan, describe, plan_stage
 from dpoflow.models import BUILTIN, source_kind
+from dpoflow.redact import redact
 
 from .pipeline import compose
 
@@ -70,7 +71,9 @@ class CachePeek:
         path = self.workspace.key_file(stage, previous) if previous else None
         if path is None or not path.is_file():
             return "no earlier run of this pipeline to reuse"
-        return "; ".join(differences(json.loads(path.read_text()), material)) or "key changed"
+        # The key file is redacted (Workspace.save_key_material): compare like with like.
+        current = redact(json.loads(json.dumps(material, default=str)))
+        return "; ".join(differences(json.loads(path.read_text()), current)) or "key changed (a redacted value)"
 
 
 def differences(old: dict, new: dict, limit: int = 6) -> list[str]:
@@ -149,7 +152,7 @@ def render(config: PipelineConfig, result: dict[str, Any]) -> str:
     import yaml
 
     lines = ["# resolved config (defaults + pipeline + overrides)",
-             yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).rstrip(), ""]
+             yaml.safe_dump(redact(config.model_dump(mode="json")), sort_keys=False).rstrip(), ""]
     if "error" in result:
         return "\n".join(lines + [f"backend: not usable: {result['error']}"])
     backend = result["backend"]

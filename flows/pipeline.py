@@ -26,6 +26,7 @@ from dpoflow.cache import Workspace, stage_key
 from dpoflow.config import PipelineConfig
 from dpoflow.hardware import TrainingPlan, plan_key, plan_stage
 from dpoflow.model_reuse import keep_loaded
+from dpoflow.redact import redact, redact_flow_parameters, redact_text
 from dpoflow.runtime import set_cpu_threads
 from dpoflow.summary import StageRow, key_metric, markdown, rows_as_dicts
 from dpoflow.tasks.dpo import dpo_task, reference_task
@@ -33,7 +34,7 @@ from dpoflow.tasks.evaluate import apply_gate, evaluate_task, start_scores_task,
 from dpoflow.tasks.export import export_task
 from dpoflow.tasks.model import model_task
 from dpoflow.tasks.prepare import prepare_task
-from dpoflow.tasks.publish import card_task, publish_task
+from dpoflow.tasks.publish import card_config, card_task, publish_task
 from dpoflow.tasks.sft import sft_task
 
 
@@ -169,9 +170,9 @@ def compose_release(config: PipelineConfig, run, trained: Trained) -> Outputs:
                     for s, f in zip(config.data.source_specs, trained.fingerprints)]
     commit = modelcard.git_commit(Path.cwd())
     card = run(card_task, "card",
-               # Data sources by content, not by path: a worker's fresh clone of the same commit is the same card.
-               {"config": config.model_dump(mode="json", exclude={"workdir": True, "data": {"sources"}}),
-                "sources": trained.fingerprints, "data": data.digest,
+               # As the card shows it (secrets masked, files by name) and the sources by content: a worker's
+               # fresh clone of the same commit makes the same card.
+               {"config": card_config(config), "sources": trained.fingerprints, "data": data.digest,
                 "adapter": adapter.digest, "exports": exports.digest, "forgetting": forgetting_md, "commit": commit},
                config=config, data=data, adapter=adapter, forgetting_md=forgetting_md, exports=exports,
                commit=commit, sources=data_sources)
@@ -195,6 +196,7 @@ def compose_data(config: PipelineConfig, run, fingerprints: list[str]) -> tuple[
     return base, data
 
 
+@redact_flow_parameters
 @flow(name="dpoflow-prepare")
 def prepare_only(config: PipelineConfig) -> dict[str, Any]:
     """Only the model and prepare stages, for looking at the data before training on it."""
@@ -214,7 +216,8 @@ def publish_data_report(config: PipelineConfig, data, run_dir: Path, key: str | 
     """data_report.json at a stable place in the run folder, and the report as a Prefect artifact."""
     report = Path(data.report)
     (run_dir / "data_report.json").write_bytes(report.read_bytes())
-    create_markdown_artifact(report.with_suffix(".md").read_text(), key=(key or artifact_key(config.name)) + "-data",
+    create_markdown_artifact(redact_text(report.with_suffix(".md").read_text()),
+                             key=(key or artifact_key(config.name)) + "-data",
                              description=f"dpoflow data report of {config.name}")
     chart_artifact(report.with_suffix(".png"), (key or artifact_key(config.name)) + "-data-chart",
                    f"Token lengths of {config.name}'s pairs")
@@ -228,6 +231,7 @@ def chart_artifact(png: Path, key: str, description: str) -> None:
         create_image_artifact(image_url=f"data:image/png;base64,{data}", key=key, description=description)
 
 
+@redact_flow_parameters
 @flow(name="dpoflow")
 def pipeline(config: PipelineConfig, overrides: list[str] | None = None) -> dict[str, Any]:
     """Align `config.model` on `config.data` and export it; returns the run summary. `overrides` are
@@ -265,6 +269,7 @@ def record_run(config: PipelineConfig, backend, run: StageRunner, out: Outputs, 
     """The run folder (summary, stage links, forgetting table, data report) and the Prefect artifacts;
     returns the summary."""
     key = artifact_key(artifact_name or config.name)
+    overrides = redact(overrides)  # for the record only: the config already has them applied
     if out.gate is not None:
         write_gate_report(out.gate, run_dir)
         create_table_artifact(out.gate.rows, key=key + "-forgetting",
@@ -273,9 +278,10 @@ def record_run(config: PipelineConfig, backend, run: StageRunner, out: Outputs, 
     summary, summary_md = summarize(config, backend, run, out, blocked, run_dir, overrides)
     write_run_folder(run_dir, summary, run.outputs, summary_md, latest=latest)
     publish_data_report(config, out.data, run_dir, key)
-    create_markdown_artifact(summary_md, key=key, description=f"dpoflow summary of {artifact_name or config.name}")
+    create_markdown_artifact(redact_text(summary_md), key=key,
+                             description=f"dpoflow summary of {artifact_name or config.name}")
     get_run_logger().info("run folder: %s", run_dir)
-    return summary
+    return redact(summary)  # the flow's result, which Prefect may store too
 
 
 def summarize(config: PipelineConfig, backend, run: StageRunner, out: Outputs, blocked: GateBlocked | None,
@@ -333,7 +339,7 @@ def new_run_folder(workspace: Workspace, config: PipelineConfig, run_dir: Path |
     """runs/<pipeline>/<time>-<flow run>/ (or `run_dir`), with the resolved config."""
     run_dir = run_dir or workspace.runs(config.name) / run_folder_name()
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(config.model_dump_json(indent=1))
+    (run_dir / "config.json").write_text(json.dumps(redact(config.model_dump(mode="json")), indent=1))
     return run_dir
 
 
@@ -344,8 +350,8 @@ def run_folder_name() -> str:
 def write_run_folder(run_dir: Path, summary: dict, outputs: dict[str, str], summary_md: str,
                      latest: bool = True) -> None:
     """The summary, a link per stage output, and (`latest`) runs/<pipeline>/latest pointing here."""
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    (run_dir / "summary.md").write_text(summary_md)
+    (run_dir / "summary.json").write_text(json.dumps(redact(summary), indent=1))
+    (run_dir / "summary.md").write_text(redact_text(summary_md))
     for stage, out_dir in outputs.items():
         (run_dir / stage).symlink_to(out_dir, target_is_directory=True)
     if not latest:

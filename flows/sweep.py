@@ -19,6 +19,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from dpoflow.cache import Workspace
 from dpoflow.config import PipelineConfig
 from dpoflow.model_reuse import keep_loaded
+from dpoflow.redact import redact, redact_flow_parameters
 from dpoflow.runtime import set_cpu_threads
 from dpoflow.sweeps import Variant, comparison_markdown, comparison_row
 
@@ -34,6 +35,7 @@ class SweepFailed(RuntimeError):
         self.sweep_dir = sweep_dir
 
 
+@redact_flow_parameters
 @flow(name="dpoflow-sweep")
 def sweep(variants: list[Variant], overrides: list[str] | None = None) -> dict[str, Any]:
     """Train, evaluate and export every variant; returns the comparison. `overrides` are the --set items
@@ -67,13 +69,14 @@ def sweep(variants: list[Variant], overrides: list[str] | None = None) -> dict[s
                 errors[i] = _failure(logger, variant, e)
         rows.append({"variant": variant.label, "error": errors[i], "run_dir": None})
     sweep_dir.mkdir(parents=True, exist_ok=True)
+    rows, overrides = redact(rows), redact(overrides or [])  # the variants' items are in the records
     # How many training-model loads the variants' DPO stages (and reference pass) paid, and how many reused one.
     loads = {"loads": kept.loads, "reuses": kept.reuses}
     table = comparison_markdown(first.name, rows, [
         f"training model: {kept.loads} load(s) for the {kept.loads + kept.reuses} DPO stage(s) that ran (reference "
         "passes included); the others reused the loaded one" if kept.loads else
         "training model: not loaded; every DPO stage came from the cache"])
-    (sweep_dir / "sweep.json").write_text(json.dumps({"pipeline": first.name, "overrides": overrides or [],
+    (sweep_dir / "sweep.json").write_text(json.dumps({"pipeline": first.name, "overrides": overrides,
                                                       "training_model": loads, "variants": rows}, indent=1))
     (sweep_dir / "sweep.md").write_text(table)
     create_markdown_artifact(table, key=artifact_key(first.name) + "-sweep", description=f"sweep of {first.name}")

@@ -24,6 +24,7 @@ from dpoflow.datareport import CLEANING_RULES, Tally, build_report, length_histo
 from dpoflow.models import load_tokenizer
 from dpoflow.pairs import DataError, Pair, Rejection, dedup_key, to_pairs
 from dpoflow.records import ModelRef, PreparedData
+from dpoflow.redact import redact
 from dpoflow.sources import read_source
 
 from . import stage_task
@@ -86,7 +87,8 @@ def prepare_data(sources: list[SourceSpec | str], spec: DataSpec, model: ModelRe
     counts = tally.totals()
     _require_data(sources, counts)
     extra["warnings"] += _mix_warnings(sources, ranks)
-    report = build_report(tally, lengths, {"max_length": max_length, **extra})
+    # A record (copied to the run folder, shown as an artifact): its examples quote rows, secrets masked.
+    report = redact(build_report(tally, lengths, {"max_length": max_length, **extra}))
     (out_dir / "data_report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
     (out_dir / "data_report.md").write_text(report_markdown(report))
     length_histograms(lengths, max_length, out_dir / "data_report.png")

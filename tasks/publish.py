@@ -9,7 +9,8 @@ from pathlib import Path
 
 from dpoflow import hub, modelcard
 from dpoflow.artifacts import MANIFEST, fresh_dir, seal
-from dpoflow.config import PipelineConfig, PublishSpec
+from dpoflow.config import PipelineConfig, PublishSpec, SourceSpec
+from dpoflow.redact import redact, redact_text
 from dpoflow.records import Artifact, Exports, PreparedData, Published, TrainedAdapter
 
 from . import stage_logger, stage_task
@@ -33,13 +34,35 @@ def export_summary(exports: Exports) -> dict:
     return out
 
 
+def local_name(path: str) -> str:
+    """A local path as a public card names it: by its last component (where it sat on the machine that
+    ran the pipeline says nothing about the model, and can say a lot about that machine)."""
+    return Path(path).name if Path(path).is_absolute() else path
+
+
+def public_source(spec: SourceSpec) -> SourceSpec:
+    """A data source with local paths by name; its content hash identifies it."""
+    return spec.model_copy(update={k: local_name(v) for k in ("path", "hub") if (v := getattr(spec, k))})
+
+
+def card_config(config: PipelineConfig) -> dict:
+    """The config as the card shows it: secrets masked, local paths by name, no workdir."""
+    shown = config.model_dump(mode="json", exclude={"workdir"})
+    shown["model"]["source"] = local_name(config.model.source)
+    shown["data"]["sources"] = [local_name(s) if isinstance(s, str) else public_source(s).model_dump(mode="json")
+                                for s in config.data.sources]
+    return redact(shown)
+
+
 def write_card(config: PipelineConfig, data: PreparedData, adapter: TrainedAdapter, forgetting_md: str | None,
                exports: Exports, commit: str, sources: list[dict], out_dir: Path) -> Artifact:
+    """`sources`: [{label, fingerprint}] in the order of config.data.source_specs."""
     fresh_dir(out_dir)
-    text = modelcard.render(config.model_dump(mode="json", exclude={"workdir"}), config.model.source,
-                            {"sources": sources, "counts": data.counts}, adapter.metrics, forgetting_md,
+    named = [{**s, "label": public_source(spec).label} for s, spec in zip(sources, config.data.source_specs)]
+    text = modelcard.render(card_config(config), local_name(config.model.source),
+                            {"sources": named, "counts": data.counts}, adapter.metrics, forgetting_md,
                             export_summary(exports), commit, config.publish.repo_id)
-    (out_dir / "README.md").write_text(text)
+    (out_dir / "README.md").write_text(redact_text(text))
     return Artifact(path=str(out_dir), digest=seal(out_dir))
 
 

@@ -4,7 +4,8 @@
 and nothing of a failed request is visible.
 
 Faults for retry tests: `server.fail(method, path_regex, action, times)` where action is "500" (answer
-500) or "drop" (read part of the request body, then close the connection without an answer).
+500), "429:N" (answer 429 Too Many Requests with `Retry-After: N`) or "drop" (read part of the request
+body, then close the connection without an answer).
 """
 
 from __future__ import annotations
@@ -78,9 +79,12 @@ def _handler(hub: HubServer):
         def _body(self) -> bytes:
             return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
-        def _send(self, status: int, payload=None, content_type: str = "application/json") -> None:
+        def _send(self, status: int, payload=None, content_type: str = "application/json",
+                  headers: dict[str, str] | None = None) -> None:
             data = b"" if payload is None else (payload if isinstance(payload, bytes) else json.dumps(payload).encode())
             self.send_response(status)
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
@@ -106,6 +110,10 @@ def _handler(hub: HubServer):
             if action == "500":
                 self._body()
                 self._send(500, {"error": "Internal Error (injected)"})
+                return
+            if action and action.startswith("429:"):
+                self._body()
+                self._send(429, {"error": "Too Many Requests (injected)"}, headers={"Retry-After": action[4:]})
                 return
             if path.startswith("/lfs/"):  # upload targets handed out by the batch answer carry no auth
                 return self._lfs_object(method, path)

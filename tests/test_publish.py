@@ -91,3 +91,63 @@ def test_the_token_comes_from_hf_token(monkeypatch):
         resolve_token(PublishSpec())
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     assert resolve_token(PublishSpec()) == TOKEN
+
+
+def test_a_429_is_retried_after_the_wait_the_hub_asks_for(hub, release, monkeypatch):
+    import time
+
+    waits = []
+    monkeypatch.setattr(time, "sleep", waits.append)
+    hub.fail("POST", r"/commit/", "429:7", times=1)
+    logs = []
+    result = push(release, spec(hub), TOKEN, "rate limited once", logs.append, base_delay=0)
+    assert result["new_commit"] and len(hub.commits("someone/model-dpo")) == 1
+    assert 7.0 in waits and any("429" in line and "retrying in 7 s" in line for line in logs)
+
+
+def test_a_retry_after_beyond_the_cap_is_capped(hub, release, monkeypatch):
+    import time
+
+    from dpoflow.hub import MAX_RETRY_AFTER
+
+    waits = []
+    monkeypatch.setattr(time, "sleep", waits.append)
+    hub.fail("POST", r"/api/repos/create", "429:86400", times=1)
+    assert push(release, spec(hub), TOKEN, "capped", base_delay=0)["new_commit"]
+    assert waits == [MAX_RETRY_AFTER]
+
+
+def test_offline_mode_fails_at_once_with_one_clear_line(hub, release, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    logs = []
+    with pytest.raises(PublishError) as e:
+        push(release, spec(hub), TOKEN, "x", logs.append, base_delay=0)
+    assert str(e.value) == "publish needs the network, but HF_HUB_OFFLINE=1 is set"
+    assert logs == [] and hub.requests == []
+
+
+def test_an_offline_error_from_the_client_is_not_retried():
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    from dpoflow.hub import with_retries
+
+    calls = []
+
+    def action():
+        calls.append(1)
+        raise OfflineModeIsEnabled("offline")
+
+    with pytest.raises(PublishError, match="after 1 attempt"):
+        with_retries(action, attempts=5, what="x", log=print, base_delay=0)
+    assert len(calls) == 1
+
+
+def test_a_token_pasted_as_the_secret_block_name_is_not_shown():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness():
+        with pytest.raises(PublishError, match="no Prefect Secret block named") as e:
+            resolve_token(PublishSpec(token_secret=TOKEN))
+    assert TOKEN not in str(e.value)

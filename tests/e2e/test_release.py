@@ -29,8 +29,9 @@ def release(repo, hub, tmp_path_factory):
     env.pop("PREFECT_API_URL", None)
     outputs = []
 
-    def run(*overrides: str, expect: int = 0, env_token: str | None = TOKEN) -> dict:
+    def run(*overrides: str, expect: int = 0, env_token: str | None = TOKEN, extra_env: dict | None = None) -> dict:
         run_env = {**env, "HF_TOKEN": env_token} if env_token else {k: v for k, v in env.items() if k != "HF_TOKEN"}
+        run_env.update(extra_env or {})
         cmd = ["python", "-m", "dpoflow", "run", "demo", "-f", str(repo / "pipelines.yaml"),
                "--set", f"workdir={tmp / 'work'}", "--set", "model.source=builtin:tiny-llama-256",
                "--set", "export.formats=[adapter,merged,gguf]", "--set", "export.gguf_types=[f16,bf16,q8_0,q4_k_m]",
@@ -102,3 +103,12 @@ def test_the_token_can_come_from_a_prefect_secret_block(release, hub, repo):
     summary = run("publish.token_secret=hub-token", "publish.revision=from-secret", env_token=None)
     assert summary["published"]["new_commit"]
     assert len(hub.commits(REPO, "from-secret")) == len(hub.commits(REPO, "main")) + 1
+
+
+def test_offline_mode_fails_the_push_at_once_with_one_clear_line(release, hub):
+    run, _, outputs = release
+    before = len(hub.requests)
+    run("publish.revision=offline-try", expect=1, extra_env={"HF_HUB_OFFLINE": "1"})  # a new publish key
+    assert "publish needs the network, but HF_HUB_OFFLINE=1 is set" in outputs[-1]
+    assert "retrying" not in outputs[-1]
+    assert hub.requests[before:] == [] and "offline-try" not in hub.repos[REPO].branches

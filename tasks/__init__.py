@@ -34,7 +34,7 @@ def retry_if_transient(task, task_run, state) -> bool:
     from dpoflow.hub import transient
 
     error = state.result(raise_on_failure=False)
-    return isinstance(error, Exception) and transient(error)
+    return isinstance(error, Exception) and transient(error)[0]
 
 
 def stage_logger():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -288,7 +289,17 @@ def summarize(config: PipelineConfig, backend, run: StageRunner, out: Outputs, b
               run_dir: Path, overrides: list[str]) -> tuple[dict[str, Any], str]:
     """The run summary as JSON-able dict and as markdown (notes under the stage table)."""
     adapter, exports, gate = out.adapter, out.exports, out.gate
-    notes = [f"overrides: {', '.join(overrides)}" if overrides else "overrides: none (the file's config)",
+
+    def in_run_folder(path: str) -> str:
+        """A stage output as the run folder links it (`export/adapter`): the summary is read in the Prefect
+        UI too, where a path on the machine that ran it means nothing without the folder it is in."""
+        for stage, out_dir in run.outputs.items():
+            if Path(path).is_relative_to(out_dir):
+                return str(Path(stage) / Path(path).relative_to(out_dir))
+        return path
+
+    notes = [f"run folder: {run_dir} on {socket.gethostname()}; the paths below are inside it",
+             f"overrides: {', '.join(overrides)}" if overrides else "overrides: none (the file's config)",
              f"training backend: {backend.name} ({backend.reason})",
              *[f"{stage} plan: {p.precision}, 4-bit {'yes' if p.load_in_4bit else 'no'}, per-device batch "
                f"{p.per_device_batch} x accumulation {p.gradient_accumulation_steps}; "
@@ -298,17 +309,17 @@ def summarize(config: PipelineConfig, backend, run: StageRunner, out: Outputs, b
                f"retried from {r['restart_from']} with lr halved" for r in adapter.retries]]
     if gate is not None:
         verdict = "passed" if gate.passed else f"FAILED ({config.evaluate.gate.mode})"
-        notes.append(f"forgetting check {verdict}: {run_dir}/forgetting.md"
+        notes.append(f"forgetting check {verdict}: forgetting.md"
                      + ("" if gate.passed else "; " + "; ".join(gate.failures)))
     if out.card is not None:
-        notes.append(f"model card: {out.card.path}/README.md")
+        notes.append(f"model card: {in_run_folder(out.card.path)}/README.md")
     if out.published is not None:
         p = out.published
         notes.append(f"published to {p.repo_id}@{p.revision}: "
                      + (f"commit {p.commit} ({p.url})" if p.new_commit else f"unchanged at {p.commit}, no new commit"))
     elif config.publish.enabled:
         notes.append("publish skipped: the forgetting check did not pass")
-    notes.append(f"exports: {exports.merged or exports.adapter}" if exports else
+    notes.append(f"exports: {in_run_folder(exports.merged or exports.adapter)}" if exports else
                  f"exports: none: {blocked}")
     summary = {
         "pipeline": config.name,

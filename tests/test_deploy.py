@@ -5,6 +5,7 @@ from dpoflow.overrides import PipelineOverrides, as_set_items
 
 
 def test_deployments_pull_the_code_at_the_pinned_commit(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')  # validated to exist
     (tmp_path / "pipelines.yaml").write_text(
         "pipelines:\n"
         "  nightly:\n    data: {sources: [d.jsonl]}\n"

@@ -253,6 +253,10 @@ def _read_hub(source: SourceSpec) -> Iterator[Row]:
     except KeyError:
         raise DataError(f"{label}: no split {source.split!r}") from None
     except Exception as e:  # datasets raises many types (not found, offline, bad revision)
-        raise DataError(f"{label}: cannot load ({type(e).__name__}: {e})") from None
+        # `datasets` builds a whole split at once, so a bad row fails the source; its own error is
+        # generic, the one it wraps names the row ("JSON parse error: ... in row 5").
+        cause = e.__cause__ or e.__context__
+        why = f"{type(e).__name__}: {e}" + (f"; {type(cause).__name__}: {cause}" if cause else "")
+        raise DataError(f"{label}: cannot load ({' '.join(why.split())})") from None
     for i, row in enumerate(data, start=1):
         yield f"{label} row {i}", dict(row), None

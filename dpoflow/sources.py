@@ -84,8 +84,10 @@ def unsafe(where: str, row: dict) -> Rejection | None:
                                                            "valid Unicode text", row)
         elif isinstance(value, dict):
             for key, item in value.items():
-                name = field or escaped(str(key))
-                stack += [(key, name, depth + 1), (item, name, depth + 1)]
+                name = field or escaped(str(key))  # the top-level key names the field
+                if not str(key).isascii():  # keys are text too
+                    stack.append((key, name, depth + 1))
+                stack.append((item, name, depth + 1))
         elif isinstance(value, (list, tuple)):
             stack += [(item, field, depth + 1) for item in value]
     return None

@@ -1,10 +1,11 @@
 """Reading the rows of a data source, one at a time: local JSONL/JSON/Parquet/CSV files and globs, and
 Hub datasets (or local dataset folders) through `datasets`. Each row comes with where it was read
 (`file:line`, `file:row N`, `hub:id[split] row N`); a row that cannot even be parsed comes back as a
-Rejection instead, so it is counted and kept aside like any other bad row.
+Rejection instead, so it is counted and kept aside like any other bad row; so does a row that would
+crash a later step (`unsafe`).
 
 File-level problems (no such file, nothing matches a glob, an empty file, a .json file that is not
-valid JSON) are errors: there is no row to set aside.
+valid JSON or too deeply nested to decode) are errors: there is no row to set aside.
 """
 
 from __future__ import annotations
@@ -153,10 +154,6 @@ def read_jsonl(path: Path) -> Iterator[Row]:
                 yield where, None, Rejection(where, "bad_json", None, "nested too deeply to decode",
                                              raw.decode("utf-8").rstrip("\n"))
                 continue
-            except ValueError as e:  # e.g. a float json cannot convert
-                yield where, None, Rejection(where, "bad_json", None, f"not valid JSON ({e})",
-                                             raw.decode("utf-8").rstrip("\n"))
-                continue
             if not isinstance(row, dict):
                 yield where, None, Rejection(where, "bad_json", None,
                                              f"expected a JSON object, got {type(row).__name__}", row)
@@ -196,9 +193,28 @@ def _read_parquet(path: Path) -> Iterator[Row]:
         raise DataError(f"{path}: not a readable Parquet file ({e})") from None
     i = 0
     for batch in parquet.iter_batches(batch_size=2048):
-        for row in batch.to_pylist():
+        try:
+            rows = [(row, None) for row in batch.to_pylist()]
+        except UnicodeDecodeError:  # Arrow writers need not check that strings are UTF-8: find the rows
+            rows = [_parquet_row(batch.slice(j, 1)) for j in range(batch.num_rows)]
+        for row, bad_column in rows:
             i += 1
-            yield f"{path}:row {i}", row, None
+            where = f"{path}:row {i}"
+            if bad_column is None:
+                yield where, row, None
+            else:
+                yield where, None, Rejection(where, "not_utf8", bad_column, "bytes are not UTF-8")
+
+
+def _parquet_row(one) -> tuple[dict | None, str | None]:
+    """(row, None) for a one-row batch, or (None, the column whose bytes are not UTF-8)."""
+    row = {}
+    for name, column in zip(one.schema.names, one.columns):
+        try:
+            row[name] = column.to_pylist()[0]
+        except UnicodeDecodeError:
+            return None, name
+    return row, None
 
 
 def _read_csv(path: Path) -> Iterator[Row]:

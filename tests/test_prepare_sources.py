@@ -126,3 +126,20 @@ def test_a_hub_dataset_with_a_hostile_row_fails_naming_the_row(tmp_path, base):
     (repo / "train.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match=r"cannot load \(.*surrogate.* in row 5\)$"):
         prepare(tmp_path, base, [SourceSpec(hub=str(repo), split="train")])
+
+
+def test_parquet_strings_that_are_not_utf8_reject_their_own_row(tmp_path, base):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # Arrow writers need not check that a string column holds UTF-8; `view` skips the check as they do.
+    data = rows(30)
+    prompts = [r["prompt"].encode() for r in data]
+    prompts[7] = b"caf\xe9?"
+    table = pa.table({"prompt": pa.array(prompts, pa.binary()).view(pa.string()),
+                      "chosen": [r["chosen"] for r in data], "rejected": [r["rejected"] for r in data]})
+    pq.write_table(table, tmp_path / "d.parquet")
+    out = prepare(tmp_path, base, [tmp_path / "d.parquet"])
+    [bad] = read_jsonl_rows(out.rejected)
+    assert (bad["source"], bad["reason"], bad["field"]) == (f"{tmp_path / 'd.parquet'}:row 8", "not_utf8", "prompt")
+    assert out.counts["train"] + out.counts["heldout"] == 29

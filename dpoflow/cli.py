@@ -51,13 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--yes", action="store_true", help="take defaults for anything not given; never prompt")
     p = sub.add_parser("schema", help="print the JSON Schema of pipelines.yaml (or --write it to schema/)")
     p.add_argument("--write", action="store_true")
-    p = sub.add_parser("sync", help="make the Prefect deployments match the pipelines with deploy.enabled "
-                                    "(creates, updates, deletes only dpoflow-managed ones)")
+    p = sub.add_parser("sync", help="make the work-pool deployments match the pipelines with deploy.enabled and a "
+                                    "deploy.work_pool (creates, updates, deletes only dpoflow-managed ones)")
     p.add_argument("-f", "--file", default=DEFAULT_FILE)
     p.add_argument("--dry-run", action="store_true", help="print the changes, make none")
     p.add_argument("--commit", help="commit the deployments pull (deploy.repository); default: this checkout's HEAD")
-    p = sub.add_parser("serve", help="serve the deploy-enabled pipelines from this machine (schedules and UI runs "
-                                     "execute here; no work pool)")
+    p = sub.add_parser("serve", help="register the deploy-enabled pipelines without a work pool and run them on "
+                                     "this machine (their schedules and UI runs execute here)")
     p.add_argument("-f", "--file", default=DEFAULT_FILE)
     p = sub.add_parser("list", help="list the pipelines in the file")
     p.add_argument("-f", "--file", default=DEFAULT_FILE)
@@ -77,31 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(schema_text(), end="")
             return 0
         if args.command in ("sync", "serve"):
-            from pathlib import Path
-
-            from . import deploy
-
-            configure_environment()
-            if args.command == "serve":
-                deploy.serve(Path(args.file))
-                return 0
-            import os
-
-            if not os.environ.get("PREFECT_API_URL"):
-                print("dpoflow sync: set PREFECT_API_URL to the Prefect server whose deployments to update "
-                      "(without it there is only a temporary local one)", file=sys.stderr)
-                return 2
-            try:
-                changes = deploy.sync(Path(args.file), dry_run=args.dry_run, commit=args.commit)
-            except ValueError as e:
-                print(f"dpoflow sync: {e}", file=sys.stderr)
-                return 2
-            for change in changes:
-                print(change.line())
-            todo = [c for c in changes if c.action != "unchanged"]
-            print(f"{'would make' if args.dry_run else 'made'} {len(todo)} change(s)"
-                  + (" (dry run)" if args.dry_run else ""))
-            return 0
+            return deployments(args)
         if args.command == "list":
             print("\n".join(pipeline_names(args.file)))
             return 0
@@ -137,6 +113,34 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "prepare":
         return prepare(config)
     return run(config, args.overrides)
+
+
+def deployments(args) -> int:
+    """`sync` (work-pool deployments, made equal to the file) and `serve` (pool-less ones, run here)."""
+    import os
+    from pathlib import Path
+
+    from . import deploy
+
+    configure_environment()
+    if not os.environ.get("PREFECT_API_URL"):
+        print(f"dpoflow {args.command}: set PREFECT_API_URL to the Prefect server "
+              + ("whose deployments to update" if args.command == "sync" else "to serve the deployments to")
+              + " (without it there is only a temporary local one)", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "serve":
+            deploy.serve(Path(args.file))
+            return 0
+        changes, notes = deploy.sync(Path(args.file), dry_run=args.dry_run, commit=args.commit)
+    except deploy.DeployError as e:
+        print(f"dpoflow {args.command}: {e}", file=sys.stderr)
+        return 2
+    for line in [c.line() for c in changes] + notes:
+        print(line)
+    todo = [c for c in changes if c.action != "unchanged"]
+    print(f"{'would make' if args.dry_run else 'made'} {len(todo)} change(s)" + (" (dry run)" if args.dry_run else ""))
+    return 0
 
 
 def start_flow_command():

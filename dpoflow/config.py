@@ -30,7 +30,7 @@ class SourceSpec(Strict):
                                                ".parquet or .csv. Relative paths resolve against pipelines.yaml.")
     hub: str | None = Field(None, description="A Hugging Face Hub dataset id (or a local dataset folder, as "
                                               "written by `datasets`), read with `split` and `revision`.")
-    split: str = "train"
+    split: str = Field("train", description="Split of the Hub dataset to read (e.g. train_prefs).")
     subset: str | None = Field(None, description="The Hub dataset's configuration name, if it has several.")
     revision: str | None = Field(None, description="Hub branch, tag or commit of the dataset.")
     weight: float | None = Field(None, gt=0, le=1, description="Use this share of the source's clean pairs "
@@ -52,7 +52,7 @@ class SourceSpec(Strict):
 
 
 class DecontaminationSpec(Strict):
-    enabled: bool = True
+    enabled: bool = Field(True, description="Set aside training prompts that overlap an evaluation item.")
     ngram: int = Field(13, ge=3, description="Words in the n-grams a train prompt may not share with an "
                                              "evaluation item (the held-out split and the forgetting-check tasks).")
     template_prompts: int = Field(
@@ -83,7 +83,8 @@ class DataSpec(Strict):
     drop_over_max_length: bool = Field(
         True, description="Drop pairs whose prompt + longer answer exceed dpo.max_length tokens (the pipeline's "
                           "tokenizer) rather than let the trainer truncate them.")
-    decontamination: DecontaminationSpec = DecontaminationSpec()
+    decontamination: DecontaminationSpec = Field(
+        DecontaminationSpec(), description="Keep evaluation items (held-out pairs, forgetting-check tasks) out of training.")
     on_error: Literal["quarantine", "fail"] = Field(
         "quarantine", description="quarantine: keep bad rows aside in rejected.jsonl; fail: stop at the first."
     )
@@ -94,29 +95,34 @@ class DataSpec(Strict):
 
 
 class LoraSpec(Strict):
-    r: int = Field(16, ge=1)
-    alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: str | list[str] = "all-linear"
+    r: int = Field(16, ge=1, description="LoRA rank: the size of the low-rank update of each adapted layer.")
+    alpha: int = Field(32, ge=1, description="LoRA scaling numerator (the update is scaled by alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch during training.")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="Layers that get an adapter: all-linear, or module names such as [q_proj, v_proj].")
 
 
 class TrainSpec(Strict):
-    learning_rate: float = Field(gt=0)
-    epochs: float = Field(1.0, gt=0)
+    learning_rate: float = Field(gt=0, description="Peak learning rate of the optimizer (AdamW).")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training pairs (fractions allowed).")
     max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: run all epochs).")
-    per_device_batch_size: int = Field(4, ge=1)
-    gradient_accumulation_steps: int = Field(8, ge=1)
+    per_device_batch_size: int = Field(4, ge=1, description="Pairs per forward pass on each device (the hardware "
+                                                            "plan may raise it and lower accumulation).")
+    gradient_accumulation_steps: int = Field(8, ge=1, description="Micro-batches per optimizer step; the effective "
+                                                                  "batch is per_device_batch_size x this.")
     max_length: int = Field(512, ge=8, description="Tokens of prompt + completion kept per sequence.")
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="How the learning rate changes over the steps.")
+    warmup_steps: int = Field(0, ge=0, description="Steps of linear warm-up from 0 to learning_rate.")
     gradient_checkpointing: bool | None = Field(None, description="None: on with a GPU, off on CPU.")
-    logging_steps: int = Field(10, ge=1)
-    lora: LoraSpec = LoraSpec()
+    logging_steps: int = Field(10, ge=1, description="Log loss and metrics every N optimizer steps.")
+    lora: LoraSpec = Field(LoraSpec(), description="The LoRA adapter that is trained.")
 
 
 class SFTSpec(TrainSpec):
-    enabled: bool = False
-    learning_rate: float = Field(2e-4, gt=0)
+    enabled: bool = Field(False, description="Run LoRA SFT on the chosen answers before DPO (merged into the "
+                                             "model DPO starts from).")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate of the optimizer (AdamW).")
 
 
 class GuardSpec(Strict):
@@ -135,18 +141,19 @@ LossName = Literal["sigmoid", "ipo", "robust", "hinge", "sft"]
 
 
 class DPOSpec(TrainSpec):
-    learning_rate: float = Field(5e-6, gt=0)
-    beta: float = Field(0.1, gt=0)
+    learning_rate: float = Field(5e-6, gt=0, description="Peak learning rate of the optimizer (AdamW).")
+    beta: float = Field(0.1, gt=0, description="DPO beta: how far the policy may move from the reference "
+                                               "(higher: closer to it).")
     loss_type: list[LossName] = Field(["sigmoid"], min_length=1,
                                       description="TRL loss terms, e.g. [sigmoid, sft] with loss_weights [1.0, 0.2].")
-    loss_weights: list[float] | None = None
+    loss_weights: list[float] | None = Field(None, description="One weight per loss_type entry (None: all 1).")
     precompute_ref_log_probs: bool = Field(
         False, description="Compute the reference log-probs once as a cached artifact, reused by runs that "
                            "differ only in beta, lr or loss.")
     share_prompt: bool = Field(
         True, description="Run each pair's prompt once, with chosen and rejected both attending to it, instead of "
                           "once per answer: the same log-probs from fewer tokens (dpoflow/prompt_sharing.py).")
-    guards: GuardSpec = GuardSpec()
+    guards: GuardSpec = Field(GuardSpec(), description="Checkpoints, and what stops or retries a diverging run.")
 
     @model_validator(mode="after")
     def _weights_match_losses(self):
@@ -194,15 +201,15 @@ class GateSpec(Strict):
 
 
 class EvaluateSpec(Strict):
-    enabled: bool = True
-    batch_size: int = Field(16, ge=1)
+    enabled: bool = Field(True, description="Run the forgetting check (start model vs tuned) and its gate.")
+    batch_size: int = Field(16, ge=1, description="lm-evaluation-harness batch size.")
     tasks: list[str] = Field(
         ["dpoflow_knowledge", "dpoflow_arithmetic", "dpoflow_reading", "dpoflow_instructions", "dpoflow_preference"],
         description="lm-evaluation-harness tasks of the forgetting check. The dpoflow_* tasks ship with dpoflow "
                     "(dpoflow_preference: the held-out pairs); registry tasks (hellaswag, arc_easy, ...) need "
                     "the network.")
     limit: int | None = Field(None, ge=1, description="Items per task (None: all).")
-    gate: GateSpec = GateSpec()
+    gate: GateSpec = Field(GateSpec(), description="What the forgetting check lets through to export and publish.")
 
 
 GGUFType = Literal["f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"]
@@ -221,7 +228,8 @@ class ExportSpec(Strict):
 
 
 class PublishSpec(Strict):
-    enabled: bool = False
+    enabled: bool = Field(False, description="Push the exports and the model card to the Hub after the forgetting "
+                                             "check passed.")
     repo_id: str | None = Field(None, description="Hub model repo, e.g. my-org/my-model-dpo (created if missing).")
     private: bool = Field(True, description="Create the repo private.")
     revision: str = Field("main", description="Branch to commit to (created from main if missing).")
@@ -242,8 +250,8 @@ class PublishSpec(Strict):
 class ScheduleSpec(Strict):
     cron: str | None = Field(None, description="Cron expression, e.g. '0 3 * * 1' (Mondays 03:00).")
     interval_seconds: int | None = Field(None, ge=60, description="Run every N seconds instead of a cron.")
-    timezone: str = "UTC"
-    active: bool = True
+    timezone: str = Field("UTC", description="IANA time zone of the cron expression, e.g. Europe/Paris.")
+    active: bool = Field(True, description="False: the schedule is kept but creates no runs.")
 
     @model_validator(mode="after")
     def _cron_or_interval(self):
@@ -254,33 +262,37 @@ class ScheduleSpec(Strict):
 
 class DeploySpec(Strict):
     enabled: bool = Field(False, description="Make this pipeline a Prefect deployment (dpoflow sync / serve).")
-    schedules: list[ScheduleSpec] = []
+    schedules: list[ScheduleSpec] = Field([], description="When runs start on their own (none: only on demand).")
     paused: bool = Field(False, description="Keep the deployment's schedules from creating runs.")
-    work_pool: str | None = Field(None, description="Work pool whose workers run it (None: only `dpoflow serve`).")
-    work_queue: str | None = None
+    work_pool: str | None = Field(None, description="Work pool whose workers run it (`dpoflow sync` registers it); "
+                                                    "None: `dpoflow serve` registers it and runs it on its machine.")
+    work_queue: str | None = Field(None, description="Queue of the work pool (None: its default queue).")
     job_variables: dict[str, Any] = Field({}, description="Work pool job variables, e.g. {image: ..., "
                                                           "env: {...}} or GPU requests for Kubernetes.")
-    tags: list[str] = []
+    tags: list[str] = Field([], description="Extra Prefect tags of the deployment and its runs.")
     repository: str | None = Field(
         None, description="Git URL the worker clones the code from, at the commit `dpoflow sync` ran on; "
                           "None: the worker runs the code where `dpoflow sync` ran (one machine).")
+    concurrency_limit: int | None = Field(
+        1, ge=1, description="Runs of this deployment at once; later ones wait in line (one GPU, one shared "
+                             "workdir: 1). None: no limit.")
 
 
 class PipelineConfig(Strict):
-    name: str
-    description: str = ""
+    name: str = Field(description="The pipeline's name: its key under `pipelines:`.")
+    description: str = Field("", description="Free text shown on the Prefect deployment and in the model card.")
     workdir: str = Field(".dpoflow", description="Cache, stage outputs and run folders; relative to pipelines.yaml.")
-    seed: int = 42
+    seed: int = Field(42, description="Seed of data order, adapter initialisation and sampling.")
     cpu_threads: int | None = Field(None, ge=1, description="torch threads on CPU (None: torch's default).")
-    model: ModelSpec = ModelSpec()
-    train: TrainSetup = TrainSetup()
-    data: DataSpec
-    sft: SFTSpec = SFTSpec()
-    dpo: DPOSpec = DPOSpec()
-    evaluate: EvaluateSpec = EvaluateSpec()
-    export: ExportSpec = ExportSpec()
-    publish: PublishSpec = PublishSpec()
-    deploy: DeploySpec = DeploySpec()
+    model: ModelSpec = Field(ModelSpec(), description="The base model to align.")
+    train: TrainSetup = Field(TrainSetup(), description="How training runs: backend, precision, quantization, GPUs.")
+    data: DataSpec = Field(description="The preference data and how it is cleaned and split.")
+    sft: SFTSpec = Field(SFTSpec(), description="Optional LoRA SFT before DPO.")
+    dpo: DPOSpec = Field(DPOSpec(), description="The DPO stage (LoRA; the reference is the start model, adapter off).")
+    evaluate: EvaluateSpec = Field(EvaluateSpec(), description="The forgetting check and its gate.")
+    export: ExportSpec = Field(ExportSpec(), description="What the tuned model is exported as.")
+    publish: PublishSpec = Field(PublishSpec(), description="Pushing the release to the Hugging Face Hub.")
+    deploy: DeploySpec = Field(DeploySpec(), description="The pipeline as a Prefect deployment (dpoflow sync / serve).")
 
     @model_validator(mode="after")
     def _publish_only_checked_models(self):

@@ -114,6 +114,14 @@ def _parse_int(digits: str) -> int | LongNumber:
     return int(digits) if len(digits) <= MAX_DIGITS else LongNumber(digits)
 
 
+def _pattern_root(pattern: str) -> Path:
+    """The folder a path or glob starts from: `/x/data/*.jsonl` -> /x/data, `/x/d.jsonl` -> /x."""
+    if not glob.has_magic(pattern):
+        return Path(pattern).parent
+    parts = Path(pattern).parts
+    return Path(*parts[:next(i for i, p in enumerate(parts) if glob.has_magic(p))])
+
+
 def fingerprint(source: SourceSpec) -> str:
     """What the prepare stage's cache key holds for a source: its files' content, or the Hub dataset's
     id, split and revision (a local dataset folder: its content)."""
@@ -124,7 +132,10 @@ def fingerprint(source: SourceSpec) -> str:
         return json_digest({"hub": source.hub, "split": source.split, "subset": source.subset,
                             "revision": source.revision, "content": content, **mix})
     try:
-        files = {str(p): file_sha256(p) for p in files_of(source)}
+        # Named relative to where the pattern starts, not by absolute path: the same data read from
+        # another checkout (a worker's fresh clone of the repository) is the same cache key.
+        root = _pattern_root(source.path)
+        files = {p.relative_to(root).as_posix(): file_sha256(p) for p in files_of(source)}
     except DataError:
         files = {"missing": source.path}  # prepare itself reports it, with the file name
     return json_digest({"files": files, **mix})

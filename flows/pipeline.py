@@ -7,6 +7,7 @@ output folder is missing or altered on disk is refreshed instead of trusted.
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from dpoflow import forgetting, modelcard, models, sources
@@ -168,7 +169,9 @@ def compose_release(config: PipelineConfig, run, trained: Trained) -> Outputs:
                     for s, f in zip(config.data.source_specs, trained.fingerprints)]
     commit = modelcard.git_commit(Path.cwd())
     card = run(card_task, "card",
-               {"config": config.model_dump(mode="json", exclude={"workdir"}), "data": data.digest,
+               # Data sources by content, not by path: a worker's fresh clone of the same commit is the same card.
+               {"config": config.model_dump(mode="json", exclude={"workdir": True, "data": {"sources"}}),
+                "sources": trained.fingerprints, "data": data.digest,
                 "adapter": adapter.digest, "exports": exports.digest, "forgetting": forgetting_md, "commit": commit},
                config=config, data=data, adapter=adapter, forgetting_md=forgetting_md, exports=exports,
                commit=commit, sources=data_sources)
@@ -213,6 +216,16 @@ def publish_data_report(config: PipelineConfig, data, run_dir: Path, key: str | 
     (run_dir / "data_report.json").write_bytes(report.read_bytes())
     create_markdown_artifact(report.with_suffix(".md").read_text(), key=(key or artifact_key(config.name)) + "-data",
                              description=f"dpoflow data report of {config.name}")
+    chart_artifact(report.with_suffix(".png"), (key or artifact_key(config.name)) + "-data-chart",
+                   f"Token lengths of {config.name}'s pairs")
+
+
+def chart_artifact(png: Path, key: str, description: str) -> None:
+    """A PNG chart as an image artifact the Prefect UI shows. Inlined as a data URL: the file is on the
+    machine that ran the flow, which the UI's browser cannot reach."""
+    if png.is_file():
+        data = base64.b64encode(png.read_bytes()).decode()
+        create_image_artifact(image_url=f"data:image/png;base64,{data}", key=key, description=description)
 
 
 @flow(name="dpoflow")
@@ -256,6 +269,7 @@ def record_run(config: PipelineConfig, backend, run: StageRunner, out: Outputs, 
         write_gate_report(out.gate, run_dir)
         create_table_artifact(out.gate.rows, key=key + "-forgetting",
                               description="Forgetting check: start model vs tuned, accuracy points per task")
+        chart_artifact(run_dir / "forgetting.png", key + "-forgetting-chart", "Forgetting check: accuracy per task")
     summary, summary_md = summarize(config, backend, run, out, blocked, run_dir, overrides)
     write_run_folder(run_dir, summary, run.outputs, summary_md, latest=latest)
     publish_data_report(config, out.data, run_dir, key)

@@ -11,9 +11,12 @@ except ImportError:  # stage logic alone (e.g. a bare GPU box running bench/): n
     task = None
 
 
-def stage_task(fn):
+def stage_task(fn=None, **options):
     """A stage's Prefect task: its result is cached under the content key the flow passes as `key`
-    and persisted as JSON, so a later run (any process) reuses it."""
+    and persisted as JSON, so a later run (any process) reuses it. `options` are more of Prefect's
+    task options (retries for a stage that talks to the network)."""
+    if fn is None:
+        return lambda f: stage_task(f, **options)
     if task is None:
         return fn
     return task(
@@ -21,7 +24,17 @@ def stage_task(fn):
         cache_key_fn=cache_key_from_param,
         persist_result=True,
         result_serializer="json",
+        **options,
     )(fn)
+
+
+def retry_if_transient(task, task_run, state) -> bool:
+    """Prefect's retry condition for network stages: retry a dropped connection, a timeout or a Hub 5xx,
+    never an error that another try cannot fix (a missing repo, a bad token, a bad config)."""
+    from dpoflow.hub import transient
+
+    error = state.result(raise_on_failure=False)
+    return isinstance(error, Exception) and transient(error)
 
 
 def stage_logger():

@@ -34,3 +34,32 @@ def test_run_overrides_are_a_typed_partial_config_applied_like_set():
         PipelineOverrides.model_validate({"dpo": {"betta": 0.3}})
     with pytest.raises(pydantic.ValidationError):
         PipelineOverrides.model_validate({"name": "other"})  # a run cannot become another pipeline
+
+
+def test_a_run_without_overrides_sets_nothing():
+    """A schedule, the UI's plain Run and `prefect deployment run` pass no overrides, `{}`, or sections
+    left empty in the form: none of them changes the file's config."""
+    assert as_set_items(None) == [] and as_set_items({}) == []
+    assert as_set_items({"dpo": {}, "evaluate": {"gate": {}}}) == []
+    assert as_set_items(PipelineOverrides.model_validate({})) == []
+    assert as_set_items({"dpo": {"beta": None, "max_steps": 3}}) == ["dpo.max_steps=3"]
+
+
+def test_only_pool_pipelines_are_synced_and_ci_needs_a_repository(tmp_path, monkeypatch):
+    import pytest
+
+    from dpoflow.deploy import DeployError, deployed_configs
+
+    (tmp_path / "pipelines.yaml").write_text(
+        "pipelines:\n"
+        "  pooled:\n    data: {sources: [d.jsonl]}\n    deploy: {enabled: true, work_pool: gpu}\n"
+        "  served:\n    data: {sources: [d.jsonl]}\n    deploy: {enabled: true}\n")
+    pooled, served = deployed_configs(tmp_path / "pipelines.yaml")
+    assert [c.name for c in pooled] == ["pooled"] and [c.name for c in served] == ["served"]
+    monkeypatch.delenv("CI", raising=False)
+    w = wanted_deployments(tmp_path / "pipelines.yaml", commit="abc")
+    assert list(w) == ["pooled"] and w["pooled"]["concurrency_limit"] == 1
+    assert w["pooled"]["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]["directory"]
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(DeployError, match="deploy.work_pool without deploy.repository"):
+        wanted_deployments(tmp_path / "pipelines.yaml", commit="abc")

@@ -38,3 +38,35 @@ def test_local_model_key_follows_content(tiny_model, tmp_path):
     assert key_inputs(ModelSpec(source=str(copy))) == key_inputs(ModelSpec(source=str(tiny_model)))
     (copy / "config.json").write_text((copy / "config.json").read_text().replace("128", "129", 1))
     assert key_inputs(ModelSpec(source=str(copy))) != key_inputs(ModelSpec(source=str(tiny_model)))
+
+
+def test_the_model_stage_retries_a_dropped_connection_but_not_a_missing_model(monkeypatch, tmp_path):
+    """Prefect retries the model stage (a Hub download) on a transient network error only."""
+    import httpx
+    from prefect import flow
+
+    import dpoflow.tasks.model as model_stage
+    from dpoflow.config import ModelSpec
+
+    calls = []
+
+    def flaky(spec, out_dir):
+        calls.append(spec.source)
+        if spec.source == "gone/model":
+            raise FileNotFoundError("gone/model: no such model")
+        if len(calls) == 1:
+            raise httpx.ConnectError("connection reset by peer")
+        return str(out_dir), "digest"
+
+    monkeypatch.setattr(model_stage, "materialize", flaky)
+    task = model_stage.model_task.with_options(retry_delay_seconds=0, cache_policy=None, cache_key_fn=None,
+                                               persist_result=False)
+
+    @flow
+    def load(source: str):
+        return task(stage="model", key=source, out_dir=str(tmp_path / source.replace("/", "-")),
+                    spec=ModelSpec(source=source), return_state=True).type.value
+
+    assert load("org/model") == "COMPLETED" and calls == ["org/model", "org/model"]
+    calls.clear()
+    assert load("gone/model") == "FAILED" and calls == ["gone/model"]

@@ -1,8 +1,8 @@
 """Content hashes of files and folders, and sealed stage output folders.
 
 A stage writes its outputs into a folder and seals it: `manifest.json` (written last) lists every
-file's sha256. A folder is intact when its manifest exists and every file still has that hash, so a
-cache hit is only used while its artifacts on disk are exactly what the stage produced.
+file's sha256. A folder is intact when its manifest exists and every file it lists still has that hash,
+so a cache hit is only used while its artifacts on disk are exactly what the stage produced.
 """
 
 from __future__ import annotations
@@ -64,15 +64,24 @@ def seal(folder: Path) -> str:
 
 
 def is_intact(folder: Path) -> bool:
-    """True when `folder` was sealed and no file was added, removed or changed since."""
+    """True when `folder` was sealed and every file its manifest lists is still there with that hash.
+    Files the manifest does not list are ignored: what a stage produced is unchanged, and a stray
+    file beside it (a desktop's `.DS_Store`, an editor's backup) is no reason to rebuild it and all
+    that follows."""
     manifest = folder / MANIFEST
     if not manifest.is_file():
         return False
     try:
         recorded = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, TypeError):
         return False
-    return folder_files(folder) == recorded
+    if not isinstance(recorded, dict):
+        return False
+    for name, sha in recorded.items():
+        path = folder / name
+        if not path.is_file() or file_sha256(path) != sha:
+            return False
+    return True
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

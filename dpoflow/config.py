@@ -5,6 +5,7 @@ through `PipelineConfig`. Defaults live here and nowhere else.
 from __future__ import annotations
 
 import copy
+import glob
 from pathlib import Path
 from typing import Any, Literal
 
@@ -357,9 +358,12 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise ConfigError([f"--set {item!r}: expected KEY.PATH=VALUE"])
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=_Loader) if raw.strip() else ""
     except yaml.YAMLError as e:
-        raise ConfigError([f"--set {item!r}: value is not valid YAML ({e.problem})"]) from None
+        why = getattr(e, "problem", None) or " ".join(str(e).split())
+        raise ConfigError([f"--set {item!r}: value is not valid YAML ({why})"]) from None
+    except RecursionError:
+        raise ConfigError([f"--set {item!r}: value is not valid YAML (nested too deeply)"]) from None
     return key.strip().split("."), value
 
 
@@ -367,14 +371,22 @@ def _read(file: str | Path) -> tuple[dict, dict[tuple, int], Path]:
     path = Path(file).resolve()
     if not path.is_file():
         raise ConfigError([f"{file}: file not found"])
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
     try:
-        doc = yaml.safe_load(text) or {}
-        lines = _key_lines(yaml.compose(text))
+        text = raw.decode("utf-8-sig")  # a BOM (some Windows editors write one) is encoding, not content
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError([f"{path}:{line}: byte {e.start} is not UTF-8 ({e.reason}); save the file as UTF-8"]) \
+            from None
+    try:
+        loader = _Loader(text)
+        node = loader.get_single_node()
+        lines = _key_lines(node)  # before constructing: merge keys (<<) rewrite the nodes they sit in
+        doc = (loader.construct_document(node) if node is not None else None) or {}
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError([f"{where}: invalid YAML: {getattr(e, 'problem', e)}"]) from None
+        raise ConfigError([_yaml_problem(e, path, text)]) from None
+    except RecursionError:
+        raise ConfigError([f"{path}: invalid YAML: nested too deeply"]) from None
     if not isinstance(doc, dict):
         raise ConfigError([f"{path}: expected a mapping with `pipelines:` at the top"])
     unknown = set(doc) - TOP_LEVEL_KEYS
@@ -385,6 +397,84 @@ def _read(file: str | Path) -> tuple[dict, dict[tuple, int], Path]:
         if doc.get(key) is not None and not isinstance(doc[key], dict):
             raise ConfigError([f"{path}:{lines.get((key,), '?')}: {key}: expected a mapping"])
     return doc, lines, path
+
+
+def _yaml_problem(e: yaml.YAMLError, path: Path, text: str) -> str:
+    """One line, `path:line: invalid YAML: why`, for any error PyYAML raises."""
+    if isinstance(e, yaml.reader.ReaderError):  # a character YAML does not allow (control characters)
+        line = text[:e.position].count("\n") + 1
+        return f"{path}:{line}: invalid YAML: {e.reason} (character #x{e.character:04x})"
+    mark = getattr(e, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}" if mark else str(path)
+    return f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}"
+
+
+class _Loader(yaml.SafeLoader):
+    """Reads pipelines.yaml (and --set values). PyYAML's safe loader with two refusals, both made
+    while composing, before anything is built:
+
+    - a key given twice in one mapping: YAML requires unique keys, and PyYAML would silently keep
+      the last one, so a pipeline would run with a value its author thought was overridden;
+    - aliases that expand to more than MAX_ALIAS_NODES nodes, or that refer to the node holding
+      them. An alias is parsed as a reference, but every later step (line index, merging defaults,
+      validation) walks it as a copy: a 1 KB file of nested aliases ("billion laughs") would be
+      billions of nodes, and a recursive anchor an endless walk.
+    The pure-Python loader is used: the C one composes in C, out of reach of these checks (a
+    pipelines file is small, so its speed does not matter here)."""
+
+    MAX_ALIAS_NODES = 10_000
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.open_anchors: set[str] = set()  # anchors of nodes being composed
+        self.alias_nodes = 0  # nodes that aliases expanded to so far
+        self.sizes: dict[int, int] = {}  # id(node) -> nodes it expands to (memoized: shared nodes)
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            if event.anchor in self.open_anchors:
+                raise yaml.composer.ComposerError(None, None, f"alias *{event.anchor} is inside the node it "
+                                                  "refers to (a recursive anchor)", event.start_mark)
+            node = super().compose_node(parent, index)
+            self.alias_nodes += self._size(node)
+            if self.alias_nodes > self.MAX_ALIAS_NODES:
+                raise yaml.composer.ComposerError(None, None, f"aliases expand to more than {self.MAX_ALIAS_NODES} "
+                                                  "nodes (nested aliases; a config never needs that many)",
+                                                  event.start_mark)
+            return node
+        if event.anchor is None:
+            return super().compose_node(parent, index)
+        self.open_anchors.add(event.anchor)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.open_anchors.discard(event.anchor)
+
+    def compose_mapping_node(self, anchor):
+        node = super().compose_mapping_node(anchor)
+        seen: dict[tuple, int] = {}  # (tag, text) of each key -> its line
+        for key, _ in node.value:
+            if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<` merges may repeat; what they merge is meant to be overridden
+            line = key.start_mark.line + 1
+            if (key.tag, key.value) in seen:
+                raise yaml.composer.ComposerError(
+                    None, None, f"key {key.value!r} is given twice in one mapping (lines {seen[key.tag, key.value]} "
+                                f"and {line}); YAML would keep only the last", key.start_mark)
+            seen[key.tag, key.value] = line
+        return node
+
+    def _size(self, node: yaml.Node) -> int:
+        if id(node) not in self.sizes:
+            if isinstance(node, yaml.SequenceNode):
+                children = node.value
+            elif isinstance(node, yaml.MappingNode):
+                children = [n for pair in node.value for n in pair]
+            else:
+                children = []
+            self.sizes[id(node)] = 1 + sum(self._size(c) for c in children)
+        return self.sizes[id(node)]
 
 
 def _build(name: str, doc: dict, lines: dict, path: Path, overrides: list[str]) -> PipelineConfig:
@@ -402,7 +492,31 @@ def _build(name: str, doc: dict, lines: dict, path: Path, overrides: list[str]) 
         config = PipelineConfig.model_validate(merged)
     except ValidationError as e:
         raise ConfigError([_describe(err, name, lines, path, overridden) for err in e.errors()]) from None
-    return _resolve_paths(config, path.parent)
+    config = _resolve_paths(config, path.parent)
+    missing = [_describe({"loc": loc, "msg": msg}, name, lines, path, overridden) for loc, msg in _missing(config)]
+    if missing:
+        raise ConfigError(missing)
+    return config
+
+
+def _missing(config: PipelineConfig) -> list[tuple[tuple, str]]:
+    """(field, why) for each local data file, glob or folder and local model folder that is not
+    there: said when the config loads, rather than after a run has started. Hub ids and `builtin:` /
+    `pypi:` models are not looked for on disk (only local paths are absolute once resolved)."""
+    problems = []
+    for i, source in enumerate(config.data.source_specs):
+        if source.path is not None:
+            if glob.has_magic(source.path):
+                if not any(Path(p).is_file() for p in glob.iglob(source.path, recursive=True)):
+                    problems.append((("data", "sources", i), f"{source.path}: no file matches this pattern"))
+            elif not Path(source.path).is_file():
+                problems.append((("data", "sources", i), f"{source.path}: data file not found"))
+        elif Path(source.hub).is_absolute() and not Path(source.hub).is_dir():
+            problems.append((("data", "sources", i), f"{source.hub}: local dataset folder not found"))
+    model = config.model.source
+    if Path(model).is_absolute() and not Path(model).is_dir():
+        problems.append((("model", "source"), f"{model}: local model folder not found"))
+    return problems
 
 
 def _describe(err: dict, name: str, lines: dict, path: Path, overridden: set[tuple]) -> str:

@@ -47,6 +47,7 @@ class Tally:
 
 def _short(value, limit: int = 300):
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")  # lone surrogates as \udXXX escapes
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
 
 

@@ -62,7 +62,11 @@ class _Rejects:
             raise DataError(rejection.message())
         record = {"source": rejection.source, "reason": rejection.reason, "field": rejection.field,
                   "detail": rejection.detail, "row": rejection.row}
-        self.file.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+        line = json.dumps(record, ensure_ascii=False, default=str)
+        try:
+            self.file.write(line + "\n")
+        except UnicodeEncodeError:  # a lone surrogate: JSON's ASCII escapes write it back as it was read
+            self.file.write(json.dumps(record, default=str) + "\n")
         self.tally.reject(source, record)
 
 

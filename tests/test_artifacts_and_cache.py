@@ -19,18 +19,23 @@ def test_digest_follows_content_not_path(tmp_path):
     assert folder_digest(a) != folder_digest(b)
 
 
-def test_sealed_folder_detects_changed_added_and_missing_files(tmp_path):
+def test_sealed_folder_detects_changed_and_missing_files_and_ignores_stray_ones(tmp_path):
     folder = make(tmp_path / "out", w="weights", t="tok")
+    make(folder / "adapter", a="adapter weights")
     assert not is_intact(folder)
     seal(folder)
     assert is_intact(folder)
     (folder / "w").write_text("tampered")
     assert not is_intact(folder)
     seal(folder)
-    (folder / "extra").write_text("x")
-    assert not is_intact(folder)
-    (folder / "extra").unlink()
+    # A file the manifest does not list (a desktop's .DS_Store) leaves what the stage made unchanged.
+    (folder / ".DS_Store").write_bytes(b"")
+    (folder / "nested").mkdir()
+    (folder / "nested" / "Thumbs.db").write_text("x")
     assert is_intact(folder)
+    (folder / "adapter" / "a").write_text("altered")
+    assert not is_intact(folder)
+    seal(folder)
     (folder / "t").unlink()
     assert not is_intact(folder)
     (folder / "manifest.json").write_text("{broken")

@@ -5,6 +5,7 @@ from dpoflow.overrides import PipelineOverrides, as_set_items
 
 
 def test_deployments_pull_the_code_at_the_pinned_commit(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')  # validated to exist
     (tmp_path / "pipelines.yaml").write_text(
         "pipelines:\n"
         "  nightly:\n    data: {sources: [d.jsonl]}\n"
@@ -49,6 +50,7 @@ def test_only_pool_pipelines_are_synced_and_ci_needs_a_repository(tmp_path, monk
 
     from dpoflow.deploy import DeployError, deployed_configs
 
+    (tmp_path / "d.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')  # validated to exist
     (tmp_path / "pipelines.yaml").write_text(
         "pipelines:\n"
         "  pooled:\n    data: {sources: [d.jsonl]}\n    deploy: {enabled: true, work_pool: gpu}\n"

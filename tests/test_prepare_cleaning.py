@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from dpoflow.artifacts import read_jsonl_rows, read_rows
 from dpoflow.config import DataSpec, DecontaminationSpec
 from dpoflow.forgetting import EVALS_DIR
-from dpoflow.pairs import to_pairs
+from dpoflow.pairs import DataError, to_pairs
 from dpoflow.records import ModelRef
 from dpoflow.tasks.prepare import prepare_data
 
@@ -128,6 +128,21 @@ def test_the_report_counts_every_rule_with_examples_and_draws_the_lengths(tmp_pa
     assert "45 items read" in md and "| duplicate" not in md and "duplicate 3" in md
 
 
+# Lines that once crashed the stage (a tokenizer TypeError, a UnicodeEncodeError writing rejected.jsonl,
+# a RecursionError, Python's int digit limit), as (line, rule, field, detail).
+HOSTILE = [
+    ('{"prompt": "\\ud800 lone", "chosen": "a", "rejected": "b"}', "not_utf8", "prompt",
+     "lone surrogate \\ud800: not valid Unicode text"),
+    ("[" * 100_000, "bad_json", None, "nested too deeply to decode"),
+    ('{"prompt": "big", "chosen": "a", "rejected": "b", "id": ' + "9" * 5000 + "}", "bad_json", "id",
+     "a number of 5000 digits (at most 100)"),
+    ('{"prompt": "s", "completions": [{"response": "a", "score": 1' + "0" * 400 + '}, {"response": "b", "score": 1}]}',
+     "bad_json", "completions", "a number of 401 digits (at most 100)"),
+    ('{"prompt": "deep", "chosen": "a", "rejected": "b", "meta": ' + "[" * 40 + "]" * 40 + "}", "bad_json", "meta",
+     "nested more than 32 levels deep"),
+]
+
+
 good_rows = st.builds(lambda i, j: {"prompt": f"question {i}?", "chosen": f"answer {j}", "rejected": f"other {j}"},
                       st.integers(0, 30), st.integers(0, 3))
 bad_rows = st.sampled_from([
@@ -136,7 +151,7 @@ bad_rows = st.sampled_from([
     {"chosen": [{"role": "user", "content": "u"}], "rejected": [{"role": "assistant", "content": "a"}]},
     {"prompt": "p", "completions": [{"response": "a", "score": 2}, {"response": "b", "score": 1},
                                     {"response": "c", "score": 0}]},
-    {"something": "else"}, "\n"])
+    {"something": "else"}, "\n", *(h[0] + "\n" for h in HOSTILE)])
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -158,3 +173,52 @@ def test_every_item_read_is_kept_or_set_aside_exactly_once(tmp_path_factory, bas
     assert (c["train"] + c["heldout"], len(read_jsonl_rows(out.rejected))) == (kept, c["rejected"])
     assert kept + c["rejected"] == c["read"]
     assert c["rejected"] == sum(n for k, n in c.items() if k.startswith("rejected_"))
+
+
+def test_hostile_lines_are_set_aside_with_file_line_and_rule(tmp_path, base):
+    good = [json.dumps(r) for r in filler(30)]
+    src = tmp_path / "d.jsonl"
+    # A BOM (some editors write one) is encoding: the first line is a good row, not bad JSON.
+    src.write_bytes(b"\xef\xbb\xbf" + "\n".join(good[:10] + [h[0] for h in HOSTILE] + good[10:]).encode() + b"\n")
+    out = prepare_data([str(src)], DataSpec(sources=[str(src)]), base, tmp_path / "out")
+    assert (out.counts["read"], out.counts["train"] + out.counts["heldout"], out.counts["rejected"]) == (35, 30, 5)
+    assert (out.counts["rejected_not_utf8"], out.counts["rejected_bad_json"]) == (1, 4)
+    rejected = [json.loads(line) for line in open(out.rejected, encoding="utf-8")]
+    assert [(r["source"], r["reason"], r["field"], r["detail"]) for r in rejected] == [
+        (f"{src}:{11 + i}", rule, field, detail) for i, (_, rule, field, detail) in enumerate(HOSTILE)]
+    # The quarantined row is written back as it was read: the lone surrogate as JSON's escape.
+    assert rejected[0]["row"]["prompt"] == "\ud800 lone"
+    report = json.loads(open(out.report, encoding="utf-8").read())
+    assert report["sources"][str(src)]["rejected"] == {"not_utf8": 1, "bad_json": 4}
+
+    with pytest.raises(DataError, match=f"^{src}:11: field 'prompt': lone surrogate"):
+        prepare_data([str(src)], DataSpec(sources=[str(src)], on_error="fail"), base, tmp_path / "out-fail")
+
+
+def test_json_lists_and_excel_csv_files_meet_the_same_checks(tmp_path, base):
+    rows = filler(30)
+    hostile = [{"prompt": "\ud800", "chosen": "a", "rejected": "b"},
+               {"prompt": "n", "chosen": "a", "rejected": "b", "id": 10 ** 200},
+               {"prompt": "deep", "chosen": "a", "rejected": "b", "meta": json.loads("[" * 40 + "]" * 40)}]
+    src = tmp_path / "d.json"
+    src.write_bytes(b"\xef\xbb\xbf" + json.dumps(rows[:10] + hostile + rows[10:]).encode())
+    out = prepare_data([str(src)], DataSpec(sources=[str(src)]), base, tmp_path / "out")
+    rejected = [json.loads(line) for line in open(out.rejected, encoding="utf-8")]
+    assert [(r["source"], r["reason"], r["field"]) for r in rejected] == [
+        (f"{src}:row 11", "not_utf8", "prompt"), (f"{src}:row 12", "bad_json", "id"),
+        (f"{src}:row 13", "bad_json", "meta")]
+    assert out.counts["train"] + out.counts["heldout"] == 30
+    # One JSON document: a row its decoder cannot finish leaves nothing to read; a one-line error says so.
+    src.write_text("[" + json.dumps(rows[0]) + ", " + "[" * 100_000 + "]" * 100_000 + "]")
+    with pytest.raises(DataError, match=f"^{src}: nested too deeply to decode"):
+        prepare_data([str(src)], DataSpec(sources=[str(src)]), base, tmp_path / "out")
+
+    # Excel writes CSV with a BOM; csv refuses a field past its size limit, and goes on after it.
+    csv_file = tmp_path / "excel.csv"
+    lines = ["prompt,chosen,rejected"] + [f"{r['prompt']},{r['chosen']},{r['rejected']}" for r in rows]
+    lines.insert(5, "huge," + "x" * 200_000 + ",b")
+    csv_file.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    out = prepare_data([str(csv_file)], DataSpec(sources=[str(csv_file)]), base, tmp_path / "out-csv")
+    assert out.counts["read"] == 31 and out.counts["train"] + out.counts["heldout"] == 30
+    [bad] = read_jsonl_rows(out.rejected)
+    assert (bad["source"], bad["reason"]) == (f"{csv_file}:6", "bad_csv") and "field limit" in bad["detail"]

@@ -115,3 +115,31 @@ def test_sources_mix_by_weight_and_count_deterministically_and_say_what_was_left
     more = prepare(tmp_path / "3", base, [SourceSpec(path=str(b), count=500)])
     assert more.counts["read"] == 100 and "sampled_out" not in json.dumps(more.counts)
     assert any("count 500 asked but only 100" in w for w in json.loads(open(more.report).read())["warnings"])
+
+
+def test_a_hub_dataset_with_a_hostile_row_fails_naming_the_row(tmp_path, base):
+    # `datasets` builds a split as one table: a row it cannot parse fails the whole source. The error
+    # is one line that says which row, not its generic "error while generating the dataset" alone.
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    lines = [json.dumps(r) for r in rows(5)] + ['{"prompt": "\\ud800", "chosen": "a", "rejected": "b"}']
+    (repo / "train.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"cannot load \(.*surrogate.* in row 5\)$"):
+        prepare(tmp_path, base, [SourceSpec(hub=str(repo), split="train")])
+
+
+def test_parquet_strings_that_are_not_utf8_reject_their_own_row(tmp_path, base):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # Arrow writers need not check that a string column holds UTF-8; `view` skips the check as they do.
+    data = rows(30)
+    prompts = [r["prompt"].encode() for r in data]
+    prompts[7] = b"caf\xe9?"
+    table = pa.table({"prompt": pa.array(prompts, pa.binary()).view(pa.string()),
+                      "chosen": [r["chosen"] for r in data], "rejected": [r["rejected"] for r in data]})
+    pq.write_table(table, tmp_path / "d.parquet")
+    out = prepare(tmp_path, base, [tmp_path / "d.parquet"])
+    [bad] = read_jsonl_rows(out.rejected)
+    assert (bad["source"], bad["reason"], bad["field"]) == (f"{tmp_path / 'd.parquet'}:row 8", "not_utf8", "prompt")
+    assert out.counts["train"] + out.counts["heldout"] == 29

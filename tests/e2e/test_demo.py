@@ -3,6 +3,7 @@ cached, a changed hyper-parameter re-runs only what depends on it, and altered o
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -56,8 +57,12 @@ def test_demo_learns_then_caches_then_reruns_only_what_changed(demo):
     assert (merged / "model.safetensors").is_file() and (merged / "chat_template.jinja").is_file()
     assert (Path(first["run_dir"]) / "dpo" / "adapter" / "adapter_config.json").is_file()
 
+    # A stray file beside a stage's outputs (a desktop's .DS_Store) is not a change: nothing reruns.
+    for row in first["stages"]:
+        (Path(row["output"]) / ".DS_Store").write_bytes(b"")
     second = demo()
     assert set(second["status"].values()) == {"cached"}
+    assert all(re.search(rf"^{stage}\s+cached\s", second["output"], re.M) for stage in STAGES), second["output"]
     assert second["metrics"] == m
     assert sum(row["seconds"] for row in second["stages"]) < 10
 

@@ -493,18 +493,25 @@ def _build(name: str, doc: dict, lines: dict, path: Path, overrides: list[str]) 
     except ValidationError as e:
         raise ConfigError([_describe(err, name, lines, path, overridden) for err in e.errors()]) from None
     config = _resolve_paths(config, path.parent)
-    missing = [_describe({"loc": loc, "msg": msg}, name, lines, path, overridden) for loc, msg in _missing(config)]
+    # A work pool's runs read data on the worker's machine: only paths inside the repository (which the
+    # worker clones) can be checked here, e.g. by `dpoflow sync` on CI.
+    within = path.parent if config.deploy.work_pool else None
+    missing = [_describe({"loc": loc, "msg": msg}, name, lines, path, overridden)
+               for loc, msg in _missing(config, within)]
     if missing:
         raise ConfigError(missing)
     return config
 
 
-def _missing(config: PipelineConfig) -> list[tuple[tuple, str]]:
+def _missing(config: PipelineConfig, within: Path | None = None) -> list[tuple[tuple, str]]:
     """(field, why) for each local data file, glob or folder and local model folder that is not
     there: said when the config loads, rather than after a run has started. Hub ids and `builtin:` /
-    `pypi:` models are not looked for on disk (only local paths are absolute once resolved)."""
+    `pypi:` models are not looked for on disk (only local paths are absolute once resolved); with
+    `within`, neither are paths outside that folder."""
     problems = []
     for i, source in enumerate(config.data.source_specs):
+        if within is not None and not Path(source.path or source.hub).is_relative_to(within):
+            continue
         if source.path is not None:
             if glob.has_magic(source.path):
                 if not any(Path(p).is_file() for p in glob.iglob(source.path, recursive=True)):
@@ -514,6 +521,8 @@ def _missing(config: PipelineConfig) -> list[tuple[tuple, str]]:
         elif Path(source.hub).is_absolute() and not Path(source.hub).is_dir():
             problems.append((("data", "sources", i), f"{source.hub}: local dataset folder not found"))
     model = config.model.source
+    if within is not None and not Path(model).is_relative_to(within):
+        return problems
     if Path(model).is_absolute() and not Path(model).is_dir():
         problems.append((("model", "source"), f"{model}: local model folder not found"))
     return problems

@@ -64,3 +64,22 @@ def test_only_pool_pipelines_are_synced_and_ci_needs_a_repository(tmp_path, monk
     monkeypatch.setenv("CI", "true")
     with pytest.raises(DeployError, match="deploy.work_pool without deploy.repository"):
         wanted_deployments(tmp_path / "pipelines.yaml", commit="abc")
+
+
+def test_sync_checks_data_in_the_repository_not_on_the_workers_disk(tmp_path, monkeypatch):
+    """A work pool's runs read data on the worker: `sync` (e.g. on CI) cannot see a worker's volume, so
+    it checks only the paths inside the repository it syncs."""
+    import pytest
+
+    from dpoflow.config import ConfigError
+
+    monkeypatch.delenv("CI", raising=False)
+    (tmp_path / "pipelines.yaml").write_text(
+        "pipelines:\n"
+        "  on-worker:\n    data: {sources: [/srv/volume/pairs.jsonl]}\n    deploy: {enabled: true, work_pool: gpu}\n"
+        "  in-repo:\n    data: {sources: [missing.jsonl]}\n    deploy: {enabled: true, work_pool: gpu}\n")
+    with pytest.raises(ConfigError) as e:
+        wanted_deployments(tmp_path / "pipelines.yaml", commit="abc")
+    assert len(e.value.problems) == 1 and "missing.jsonl: data file not found" in e.value.problems[0]
+    (tmp_path / "missing.jsonl").write_text("{}\n")
+    assert set(wanted_deployments(tmp_path / "pipelines.yaml", commit="abc")) == {"on-worker", "in-repo"}

@@ -4,7 +4,8 @@ from the same weights with the adapter switched off: the start model (SFT-merged
 Guards: a non-finite loss, gradient or log-prob stops the stage (checkpoints are kept); a collapse
 (chosen log-probs falling far below where they started) is retried from the last good checkpoint
 with the learning rate halved, a bounded number of times. Checkpoints are saved every
-`guards.checkpoint_steps` steps, and a stage killed mid-way resumes from the newest one when re-run.
+`guards.checkpoint_steps` steps and sealed (manifest last), the newest `guards.keep_checkpoints` kept;
+a stage killed or interrupted mid-way resumes from the newest intact one when re-run.
 
 Optionally the reference pass runs once as its own cached task (`reference_task`), so runs that
 differ only in beta, learning rate or loss reuse it.

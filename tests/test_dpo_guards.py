@@ -204,3 +204,15 @@ def test_ctrl_c_in_training_names_the_step_and_the_checkpoint_kept(tmp_path, yes
     with pytest.raises(StageInterrupted, match=r"^dpo at step 5; checkpoint kept: .*attempt-0/checkpoint-4$"):
         train_dpo(start, data, RESUMABLE, TRL, plan, 0, tmp_path / "out", tmp_path / "ckpt",
                   callbacks=(_crash_at(5, KeyboardInterrupt()),))
+
+
+def test_ctrl_c_in_any_stage_names_the_stage():
+    from dpoflow.runtime import StageInterrupted
+    from dpoflow.tasks import stage_task
+
+    @stage_task
+    def sft_task(stage: str, key: str):
+        raise KeyboardInterrupt
+
+    with pytest.raises(StageInterrupted, match="^sft$"):
+        getattr(sft_task, "fn", sft_task)(stage="sft", key="k")

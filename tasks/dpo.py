@@ -277,8 +277,9 @@ def train_dpo(start: ModelRef, data: PreparedData, spec: DPOSpec, setup: TrainSe
         trainer.add_callback(guard)
         trainer.add_callback(_checkpoint_keeper(spec.guards.keep_checkpoints, guard))
         resume = _resume_point(attempt_dir, stage_logger())
-        if resume is not None and is_main_process():
-            stage_logger()(f"dpo: resuming from {resume} (step {resume.name.split('-')[1]})")
+        if resume is not None:
+            if is_main_process():
+                stage_logger()(f"dpo: resuming from {resume} (step {resume.name.split('-')[1]})")
         elif state["init_from"]:
             _load_adapter_weights(trainer.model, Path(state["init_from"]))
         try:

@@ -188,6 +188,8 @@ def run(config, overrides: list[str] = ()) -> int:
     try:
         with tempserver.serving(boot):
             summary = pipeline(config, list(overrides))
+    except KeyboardInterrupt as e:
+        return interrupted(e, f"`dpoflow run {config.name}`")
     except Exception as e:  # the flow run is marked failed in Prefect; say why here in one line
         print(f"\ndpoflow: pipeline {config.name!r} failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
@@ -206,6 +208,14 @@ def run(config, overrides: list[str] = ()) -> int:
     return 0
 
 
+def interrupted(e: KeyboardInterrupt, rerun: str) -> int:
+    """Ctrl-C: one line saying where the run stopped and how to go on (finished stages are cached, a
+    training stage resumes from its checkpoint); 130, the shell's code for an interrupted command."""
+    where = f"during {e}" if str(e) else "(finished stages are cached)"
+    print(f"\ndpoflow: interrupted {where}; re-run {rerun} to resume", file=sys.stderr)
+    return 130
+
+
 def sweep(variants, overrides: list[str]) -> int:
     boot = start_flow_command()
     from pathlib import Path
@@ -218,6 +228,8 @@ def sweep(variants, overrides: list[str]) -> int:
     try:
         with tempserver.serving(boot):
             result = sweep_flow(variants, list(overrides))
+    except KeyboardInterrupt as e:
+        return interrupted(e, "the same `dpoflow sweep` command")
     except Exception as e:
         if getattr(e, "sweep_dir", None):  # some variants failed: the table still shows every one
             print("\n" + (Path(e.sweep_dir) / "sweep.md").read_text())

@@ -127,6 +127,8 @@ class SFTSpec(TrainSpec):
 
 class GuardSpec(Strict):
     checkpoint_steps: int = Field(50, ge=1, description="Save a resumable checkpoint every N optimizer steps.")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept while the stage runs (the newest ones; "
+                                                       "a damaged newest one falls back to the one before).")
     max_chosen_logp_drop_per_token: float = Field(
         2.0, gt=0,
         description="Collapse: the chosen responses' log-prob stays this many nats per token below its first "

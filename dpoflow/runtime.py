@@ -14,6 +14,12 @@ PREFECT_DEFAULTS = {
 }
 
 
+class StageInterrupted(KeyboardInterrupt):
+    """Ctrl-C inside a stage that keeps resumable state; the message says where it stopped and what
+    was kept ("dpo at step 7; checkpoint kept: ..."). A KeyboardInterrupt, so Prefect and every
+    caller treat it as the interrupt it is."""
+
+
 def configure_environment() -> None:
     for key, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(key, value)

@@ -3,14 +3,23 @@
 With no API configured, Prefect starts its temporary server (`SubprocessASGIServer`, one per process)
 when the flow first needs the API, after every import, and waits ~2.5 s for it. `start()` starts that
 same instance from a thread, so it boots while the command imports; `serving()` waits for it before
-the flow call, where Prefect's own `start()` finds it running and returns at once."""
+the flow call, where Prefect's own `start()` finds it running and returns at once.
+
+The server runs in a session of its own, so a terminal's Ctrl-C reaches only the command, which can
+still record the interrupted run before stopping the server; and it stops by itself when the command
+is gone (killed with SIGKILL, say) rather than staying behind as an orphan."""
 
 from __future__ import annotations
 
 import atexit
 import contextlib
 import contextvars
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 
 
 def needs_temporary_server() -> bool:
@@ -45,6 +54,46 @@ class Boot(threading.Thread):
         self.server.stop()
 
 
+def _guarded_server_class():
+    from prefect.server.api.server import SubprocessASGIServer
+
+    class GuardedServer(SubprocessASGIServer):
+        """Prefect's temporary server, launched as Prefect 3.8 launches it (same uvicorn arguments and
+        environment) but through `python -m dpoflow.tempserver PARENT_PID` and in its own session."""
+
+        def _run_uvicorn_command(self) -> subprocess.Popen:
+            import prefect
+            from prefect.settings import get_current_settings
+
+            uvicorn = ["uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
+                       "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
+                       "--log-level", "error", "--lifespan", "on"]
+            env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                   "PREFECT__SERVER_FINAL": "1", **get_current_settings().to_environment_variables(exclude_unset=True)}
+            return subprocess.Popen([sys.executable, "-m", "dpoflow.tempserver", str(os.getpid()), *uvicorn],
+                                    env=env, start_new_session=True)
+
+    return GuardedServer
+
+
+def _serve_while_parent_lives(parent: int, uvicorn_argv: list[str]) -> None:
+    """The server process: uvicorn, plus a thread that stops it once `parent` is gone (this process
+    is then re-parented, so its parent id changes). Polling works on every POSIX system; Linux's
+    PR_SET_PDEATHSIG would fire when the parent's *thread* that launched us ends (the boot thread)."""
+    import runpy
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's own clean shutdown
+        time.sleep(10)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+    sys.argv = uvicorn_argv
+    runpy.run_module("uvicorn", run_name="__main__", alter_sys=True)
+
+
 _boot: Boot | None = None
 
 
@@ -56,9 +105,8 @@ def start() -> Boot | None:
         # flow module's import) risks import-lock deadlocks and, under the GIL, launched the server
         # ~1 s later. prefect.main first: Prefect's logging is set up for the start message.
         import prefect.main  # noqa: F401  (what `from prefect import flow` runs)
-        from prefect.server.api.server import SubprocessASGIServer
-
-        _boot = Boot(SubprocessASGIServer())
+        # Prefect's own SubprocessASGIServer() later returns this same instance (one per port).
+        _boot = Boot(_guarded_server_class()())
         atexit.register(_boot.stop_at_exit)
         _boot.start()
     return _boot
@@ -76,3 +124,7 @@ def serving(boot: Boot | None):
     boot.wait()
     with temporary_settings(set_defaults={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         yield
+
+
+if __name__ == "__main__":
+    _serve_while_parent_lives(int(sys.argv[1]), sys.argv[2:])

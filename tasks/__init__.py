@@ -3,7 +3,10 @@ them) and, at the bottom, its thin Prefect task. A stage never imports another s
 
 from __future__ import annotations
 
+import functools
+
 from dpoflow.cache import cache_key_from_param
+from dpoflow.runtime import StageInterrupted
 
 try:
     from prefect import task
@@ -14,18 +17,29 @@ except ImportError:  # stage logic alone (e.g. a bare GPU box running bench/): n
 def stage_task(fn=None, **options):
     """A stage's Prefect task: its result is cached under the content key the flow passes as `key`
     and persisted as JSON, so a later run (any process) reuses it. `options` are more of Prefect's
-    task options (retries for a stage that talks to the network)."""
+    task options (retries for a stage that talks to the network). Ctrl-C inside it is reported with
+    the stage's name (dpoflow.runtime.StageInterrupted)."""
     if fn is None:
         return lambda f: stage_task(f, **options)
+
+    @functools.wraps(fn)
+    def interruptible(stage: str, *args, **kwargs):
+        try:
+            return fn(stage, *args, **kwargs)
+        except StageInterrupted:  # the stage said more (the dpo step and checkpoint)
+            raise
+        except KeyboardInterrupt:  # Ctrl-C: say in which stage it landed
+            raise StageInterrupted(stage) from None
+
     if task is None:
-        return fn
+        return interruptible
     return task(
         name=fn.__name__.removesuffix("_task"),
         cache_key_fn=cache_key_from_param,
         persist_result=True,
         result_serializer="json",
         **options,
-    )(fn)
+    )(interruptible)
 
 
 def retry_if_transient(task, task_run, state) -> bool:

@@ -4,7 +4,8 @@ from the same weights with the adapter switched off: the start model (SFT-merged
 Guards: a non-finite loss, gradient or log-prob stops the stage (checkpoints are kept); a collapse
 (chosen log-probs falling far below where they started) is retried from the last good checkpoint
 with the learning rate halved, a bounded number of times. Checkpoints are saved every
-`guards.checkpoint_steps` steps, and a stage killed mid-way resumes from the newest one when re-run.
+`guards.checkpoint_steps` steps and sealed (manifest last), the newest `guards.keep_checkpoints` kept;
+a stage killed or interrupted mid-way resumes from the newest intact one when re-run.
 
 Optionally the reference pass runs once as its own cached task (`reference_task`), so runs that
 differ only in beta, learning rate or loss reuse it.
@@ -18,7 +19,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from dpoflow.artifacts import fresh_dir, read_jsonl_rows, read_rows, seal, write_atomically, write_jsonl
+from dpoflow.artifacts import (MANIFEST, fresh_dir, is_intact, read_jsonl_rows, read_rows, seal, write_atomically,
+                               write_jsonl)
 from dpoflow.backends import BackendChoice, choose_backend, load_for_training
 from dpoflow.config import DPOSpec, TrainSetup
 from dpoflow.distributed import is_main_process, run_stage
@@ -26,6 +28,7 @@ from dpoflow.hardware import TrainingPlan
 from dpoflow.model_reuse import free_accelerator_memory, training_model
 from dpoflow.prompt_sharing import install as share_prompts
 from dpoflow.records import ModelRef, PreparedData, ReferenceLogps, TrainedAdapter
+from dpoflow.runtime import StageInterrupted
 from dpoflow.training import deterministic_log, final_metrics, keep_outputs_fp32, save_adapter, trainer_args
 
 from . import stage_logger, stage_task
@@ -80,14 +83,51 @@ def _guard_callback(limit_per_token: float, patience: int, tokens_per_completion
 
 
 def _checkpoints(folder: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints, oldest first (one cut short by a kill has no trainer_state.json yet)."""
-    found = folder.glob("checkpoint-*/trainer_state.json") if folder.exists() else []
+    """Sealed checkpoints, oldest first. The manifest is written after every file of the checkpoint
+    (see _checkpoint_keeper), so one cut short by a kill mid-save is never listed."""
+    found = folder.glob(f"checkpoint-*/{MANIFEST}") if folder.exists() else []
     return sorted((int(p.parent.name.split("-")[1]), p.parent) for p in found)
 
 
 def _latest_checkpoint(folder: Path) -> Path | None:
     found = _checkpoints(folder)
     return found[-1][1] if found else None
+
+
+def _resume_point(folder: Path, log) -> Path | None:
+    """The newest checkpoint whose files still match their manifest. A damaged one (a file cut short
+    or altered on disk) would fail every re-run: it is skipped with a warning, and overwritten when
+    training reaches its step again."""
+    found = [path for _, path in _checkpoints(folder)]
+    damaged = []
+    while found and not is_intact(found[-1]):
+        damaged.append(found.pop())
+    if damaged and is_main_process():
+        log(f"WARNING: dpo: checkpoint {', '.join(map(str, damaged))} is damaged (its files differ from its "
+            f"manifest); resuming from {found[-1].name if found else 'the start'} instead")
+    return found[-1] if found else None
+
+
+def _checkpoint_keeper(keep: int, guard):
+    """Seals each checkpoint once the Trainer has written all of it, then removes all but the newest
+    `keep` (and leftovers of a save cut short). While the guard counts collapse strikes nothing is
+    removed: a retry restarts from the last checkpoint before the collapse began."""
+    from transformers import TrainerCallback
+
+    class CheckpointKeeper(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:
+                return
+            folder = Path(args.output_dir)
+            seal(folder / f"checkpoint-{state.global_step}")
+            if guard.strikes:
+                return
+            kept = {path for _, path in _checkpoints(folder)[-keep:]}
+            for old in folder.glob("checkpoint-*"):
+                if old not in kept:
+                    shutil.rmtree(old, ignore_errors=True)
+
+    return CheckpointKeeper()
 
 
 def _checkpoint_before(folder: Path, step: int) -> tuple[int, Path | None]:
@@ -158,6 +198,14 @@ def _dpo_trainer_class():
                 return dataset
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            # A checkpoint holds the trained adapter at its root and TRL's frozen "ref" copy in ref/.
+            # transformers loads only the subfolders when any exist, so a resume would go on training
+            # the fresh adapter: load the trained one here (the "ref" copy is the start model anyway).
+            if self.is_fsdp_enabled or not (Path(resume_from_checkpoint) / ADAPTER_FILE).is_file():
+                return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            _load_adapter_weights(model or self.model, Path(resume_from_checkpoint))
+
     return PretokenizedDPOTrainer
 
 
@@ -184,14 +232,20 @@ def _trainer(backend: BackendChoice, start: ModelRef, dataset, spec: DPOSpec, pl
     return trainer
 
 
-def _load_adapter_weights(trainer, checkpoint: Path) -> None:
-    """Start a retry from a checkpoint's adapter weights, into the trained ("default") adapter only, so
-    the reference (adapter off, or the frozen "ref" copy) stays the start model."""
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+def _load_adapter_weights(model, checkpoint: Path) -> None:
+    """A checkpoint's adapter weights into the trained ("default") adapter only, so the reference
+    (adapter off, or the frozen "ref" copy) stays the start model."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    set_peft_model_state_dict(trainer.model, load_file(checkpoint / "adapter_model.safetensors"),
-                              adapter_name="default")
+    weights = load_file(checkpoint / ADAPTER_FILE)
+    result = set_peft_model_state_dict(model, weights, adapter_name="default")
+    if result.unexpected_keys:  # names that matched no parameter: those weights were not loaded
+        raise RuntimeError(f"dpo: {checkpoint} holds adapter weights this model does not have: "
+                           f"{result.unexpected_keys[:3]}")
 
 
 def train_dpo(start: ModelRef, data: PreparedData, spec: DPOSpec, setup: TrainSetup, plan: TrainingPlan, seed: int,
@@ -218,14 +272,23 @@ def train_dpo(start: ModelRef, data: PreparedData, spec: DPOSpec, setup: TrainSe
         if reference is not None:
             trainer.precompute_ref_logps = True  # use the dataset's ref_* columns (TRL's own switch)
         tokens = sum(len(ids) for ids in trainer.train_dataset["chosen_ids"]) / len(trainer.train_dataset)
-        trainer.add_callback(_guard_callback(spec.guards.max_chosen_logp_drop_per_token,
-                                             spec.guards.collapse_patience, tokens, attempt_dir))
-        resume = _latest_checkpoint(attempt_dir)
-        if resume is None and state["init_from"]:
-            _load_adapter_weights(trainer, Path(state["init_from"]))
+        guard = _guard_callback(spec.guards.max_chosen_logp_drop_per_token, spec.guards.collapse_patience, tokens,
+                                attempt_dir)
+        trainer.add_callback(guard)
+        trainer.add_callback(_checkpoint_keeper(spec.guards.keep_checkpoints, guard))
+        resume = _resume_point(attempt_dir, stage_logger())
+        if resume is not None:
+            if is_main_process():
+                stage_logger()(f"dpo: resuming from {resume} (step {resume.name.split('-')[1]})")
+        elif state["init_from"]:
+            _load_adapter_weights(trainer.model, Path(state["init_from"]))
         try:
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)
             break
+        except KeyboardInterrupt:
+            kept = _latest_checkpoint(attempt_dir)
+            raise StageInterrupted(f"dpo at step {trainer.state.global_step}; "
+                                   + (f"checkpoint kept: {kept}" if kept else "no checkpoint yet")) from None
         except _Collapsed as collapse:
             state = _retry_after(collapse, state, attempt_dir, trainer.state.max_steps, spec.guards)
             del trainer

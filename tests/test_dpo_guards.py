@@ -120,14 +120,14 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, yes_no_pairs, tin
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     attempt = tmp_path / "ckpt" / "attempt-0"
     deadline = time.time() + 120
-    while not (attempt / "checkpoint-4" / "trainer_state.json").exists():
+    while not (attempt / "checkpoint-4" / "manifest.json").exists():
         assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "out").exists()
     saved = max(int(p.name.split("-")[1]) for p in attempt.glob("checkpoint-*")
-                if (p / "trainer_state.json").exists())
+                if (p / "manifest.json").exists())
 
     resumed = subprocess.run(args, env={**os.environ, "STEP_SLEEP": "0"}, capture_output=True, text=True,
                              timeout=300)
@@ -137,3 +137,82 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, yes_no_pairs, tin
     assert steps == list(range(1, 11))  # steps before the kill come from the checkpoint's state
     assert f"STEPS_RUN {10 - saved}" in resumed.stdout  # only the steps after that checkpoint ran again
     assert not (tmp_path / "ckpt").exists()
+
+
+def _crash_at(step: int, error: BaseException):
+    from transformers import TrainerCallback
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                raise error
+
+    return Crash()
+
+
+RESUMABLE = DPOSpec(learning_rate=1e-3, max_steps=10, per_device_batch_size=4, gradient_accumulation_steps=1,
+                    logging_steps=1, lr_scheduler="constant", guards=GuardSpec(checkpoint_steps=2, keep_checkpoints=2))
+
+
+def _adapter(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("damage", ["optimizer cut in half", "save cut short"])
+def test_a_resumed_stage_restores_the_saved_weights_and_skips_a_damaged_newest_checkpoint(
+        tmp_path, yes_no_pairs, capsys, damage):
+    start, data, _ = yes_no_pairs
+    plan = plan_stage(TRL, RESUMABLE, start.path)
+    whole = train_dpo(start, data, RESUMABLE, TRL, plan, 0, tmp_path / "whole", tmp_path / "whole-ckpt")
+
+    with pytest.raises(RuntimeError, match="crash"):
+        train_dpo(start, data, RESUMABLE, TRL, plan, 0, tmp_path / "out", tmp_path / "ckpt",
+                  callbacks=(_crash_at(7, RuntimeError("crash")),))
+    attempt = tmp_path / "ckpt" / "attempt-0"
+    assert sorted(p.name for p in attempt.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]  # 2 kept
+    newest = attempt / "checkpoint-6"
+    if damage == "optimizer cut in half":
+        optimizer = newest / "optimizer.pt"
+        optimizer.write_bytes(optimizer.read_bytes()[: optimizer.stat().st_size // 2])
+    else:  # killed while saving: every file may be there, but the manifest is written last
+        (newest / "manifest.json").unlink()
+    capsys.readouterr()
+
+    resumed = train_dpo(start, data, RESUMABLE, TRL, plan, 0, tmp_path / "out", tmp_path / "ckpt")
+    out = capsys.readouterr().out
+    assert "dpo: resuming from" in out and "checkpoint-4 (step 4)" in out
+    if damage == "optimizer cut in half":
+        assert f"checkpoint {newest} is damaged" in out and "resuming from checkpoint-4 instead" in out
+    log = json.loads((tmp_path / "out" / "log_history.json").read_text())
+    assert [e["step"] for e in log if "loss" in e] == list(range(1, 11))
+    assert resumed.metrics["loss"] == pytest.approx(whole.metrics["loss"], abs=1e-5)
+    trained, expected = _adapter(tmp_path / "out"), _adapter(tmp_path / "whole")
+    assert trained.keys() == expected.keys()
+    for name, weight in expected.items():
+        assert (trained[name] - weight).abs().max().item() < 1e-6, name
+    # Trained weights, not the fresh adapter (whose lora_B is zero) trained for fewer steps.
+    assert any(w.abs().max().item() > 0 for n, w in expected.items() if "lora_B" in n)
+
+
+def test_ctrl_c_in_training_names_the_step_and_the_checkpoint_kept(tmp_path, yes_no_pairs):
+    from dpoflow.runtime import StageInterrupted
+
+    start, data, _ = yes_no_pairs
+    plan = plan_stage(TRL, RESUMABLE, start.path)
+    with pytest.raises(StageInterrupted, match=r"^dpo at step 5; checkpoint kept: .*attempt-0/checkpoint-4$"):
+        train_dpo(start, data, RESUMABLE, TRL, plan, 0, tmp_path / "out", tmp_path / "ckpt",
+                  callbacks=(_crash_at(5, KeyboardInterrupt()),))
+
+
+def test_ctrl_c_in_any_stage_names_the_stage():
+    from dpoflow.runtime import StageInterrupted
+    from dpoflow.tasks import stage_task
+
+    @stage_task
+    def sft_task(stage: str, key: str):
+        raise KeyboardInterrupt
+
+    with pytest.raises(StageInterrupted, match="^sft$"):
+        getattr(sft_task, "fn", sft_task)(stage="sft", key="k")

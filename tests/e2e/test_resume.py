@@ -1,0 +1,167 @@
+"""A `dpoflow run` killed mid-DPO (SIGKILL, or Ctrl-C) and run again continues exactly where its last
+intact checkpoint left off: the same losses and, at the end, the same adapter as a run never
+interrupted. Ctrl-C stops the command within seconds with one line saying how to resume, and no
+process of the command (Prefect's temporary server) outlives it either way."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+STEPS, KILL_AFTER = 40, 10  # kill once checkpoint-10 (or later) is sealed: 30 steps before the end
+
+PIPELINE = """
+pipelines:
+  resume:
+    cpu_threads: 1
+    model: {{source: "builtin:tiny-llama"}}
+    data: {{sources: ["{data}"], heldout_fraction: 0.12, decontamination: {{ngram: 16}}}}
+    dpo:
+      learning_rate: 2.0e-3
+      max_steps: {steps}
+      per_device_batch_size: 4
+      gradient_accumulation_steps: 1
+      logging_steps: 1
+      lr_scheduler: constant
+      max_length: 128
+      guards: {{checkpoint_steps: 2, keep_checkpoints: 2}}
+    evaluate: {{enabled: false}}
+    export: {{formats: [adapter]}}
+"""
+
+
+class Run:
+    """One `dpoflow run resume` in a workdir of its own, started in its own session as a terminal
+    starts a command (so Ctrl-C can go to its whole process group)."""
+
+    def __init__(self, tmp: Path, repo: Path, name: str):
+        self.work, self.name = tmp / name, name
+        self.file = tmp / "pipelines.yaml"
+        if not self.file.exists():
+            data = repo / "data" / "demo" / "sentiment.jsonl"
+            self.file.write_text(PIPELINE.format(data=data, steps=STEPS))
+        (self.work / "prefect").mkdir(parents=True)
+        self.env = {**os.environ, "PREFECT_HOME": str(self.work / "prefect"), "OMP_NUM_THREADS": "1"}
+        self.env.pop("PREFECT_API_URL", None)
+        self.tries = 0
+
+    def start(self) -> "Run":
+        self.tries += 1
+        self.log = self.work.parent / f"{self.name}-{self.tries}.log"
+        cmd = [sys.executable, "-m", "dpoflow", "run", "resume", "-f", str(self.file),
+               "--set", f"workdir={self.work}"]
+        self.proc = subprocess.Popen(cmd, env=self.env, stdout=open(self.log, "w"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        return self
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def finish(self, expect: int = 0) -> dict:
+        assert self.proc.wait(timeout=300) == expect, self.output()[-5000:]
+        if expect:
+            return {}
+        run_dir = next(line.split(":", 1)[1].strip() for line in self.output().splitlines()
+                       if line.startswith("run folder:"))
+        dpo = Path(run_dir) / "dpo"
+        from safetensors.torch import load_file
+
+        losses = {e["step"]: e["loss"] for e in json.loads((dpo / "log_history.json").read_text()) if "loss" in e}
+        return {"losses": losses, "adapter": load_file(dpo / "adapter" / "adapter_model.safetensors")}
+
+    def sealed_checkpoints(self) -> list[int]:
+        found = self.work.glob("checkpoints/dpo/*/attempt-0/checkpoint-*/manifest.json")
+        return sorted(int(p.parent.name.split("-")[1]) for p in found)
+
+    def reached(self, step: int, deadline: float) -> bool:
+        """Whether a checkpoint at `step` or later is sealed, while the run still runs."""
+        assert self.proc.poll() is None, "the run ended before it could be stopped:\n" + self.output()[-3000:]
+        assert time.time() < deadline, self.output()[-3000:]
+        return any(s >= step for s in self.sealed_checkpoints())
+
+    def descendants(self) -> list[int]:
+        found, todo = [], [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            for task in Path(f"/proc/{pid}/task").glob("*"):
+                children = [int(c) for c in (task / "children").read_text().split()]
+                found += children
+                todo += children
+        return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+def _gone_within(pids: list[int], seconds: float) -> list[int]:
+    deadline = time.time() + seconds
+    while any(_alive(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.1)
+    return [p for p in pids if _alive(p)]
+
+
+def _assert_continues(resumed: dict, uninterrupted: dict, output: str) -> None:
+    step = int(output.split("dpo: resuming from ")[1].split("(step ")[1].split(")")[0])
+    assert 0 < step < STEPS
+    # The first step trained after the resume. A fresh adapter (the policy equal to the reference)
+    # would have exactly ln 2 there, which the uninterrupted run is well away from.
+    assert resumed["losses"][step + 1] == pytest.approx(uninterrupted["losses"][step + 1], abs=1e-4)
+    assert abs(uninterrupted["losses"][step + 1] - math.log(2)) > 1e-3
+    assert list(resumed["losses"]) == list(range(1, STEPS + 1))
+    assert resumed["adapter"].keys() == uninterrupted["adapter"].keys()
+    for name, weight in uninterrupted["adapter"].items():
+        assert (resumed["adapter"][name] - weight).abs().max().item() < 1e-5, name
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads process trees from /proc")
+def test_a_run_killed_or_interrupted_mid_dpo_resumes_exactly_where_it_stopped(repo, tmp_path):
+    whole = Run(tmp_path, repo, "whole").start()
+    killed = Run(tmp_path, repo, "killed").start()
+    interrupted = Run(tmp_path, repo, "interrupted").start()
+
+    # Each is stopped as soon as it has a checkpoint to resume from; their processes are noted first.
+    signals = {killed: lambda pid: os.kill(pid, signal.SIGKILL),   # the command alone, as `kill -9 PID`
+               interrupted: lambda pid: os.killpg(pid, signal.SIGINT)}  # Ctrl-C: the terminal's whole group
+    children, deadline = {}, time.time() + 180
+    while signals:
+        for run in [r for r in signals if r.reached(KILL_AFTER, deadline)]:
+            children[run] = run.descendants()
+            assert children[run], "no temporary server process was found"
+            signals.pop(run)(run.proc.pid)
+            run.stopped = time.time()
+        time.sleep(0.02)
+
+    interrupted.finish(expect=130)
+    took = time.time() - interrupted.stopped
+    assert not _gone_within(children[interrupted], 1), f"left behind after Ctrl-C: {children[interrupted]}"
+    killed.proc.wait()
+    assert not _gone_within(children[killed], 10), f"left behind after SIGKILL: {children[killed]}"
+    lines = [line for line in interrupted.output().splitlines() if "interrupted" in line]
+    assert len(lines) == 1 and lines[0].startswith("dpoflow: interrupted during dpo at step "), lines
+    assert "re-run `dpoflow run resume` to resume" in lines[0]
+    assert "Traceback" not in interrupted.output() and "ConnectError" not in interrupted.output()
+    assert took < 10, f"Ctrl-C took {took:.1f} s"
+    assert killed.sealed_checkpoints() and len(interrupted.sealed_checkpoints()) <= 2  # keep_checkpoints
+
+    # A newest checkpoint damaged on disk since (its optimizer state cut in half) is skipped, by name.
+    newest = next(killed.work.glob(f"checkpoints/dpo/*/attempt-0/checkpoint-{killed.sealed_checkpoints()[-1]}"))
+    optimizer = newest / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[: optimizer.stat().st_size // 2])
+
+    uninterrupted = whole.finish()
+    for run in (killed.start(), interrupted.start()):
+        _assert_continues(run.finish(), uninterrupted, run.output())
+    assert f"checkpoint {newest} is damaged" in killed.output()
+    assert f"dpo: resuming from {newest}" not in killed.output()

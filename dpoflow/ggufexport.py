@@ -148,8 +148,9 @@ def reference(model, tokenizer) -> Reference:
         for text in texts:
             t = tokenizer(text, add_special_tokens=False)["input_ids"]
             ids.append(t)
-            logits.append(model(torch.tensor([t])).logits[0, -1].tolist())
-            out = model.generate(torch.tensor([t]), attention_mask=torch.ones(1, len(t), dtype=torch.long),
+            ids_t = torch.tensor([t], device=model.device)  # the model's device: the GPU when export uses it
+            logits.append(model(ids_t).logits[0, -1].tolist())
+            out = model.generate(ids_t, attention_mask=torch.ones_like(ids_t),
                                  max_new_tokens=GREEDY_TOKENS, do_sample=False, eos_token_id=None,
                                  pad_token_id=tokenizer.pad_token_id, output_logits=True,
                                  return_dict_in_generate=True)

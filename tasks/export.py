@@ -4,6 +4,7 @@ reloaded and checked against the merged model in memory, and a failed check fail
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
@@ -19,11 +20,23 @@ PROBES = ["The capital of France is", "Review: The food was wonderful. Sentiment
 RELOAD_TOLERANCE = 1e-4
 
 
+def export_device() -> str:
+    """Where the merge, the probes and the reload check run: the GPU when there is one. A process that
+    trained through Unsloth has its patched model classes (attention, rotary caches built on cuda:0), so
+    a model built there on the CPU fails with mixed devices, and what runs at all goes through code
+    compiled for the GPU (a CPU export there took ~50 s for a 0.5M-parameter model). Every model the
+    checks compare is on this one device, so they compare like with like."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def probe_logits(model, tokenizer) -> list:
     import torch
 
     with torch.no_grad():
-        return [model(input_ids=tokenizer(t, return_tensors="pt")["input_ids"]).logits.float() for t in PROBES]
+        return [model(input_ids=tokenizer(t, return_tensors="pt")["input_ids"].to(model.device)).logits.float().cpu()
+                for t in PROBES]
 
 
 def max_difference(a: list, b: list) -> float:
@@ -39,11 +52,36 @@ def top1_agreement(a: list, b: list) -> float:
     return same / total
 
 
+@contextlib.contextmanager
+def plain_float32():
+    """How the export computes, whatever the process did before it:
+    - float32 matrix products in full precision: a process that trained may have allowed TF32 (about
+      1e-3 relative error), which would blur the 1e-4 reload check and the GGUF reference on the GPU;
+    - torch.compile'd code runs eagerly: in a process that imported Unsloth, model code goes through its
+      compiled functions, and a handful of probe forwards in float32 would otherwise pay a fresh
+      compile for shapes and a dtype training never used."""
+    import torch
+
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with torch.compiler.set_stance("force_eager"):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def export_model(adapter: TrainedAdapter, spec: ExportSpec, out_dir: Path) -> Exports:
+    with plain_float32():
+        return _export_model(adapter, spec, out_dir)
+
+
+def _export_model(adapter: TrainedAdapter, spec: ExportSpec, out_dir: Path) -> Exports:
     import torch
     from peft import PeftModel
 
     fresh_dir(out_dir)
+    device = export_device()
     adapter_dir = merged_dir = None
     checks: dict[str, float] = {}
     if "adapter" in spec.formats:
@@ -53,7 +91,7 @@ def export_model(adapter: TrainedAdapter, spec: ExportSpec, out_dir: Path) -> Ex
         # GGUF is converted from the merged folder; without `merged` in formats it is scratch.
         merged_dir = out_dir / ("merged" if "merged" in spec.formats else ".merged-for-gguf")
         tokenizer = load_tokenizer(adapter.start.path)
-        merged = PeftModel.from_pretrained(load_model(adapter.start.path, "float32"), adapter.path)
+        merged = PeftModel.from_pretrained(load_model(adapter.start.path, "float32").to(device), adapter.path)
         merged = merged.merge_and_unload().eval()
         exact = probe_logits(merged, tokenizer)
         # Casting rounds the non-persistent buffers too (rotary frequencies, Gemma's embedding scale),
@@ -66,7 +104,7 @@ def export_model(adapter: TrainedAdapter, spec: ExportSpec, out_dir: Path) -> Ex
             for name, b in merged.named_buffers():
                 b.copy_(buffers[name])
         saved_logits = probe_logits(merged, tokenizer)
-        reloaded = load_model(str(merged_dir), "float32").eval()
+        reloaded = load_model(str(merged_dir), "float32").to(device).eval()
         saved = merged.state_dict()
         checks["merged_weight_max_diff"] = max(
             (t - saved[name]).abs().max().item() for name, t in reloaded.state_dict().items())

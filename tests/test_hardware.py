@@ -108,6 +108,41 @@ def test_doctor_prints_backend_and_plan(repo, capsys):
     assert "backend" in out and "torch" in out and "precision:" in out
 
 
+def test_doctor_names_what_would_fail_a_run_before_it_starts(repo, capsys, monkeypatch, tmp_path):
+    """Problems a run would hit only after training (GGUF tools missing for the export), or at its first
+    step (no bf16 for precision bf16, an unwritable compile cache): doctor names each and exits 1."""
+    from dpoflow import ggufexport
+    from dpoflow.cli import main
+
+    demo = ["doctor", "demo", "-f", str(repo / "pipelines.yaml")]
+    monkeypatch.setattr(ggufexport, "missing_tools", lambda: ["llama-cpp-python"])
+    assert main([*demo, "--set", "export.formats=[adapter,gguf]"]) == 1
+    out = capsys.readouterr().out
+    assert "! export.formats has gguf but llama-cpp-python is not installed" in out
+    assert main(demo) == 0  # no gguf in the demo's formats: nothing missing
+    capsys.readouterr()
+
+    t4 = GpuFacts("Tesla T4", (7, 5), 15 * GiB, 14 * GiB, False)
+    monkeypatch.setattr("dpoflow.hardware.detect_gpu", lambda: t4)
+    assert main([*demo, "--set", "train.precision=bf16"]) == 1
+    assert "! training plan: precision bf16: Tesla T4 (compute capability 7.5) has no bf16" in capsys.readouterr().out
+    assert main(demo) == 0  # auto: fp16 with a warning, which is not a failure
+    assert "warning:  Tesla T4 has no bf16" in capsys.readouterr().out
+
+    from dpoflow.cli import preflight_problems
+    from dpoflow.config import load_pipeline
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    monkeypatch.setenv("DPOFLOW_CACHE_DIR", str(blocked))  # a file: no folder can be made under it
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    config = load_pipeline("demo", repo / "pipelines.yaml", [])
+    problems = preflight_problems(config, "unsloth", None)
+    assert any(f"compile cache folder {blocked}/compile/inductor is not writable" in p for p in problems)
+    assert preflight_problems(config, "trl", None) == []  # TRL compiles nothing
+
+
 def test_processes_share_the_effective_batch_and_need_that_many_gpus():
     two_h100 = GpuFacts("NVIDIA H100 80GB HBM3", (9, 0), 80 * GiB, 79 * GiB, True, count=2)
     p = plan_training(two_h100, "auto", "auto", N_8B, SHAPE_8B, 512, 4, 32, num_processes=2)

@@ -191,7 +191,10 @@ LAYOUTS: tuple[Layout, ...] = (
     Layout("implicit", "implicit", ("chosen", "rejected"),
            lambda row: isinstance(row.get("chosen"), str) and "\n\nAssistant:" in row["chosen"],
            about="Anthropic/hh-rlhf: two transcripts ('\\n\\nHuman: ...\\n\\nAssistant: ...')"),
-    Layout("implicit-prompt", "explicit", ("chosen", "rejected"), _is(str, "chosen", "rejected"), _implicit_prompt,
+    # Not when the row has a column that looks like a prompt under another name: more likely that than this.
+    Layout("implicit-prompt", "explicit", ("chosen", "rejected"),
+           lambda row: _is(str, "chosen", "rejected")(row) and not any(k in row for k in SYNONYMS["prompt"]),
+           _implicit_prompt,
            "TRL implicit-prompt standard: chosen/rejected strings that start with the same prompt"),
 )
 BY_NAME = {layout.name: layout for layout in LAYOUTS}

@@ -166,3 +166,62 @@ def test_a_named_format_reads_its_rows_and_names_what_is_missing(fmt, row):
     broken = {k: v for k, v in row.items() if k != first}
     rejection = to_pairs("f:1", broken, fmt=fmt)[0][1]
     assert isinstance(rejection, Rejection) and rejection.reason == "missing_field" and rejection.field == first
+
+
+def _prepare(tiny_model, tmp_path, files: dict[str, list[dict]], **spec):
+    import json
+
+    from dpoflow.records import ModelRef
+    from dpoflow.tasks.prepare import prepare_data
+
+    paths = []
+    for name, rows in files.items():
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        paths.append(str(tmp_path / name))
+    base = ModelRef(path=str(tiny_model), digest="x", source="builtin:tiny-llama", role="base")
+    return prepare_data(paths, DataSpec(sources=paths, heldout_fraction=0.2, **spec), base, tmp_path / "out")
+
+
+def _uf_raw(i):
+    return {**UF_RAW, "instruction": f"Name prime number {i}."}
+
+
+def test_each_source_reports_the_layout_that_read_it(tiny_model, tmp_path):
+    import json
+
+    hh = [{"chosen": f"\n\nHuman: q{i}?\n\nAssistant: yes", "rejected": f"\n\nHuman: q{i}?\n\nAssistant: no"}
+          for i in range(20)]
+    out = _prepare(tiny_model, tmp_path, {"uf.jsonl": [_uf_raw(i) for i in range(20)],
+                                          "mixed.jsonl": hh + [{**PKU, "prompt": f"p{i}"} for i in range(10)] + hh[:1]})
+    report = json.loads(open(out.report).read())
+    assert report["sources"][str(tmp_path / "uf.jsonl")]["format"] == "ultrafeedback-raw (auto)"
+    assert report["sources"][str(tmp_path / "mixed.jsonl")]["format"] == "implicit 21, pku-saferlhf 10 (auto)"
+    md = open(out.report.replace(".json", ".md")).read()
+    assert f"| {tmp_path / 'uf.jsonl'} | 20 | 20 | - | ultrafeedback-raw (auto) |" in md
+    dup = report["examples"]["duplicate"][0]
+    assert dup["field"] is None  # a JSON null, not "null"
+
+
+def test_a_source_that_keeps_nothing_says_why_and_how_to_map_it(tiny_model, tmp_path):
+    import json
+
+    import pytest as _pytest
+
+    from dpoflow.pairs import DataError
+
+    good = [{"prompt": f"q{i}?", "chosen": "yes", "rejected": "no"} for i in range(20)]
+    alpaca_like = [{"instruction": f"Do {i}.", "chosen": "done", "rejected": "no", "id": i} for i in range(9)]
+    with _pytest.raises(DataError) as e:
+        _prepare(tiny_model, tmp_path, {"good.jsonl": good, "bad.jsonl": alpaca_like})
+    bad = tmp_path / "bad.jsonl"
+    assert str(e.value) == (
+        f"{bad}: nothing kept: 9 of 9 items set aside as missing_field (first at {bad}:1: field 'prompt': "
+        "missing; that row has fields chosen, id, instruction, rejected); rows have `instruction`, not `prompt`: "
+        "set `data.columns.prompt: instruction`")
+    report = json.loads((tmp_path / "out" / "data_report.json").read_text())  # written although it failed
+    assert report["sources"][str(bad)]["rejected"] == {"missing_field": 9}
+    assert len((tmp_path / "out" / "rejected.jsonl").read_text().splitlines()) == 9
+    assert (tmp_path / "out" / "data_report.md").is_file()
+    out = _prepare(tiny_model, tmp_path, {"good.jsonl": good, "bad.jsonl": alpaca_like},
+                   columns={"prompt": "instruction"})
+    assert out.counts["train"] + out.counts["heldout"] == 29

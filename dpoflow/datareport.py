@@ -8,6 +8,9 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 EXAMPLES_PER_REASON = 3
+# DPO learns "longer is better" when chosen answers are longer far more often than not: past this share of
+# pairs the report warns (length bias is one of DPO's known failure modes).
+LENGTH_BIAS_SHARE = 0.65
 # Cleaning outcomes rather than bad input: `on_error: fail` sets these aside instead of stopping.
 CLEANING_RULES = {"duplicate", "prompt_too_long", "pair_too_long", "contaminated", "sampled_out",
                   "below_min_margin", "tie"}
@@ -83,13 +86,32 @@ def _short(value, limit: int = 300):
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
 
 
+def length_bias(lengths: dict[str, list[int]]) -> dict:
+    """Median chosen/rejected token-length ratio over the kept pairs and the share where chosen is longer."""
+    pairs = list(zip(lengths["chosen"], lengths["rejected"]))
+    if not pairs:
+        return {}
+    ratios = sorted(c / max(r, 1) for c, r in pairs)
+    mid = len(ratios) // 2
+    median = ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
+    return {"median_ratio": round(median, 3), "chosen_longer": round(sum(c > r for c, r in pairs) / len(pairs), 3),
+            "warn_above": LENGTH_BIAS_SHARE}
+
+
 def build_report(tally: Tally, lengths: dict[str, list[int]], extra: dict, explicit_format: bool = False) -> dict:
+    bias = length_bias(lengths)
+    if bias and bias["chosen_longer"] > LENGTH_BIAS_SHARE:
+        extra = {**extra, "warnings": [*extra.get("warnings", []),
+                                       f"length bias: chosen is longer than rejected in {bias['chosen_longer']:.0%} of "
+                                       f"pairs (median ratio {bias['median_ratio']:g}); DPO may learn to prefer "
+                                       "length"]}
     return {
         "counts": tally.totals(),
         "sources": {label: {"read": tally.read[i], "kept": dict(tally.kept[i]), "rejected": dict(tally.rejected[i]),
                             "format": tally.layout(i, explicit_format), "formats": dict(tally.layouts[i])}
                     for i, label in enumerate(tally.labels)},
         "token_lengths": {field: _stats(values) for field, values in lengths.items()},
+        "length_bias": bias,
         "examples": dict(tally.examples),
         **extra,
     }
@@ -116,6 +138,10 @@ def report_markdown(report: dict) -> str:
     for field, st in report["token_lengths"].items():
         if st:
             lines.append(f"| {field} | {st['min']} | {st['median']} | {st['p95']} | {st['max']} |")
+    bias = report.get("length_bias")
+    if bias:
+        lines.append(f"\nchosen/rejected tokens: median ratio {bias['median_ratio']:g}, chosen longer in "
+                     f"{bias['chosen_longer']:.0%} of pairs")
     for warning in report.get("warnings", []):
         lines.append(f"\n**warning:** {warning}")
     for reason, examples in report["examples"].items():

@@ -225,3 +225,20 @@ def test_a_source_that_keeps_nothing_says_why_and_how_to_map_it(tiny_model, tmp_
     out = _prepare(tiny_model, tmp_path, {"good.jsonl": good, "bad.jsonl": alpaca_like},
                    columns={"prompt": "instruction"})
     assert out.counts["train"] + out.counts["heldout"] == 29
+
+
+def test_the_report_measures_length_bias_and_warns_past_the_threshold(tiny_model, tmp_path):
+    import json
+
+    long_answer = "a much longer and more detailed answer that goes on " * 3
+    rows = [{"prompt": f"q{i}?", "chosen": long_answer if i % 5 else "ok", "rejected": "no" if i % 5 else "a long one "
+             * 4} for i in range(40)]  # chosen longer in 4 of 5 pairs
+    out = _prepare(tiny_model, tmp_path, {"biased.jsonl": rows})
+    report = json.loads(open(out.report).read())
+    bias = report["length_bias"]
+    assert bias["chosen_longer"] == 0.8 and bias["median_ratio"] > 5 and bias["warn_above"] == 0.65
+    assert any(w.startswith("length bias: chosen is longer than rejected in 80% of pairs") for w in report["warnings"])
+    assert "chosen longer in 80% of pairs" in open(out.report.replace(".json", ".md")).read()
+    balanced = [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} if i % 2 else r for i, r in enumerate(rows)]
+    report = json.loads(open(_prepare(tiny_model, tmp_path, {"balanced.jsonl": balanced}).report).read())
+    assert not any(w.startswith("length bias") for w in report["warnings"])

@@ -8,8 +8,8 @@ output folder is missing or altered on disk is refreshed instead of trusted.
 from __future__ import annotations
 
 import base64
-import shutil
 import json
+import shutil
 import socket
 import time
 from contextlib import contextmanager

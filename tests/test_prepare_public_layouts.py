@@ -205,13 +205,11 @@ def test_each_source_reports_the_layout_that_read_it(tiny_model, tmp_path):
 def test_a_source_that_keeps_nothing_says_why_and_how_to_map_it(tiny_model, tmp_path):
     import json
 
-    import pytest as _pytest
-
     from dpoflow.pairs import DataError
 
     good = [{"prompt": f"q{i}?", "chosen": "yes", "rejected": "no"} for i in range(20)]
     alpaca_like = [{"instruction": f"Do {i}.", "chosen": "done", "rejected": "no", "id": i} for i in range(9)]
-    with _pytest.raises(DataError) as e:
+    with pytest.raises(DataError) as e:
         _prepare(tiny_model, tmp_path, {"good.jsonl": good, "bad.jsonl": alpaca_like})
     bad = tmp_path / "bad.jsonl"
     assert str(e.value) == (

@@ -8,7 +8,7 @@ import sys
 
 from . import tempserver
 from .config import DEFAULT_FILE, ConfigError, load_pipeline, pipeline_names, validate_file
-from .runtime import configure_environment, freeze_imports, skip_exit_collection
+from .runtime import configure_environment, freeze_imports, quiet_data_tracebacks, skip_exit_collection
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,7 +156,14 @@ def start_flow_command():
 def imports_done() -> None:
     import torch  # noqa: F401  (every run needs it; imported while the server boots)
 
+    quiet_data_tracebacks()
     freeze_imports()
+
+
+def failure(e: Exception) -> str:
+    """A failed run's one line: the error, and where the data report of a prepare that failed was kept."""
+    report = getattr(e, "data_report", None)
+    return f"{type(e).__name__}: {e}" + (f" (data report: {report})" if report else "")
 
 
 def prepare(config) -> int:
@@ -170,7 +177,7 @@ def prepare(config) -> int:
         with tempserver.serving(boot):
             summary = prepare_only(config)
     except Exception as e:
-        print(f"\ndpoflow: prepare of {config.name!r} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"\ndpoflow: prepare of {config.name!r} failed: {failure(e)}", file=sys.stderr)
         return 1
     run_dir = Path(summary["run_dir"])
     print((run_dir / "prepare" / "data_report.md").read_text())
@@ -191,7 +198,7 @@ def run(config, overrides: list[str] = ()) -> int:
     except KeyboardInterrupt as e:
         return interrupted(e, f"`dpoflow run {config.name}`")
     except Exception as e:  # the flow run is marked failed in Prefect; say why here in one line
-        print(f"\ndpoflow: pipeline {config.name!r} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"\ndpoflow: pipeline {config.name!r} failed: {failure(e)}", file=sys.stderr)
         return 1
     rows = [StageRow(**r) for r in summary["stages"]]
     print(f"\ndpoflow: pipeline {config.name!r} finished\n")

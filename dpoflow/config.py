@@ -12,6 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dpoflow import layouts
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -60,17 +62,20 @@ class DecontaminationSpec(Strict):
                               "text, such as an instruction every row repeats, and does not count as contamination.")
 
 
+Format = Literal[("auto", *layouts.NAMES)]  # every layout can be named, or detected per row
+
+
 class DataSpec(Strict):
     sources: list[str | SourceSpec] = Field(
         ..., min_length=1,
         description="Where the pairs come from: a path or glob (string), or {path|hub, split, revision, weight|count}.",
     )
     heldout_fraction: float = Field(0.1, gt=0, lt=1, description="Share of prompts held out (split by prompt hash).")
-    format: Literal["auto", "explicit", "conversational", "implicit", "scored"] = Field(
-        "auto", description="explicit: prompt/chosen/rejected strings; conversational: chosen/rejected message "
-                            "lists (an optional prompt list); implicit: two full HH-RLHF style transcripts "
-                            "('\\n\\nHuman: ... \\n\\nAssistant: ...'); scored: a prompt with several scored "
-                            "completions (UltraFeedback style); auto: detected per row.")
+    format: Format = Field(
+        "auto", description="auto: each row's layout detected (the data report names it per source); or one of: "
+                            + "; ".join(f"{x.name}: {x.about}" for x in layouts.LAYOUTS) + ".")
+    prefer: Literal["better", "safer"] = Field(
+        "better", description="PKU-SafeRLHF rows: chosen by better_response_id (helpfulness) or safer_response_id.")
     columns: dict[str, str] = Field(
         {}, description="Your column names, e.g. {prompt: question, chosen: good}; for scored rows also "
                         "completions, response and score.")

@@ -3,7 +3,8 @@
 Formats: explicit (prompt/chosen/rejected strings), conversational (message lists, UltraFeedback-
 binarized whole conversations or TRL's prompt list + one answer each), implicit (two HH-RLHF
 transcripts sharing everything before the last assistant turn) and scored (one prompt, several
-completions with scores: best vs worst, or every pair at least `min_margin` apart).
+completions with scores: best vs worst, or every pair at least `min_margin` apart). The public
+datasets' layouts (dpoflow/layouts.py) are converted to one of these first.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import json
 import re
 import unicodedata
 from dataclasses import dataclass
+
+from dpoflow import layouts
 
 FIELDS = ("prompt", "chosen", "rejected")
 
@@ -52,19 +55,46 @@ HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 
 
 def to_pairs(where: str, row: dict, fmt: str = "auto", columns: dict[str, str] | None = None,
-             pairing: str = "best_vs_worst", min_margin: float = 0.0) -> list[tuple[str, Pair | Rejection]]:
-    """The items one input row makes: (where, pair or rejection). One for every format but scored,
-    whose rows make one per chosen/rejected pair of completions (where `file:line#i>j`)."""
+             pairing: str = "best_vs_worst", min_margin: float = 0.0,
+             prefer: str = "better") -> list[tuple[str, Pair | Rejection]]:
+    """The items one input row makes: (where, pair or rejection). One for most layouts; scored rows
+    make one per chosen/rejected pair of completions (where `file:line#i>j`)."""
+    return pairs_of(where, row, fmt, columns, pairing, min_margin, prefer)[1]
+
+
+def pairs_of(where: str, row: dict, fmt: str = "auto", columns: dict[str, str] | None = None,
+             pairing: str = "best_vs_worst", min_margin: float = 0.0,
+             prefer: str = "better") -> tuple[str, list[tuple[str, Pair | Rejection]]]:
+    """(the layout that read the row, to_pairs' items)."""
     row = _mapped(row, columns)
-    if fmt == "auto":
-        fmt = detect_format(row)
-    if fmt == "scored":
-        return _scored(where, row, columns or {}, pairing, min_margin)
-    pair = to_pair(where, row, fmt)
-    if isinstance(pair, Pair) and min_margin > 0 and _margin(row) is not None and _margin(row) < min_margin:
+    layout = layouts.BY_NAME[fmt] if fmt != "auto" else layouts.detect(row)
+    if layout is None:
+        if not set(FIELDS) & row.keys():
+            return "unknown", [(where, _unknown(where, row))]
+        layout = layouts.BY_NAME["explicit"]  # the closest: its rejection names the missing field
+    missing = next((f for f in layout.fields if f not in row), None)
+    if missing:
+        return layout.name, [(where, Rejection(where, "missing_field", missing, "missing"))]
+    try:
+        converted = layout.convert(row, prefer)
+    except layouts.Unusable as e:
+        return layout.name, [(where, Rejection(where, e.reason, e.field, e.detail))]
+    if layout.shape == "scored":
+        return layout.name, [item for suffix, one in converted
+                             for item in _scored(where + suffix, one, columns or {}, pairing, min_margin)]
+    pair = to_pair(where, converted, layout.shape)
+    margin = _margin(converted)
+    if isinstance(pair, Pair) and min_margin > 0 and margin is not None and margin < min_margin:
         pair = Rejection(where, "below_min_margin", "score_chosen",
-                         f"score gap {_margin(row):g} is below min_margin {min_margin:g}")
-    return [(where, pair)]
+                         f"score gap {margin:g} is below min_margin {min_margin:g}")
+    return layout.name, [(where, pair)]
+
+
+def _unknown(where: str, row: dict) -> Rejection:
+    return Rejection(where, "unknown_format", None,
+                     f"no known format: expected prompt/chosen/rejected, chosen/rejected messages, HH-RLHF "
+                     f"transcripts, prompt + scored completions or a public layout (README, 'Preparing data'); "
+                     f"got fields {', '.join(sorted(row)) or 'none'} (map yours with data.columns)")
 
 
 def _mapped(row: dict, columns: dict[str, str] | None) -> dict:
@@ -87,10 +117,10 @@ def to_pair(where: str, row: dict, fmt: str = "auto", columns: dict[str, str] | 
     if fmt == "auto":
         fmt = detect_format(row)
     if fmt == "unknown":
-        return Rejection(where, "unknown_format", None,
-                         f"no known format: expected prompt/chosen/rejected, chosen/rejected messages, HH-RLHF "
-                         f"transcripts or prompt + scored completions; got fields {', '.join(sorted(row)) or 'none'} "
-                         f"(map yours with data.columns)")
+        return _unknown(where, row)
+    if fmt not in ("explicit", "conversational", "implicit"):  # a named layout: its rows are converted first
+        [(_, pair)] = to_pairs(where, row, fmt)
+        return pair
     if fmt == "scored":
         return Rejection(where, "wrong_format", "completions", "a scored row makes several pairs; use to_pairs")
     if fmt == "conversational":
@@ -105,15 +135,11 @@ def to_pair(where: str, row: dict, fmt: str = "auto", columns: dict[str, str] | 
 
 
 def detect_format(row: dict) -> str:
-    if "completions" in row and "chosen" not in row:
-        return "scored"
-    if isinstance(row.get("chosen"), list) or (isinstance(row.get("prompt"), list) and "chosen" in row):
-        return "conversational"
-    if "prompt" not in row and isinstance(row.get("chosen"), str) and "\n\nAssistant:" in row["chosen"]:
-        return "implicit"
-    if not {"prompt", "chosen", "rejected"} & row.keys():
-        return "unknown"
-    return "explicit"
+    """The name of the layout that reads `row` ("unknown" when none does)."""
+    layout = layouts.detect(row)
+    if layout is None:
+        return "explicit" if set(FIELDS) & row.keys() else "unknown"
+    return layout.name
 
 
 RESPONSE_KEYS = ("response", "text", "content", "completion")
@@ -136,25 +162,30 @@ def _scored(where: str, row: dict, columns: dict[str, str], pairing: str,
     if not isinstance(completions, list) or len(completions) < 2:
         return [(where, Rejection(where, "bad_completions", "completions",
                                   "expected a list of at least 2 {response, score} objects"))]
-    scored: list[tuple[float, str]] = []
+    scored: dict[int, tuple[float, str]] = {}  # completion number -> (score, text)
+    unscored = None
     for i, c in enumerate(completions):
         text = _first(c, [columns["response"]] if "response" in columns else RESPONSE_KEYS)
         score = _first(c, [columns["score"]] if "score" in columns else SCORE_KEYS)
         if not isinstance(text, str):
             return [(where, Rejection(where, "bad_completions", "completions", f"completion {i}: no response text"))]
+        if score is None:  # public sets leave some completions unrated (null): pair the rated ones
+            unscored = i if unscored is None else unscored
+            continue
         if not isinstance(score, (int, float)) or isinstance(score, bool):
             return [(where, Rejection(where, "bad_completions", "completions", f"completion {i}: no numeric score"))]
-        scored.append((float(score), text))
+        scored[i] = (float(score), text)
+    if len(scored) < 2:
+        return [(where, Rejection(where, "bad_completions", "completions", f"completion {unscored}: no numeric score"))]
     if pairing == "best_vs_worst":
-        best = max(range(len(scored)), key=lambda i: (scored[i][0], -i))
-        worst = min(range(len(scored)), key=lambda i: (scored[i][0], i))
+        best = max(scored, key=lambda i: (scored[i][0], -i))
+        worst = min(scored, key=lambda i: (scored[i][0], i))
         chosen_rejected = [(best, worst)]
     else:
-        chosen_rejected = [(i, j) for i, j in itertools.permutations(range(len(scored)), 2)
-                           if scored[i][0] > scored[j][0]]
+        chosen_rejected = [(i, j) for i, j in itertools.permutations(scored, 2) if scored[i][0] > scored[j][0]]
     chosen_rejected = [(i, j) for i, j in chosen_rejected if scored[i][0] - scored[j][0] >= max(min_margin, 1e-12)]
     if not chosen_rejected:
-        gap = max(s for s, _ in scored) - min(s for s, _ in scored)
+        gap = max(s for s, _ in scored.values()) - min(s for s, _ in scored.values())
         return [(where, Rejection(where, "below_min_margin", "completions",
                                   f"no two completions are at least {max(min_margin, 0):g} apart in score "
                                   f"(largest gap {gap:g})"))]

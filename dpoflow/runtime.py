@@ -63,3 +63,40 @@ def freeze_imports() -> None:
     several commands in one process never freezes its later garbage."""
     if gc.get_freeze_count() == 0:
         gc.freeze()
+
+
+def quiet_data_tracebacks() -> None:
+    """On the terminal a data error (bad input, the user's to fix) is its one clear line, which the CLI
+    prints, not a traceback; Prefect's own log of the run (its API handler) still records the traceback.
+    Wraps the formatter of Prefect's console handler, once."""
+    import logging
+
+    from prefect.logging.configuration import ensure_logging_setup
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    ensure_logging_setup()
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler) and not isinstance(handler.formatter, _NoDataTraceback):
+            handler.setFormatter(_NoDataTraceback(handler.formatter or logging.Formatter()))
+
+
+class _NoDataTraceback:
+    """A console formatter that leaves out the traceback of a DataError (the message stays)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def format(self, record) -> str:
+        from dpoflow.pairs import DataError
+
+        if not (record.exc_info and isinstance(record.exc_info[1], DataError)):
+            return self.inner.format(record)
+        saved = record.exc_info, record.exc_text  # the record is shared with the other handlers
+        record.exc_info = record.exc_text = None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text = saved
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)

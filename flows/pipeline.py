@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 import socket
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -46,6 +48,7 @@ class StageRunner:
         self.workspace = workspace
         self.rows: list[StageRow] = []
         self.outputs: dict[str, str] = {}
+        self.failed: tuple[str, Path] | None = None  # (stage, its output folder) of a stage that raised
 
     def __call__(self, task, stage: str, key_inputs: dict[str, Any], checkpoints: bool = False, **params) -> Any:
         key, material = stage_key(stage, task.fn.__module__, key_inputs)
@@ -59,6 +62,8 @@ class StageRunner:
                 result_storage=self.workspace.results,
                 refresh_cache=not is_intact(out_dir),
             )(stage=stage, key=key, out_dir=str(out_dir), **params, return_state=True)
+        if state.is_failed():
+            self.failed = (stage, out_dir)
         record = state.result()  # raises the stage's own error if it failed
         status = "cached" if state.name == "Cached" else "ran"
         self.rows.append(StageRow(stage, status, time.perf_counter() - started, key_metric(record), str(out_dir),
@@ -204,7 +209,8 @@ def prepare_only(config: PipelineConfig) -> dict[str, Any]:
     set_cpu_threads(config.cpu_threads)
     workspace = Workspace(config.workdir)
     run = StageRunner(workspace)
-    _, data = compose_data(config, run, [sources.fingerprint(s) for s in config.data.source_specs])
+    with keep_failed_data_report(workspace, config, run):
+        _, data = compose_data(config, run, [sources.fingerprint(s) for s in config.data.source_specs])
     run_dir = new_run_folder(workspace, config)
     summary = {"pipeline": config.name, "flow_run": flow_run.get_name(), "stages": rows_as_dicts(run.rows),
                "run_dir": str(run_dir), "data": data.counts}
@@ -213,10 +219,35 @@ def prepare_only(config: PipelineConfig) -> dict[str, Any]:
     return summary
 
 
+DATA_REPORT_FILES = ("data_report.json", "data_report.md", "rejected.jsonl")
+
+
+@contextmanager
+def keep_failed_data_report(workspace: Workspace, config: PipelineConfig, run: StageRunner):
+    """When prepare fails on the data, its report and the rows it set aside say why: copied to a run
+    folder (the stage folder is redone on the next run), and named on the error for the CLI's line."""
+    try:
+        yield
+    except Exception as e:
+        stage, out_dir = run.failed or (None, None)
+        if stage == "prepare" and (out_dir / "data_report.json").is_file():
+            run_dir = new_run_folder(workspace, config)
+            for name in DATA_REPORT_FILES:
+                if (out_dir / name).is_file():
+                    shutil.copyfile(out_dir / name, run_dir / name)
+            e.data_report = str(run_dir / "data_report.md")
+            get_run_logger().error("prepare failed; data report and rows set aside: %s", run_dir)
+        raise
+
+
 def publish_data_report(config: PipelineConfig, data, run_dir: Path, key: str | None = None) -> None:
-    """data_report.json at a stable place in the run folder, and the report as a Prefect artifact."""
+    """data_report.json and .md at a stable place in the run folder (rejected.jsonl linked beside
+    them), and the report as a Prefect artifact."""
     report = Path(data.report)
     (run_dir / "data_report.json").write_bytes(report.read_bytes())
+    (run_dir / "data_report.md").write_bytes(report.with_suffix(".md").read_bytes())
+    if Path(data.rejected).is_file() and not (run_dir / "rejected.jsonl").exists():
+        (run_dir / "rejected.jsonl").symlink_to(data.rejected)
     create_markdown_artifact(redact_text(report.with_suffix(".md").read_text()),
                              key=(key or artifact_key(config.name)) + "-data",
                              description=f"dpoflow data report of {config.name}")
@@ -243,7 +274,8 @@ def pipeline(config: PipelineConfig, overrides: list[str] | None = None) -> dict
     backend = start_backend(config)
     blocked = None
     try:
-        out = compose(config, backend, run, hardware_plans(config))
+        with keep_failed_data_report(workspace, config, run):
+            out = compose(config, backend, run, hardware_plans(config))
     except GateBlocked as e:  # still leave the summary and the score table before failing the run
         blocked, out = e, e.outputs
     summary = record_run(config, backend, run, out, blocked, new_run_folder(workspace, config), overrides or [])

@@ -22,7 +22,7 @@ from dpoflow.cleaning import NgramIndex, eval_texts, length_problem, sample_rank
 from dpoflow.config import DataSpec, SourceSpec
 from dpoflow.datareport import CLEANING_RULES, Tally, build_report, length_histograms, report_markdown
 from dpoflow.models import load_tokenizer
-from dpoflow.pairs import DataError, Pair, Rejection, dedup_key, to_pairs
+from dpoflow.pairs import DataError, Pair, Rejection, dedup_key, pairs_of
 from dpoflow.records import ModelRef, PreparedData
 from dpoflow.redact import redact
 from dpoflow.sources import read_source
@@ -79,26 +79,34 @@ def prepare_data(sources: list[SourceSpec | str], spec: DataSpec, model: ModelRe
     fresh_dir(scratch)
     tally = Tally([s.label for s in sources])
     rejects = _Rejects(out_dir / "rejected.jsonl", tally, spec.on_error == "fail")
+    lengths: dict[str, list[int]] = {"prompt": [], "chosen": [], "rejected": []}
+    extra: dict = {"warnings": []}
     try:
-        ranks = _first_pass(sources, spec, tokenizer, scratch, tally, rejects,
-                            max_length if spec.drop_over_max_length else None)
-        keep = _mixing(sources, ranks)
-        lengths, extra = _second_pass(sources, spec, scratch, out_dir, tally, rejects, keep, eval_tasks)
-    finally:
-        rejects.file.close()
-        shutil.rmtree(scratch, ignore_errors=True)
-    tally.check()
+        try:
+            ranks = _first_pass(sources, spec, tokenizer, scratch, tally, rejects,
+                                max_length if spec.drop_over_max_length else None)
+            keep = _mixing(sources, ranks)
+            lengths, extra = _second_pass(sources, spec, scratch, out_dir, tally, rejects, keep, eval_tasks)
+        finally:
+            rejects.file.close()
+            shutil.rmtree(scratch, ignore_errors=True)
+        tally.check()
+        extra["warnings"] += _mix_warnings(sources, ranks)
+        _require_data(sources, tally)
+    finally:  # also when the data fails: the report of what was read is how to see why
+        _write_report(out_dir, tally, lengths, {"max_length": max_length, **extra}, spec.format != "auto")
     counts = tally.totals()
-    _require_data(sources, counts)
-    extra["warnings"] += _mix_warnings(sources, ranks)
-    # A record (copied to the run folder, shown as an artifact): its examples quote rows, secrets masked.
-    report = redact(build_report(tally, lengths, {"max_length": max_length, **extra}))
-    (out_dir / "data_report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
-    (out_dir / "data_report.md").write_text(report_markdown(report))
-    length_histograms(lengths, max_length, out_dir / "data_report.png")
     return PreparedData(path=str(out_dir), digest=seal(out_dir), counts=counts,
                         train=str(out_dir / "train.parquet"), heldout=str(out_dir / "heldout.parquet"),
                         rejected=str(out_dir / "rejected.jsonl"), report=str(out_dir / "data_report.json"))
+
+
+def _write_report(out_dir: Path, tally: Tally, lengths: dict, extra: dict, explicit_format: bool) -> None:
+    # A record (copied to the run folder, shown as an artifact): its examples quote rows, secrets masked.
+    report = redact(build_report(tally, lengths, extra, explicit_format))
+    (out_dir / "data_report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
+    (out_dir / "data_report.md").write_text(report_markdown(report))
+    length_histograms(lengths, extra.get("max_length"), out_dir / "data_report.png")
 
 
 def _first_pass(sources, spec, tokenizer, scratch, tally, rejects, max_length) -> dict[int, list[float]]:
@@ -130,7 +138,10 @@ def _first_pass(sources, spec, tokenizer, scratch, tally, rejects, max_length) -
                     tally.read[i] += 1
                     rejects.add(i, rejection)
                     continue
-                for at, pair in to_pairs(where, row, spec.format, spec.columns, spec.pairing, spec.min_margin):
+                layout, items = pairs_of(where, row, spec.format, spec.columns, spec.pairing, spec.min_margin,
+                                         spec.prefer)
+                tally.layouts[i][layout] += 1
+                for at, pair in items:
                     tally.read[i] += 1
                     if isinstance(pair, Rejection):
                         pair.row = row
@@ -271,10 +282,15 @@ class _ParquetRows:
         self.writer.close()
 
 
-def _require_data(sources: list[SourceSpec], counts: dict[str, int]) -> None:
+def _require_data(sources: list[SourceSpec], tally: Tally) -> None:
     names = ", ".join(s.label for s in sources)
+    counts = tally.totals()
     if counts["read"] == 0:
         raise DataError(f"{names}: no rows (empty data)")
+    for i in range(len(sources)):  # a source that gives nothing is a mistake, whatever the others give
+        problem = tally.empty_source_problem(i)
+        if problem:
+            raise DataError(problem)
     for split in ("train", "heldout"):
         if not counts[split]:
             raise DataError(f"{names}: the {split} split is empty ({counts['read']} items read, "

@@ -8,14 +8,15 @@ identify it and how a row of it becomes one of the four shapes `pairs` turns int
 
 Layouts come from the public datasets' cards (UltraFeedback, HH-RLHF, Intel/orca_dpo_pairs and argilla's
 distilabel sets, PKU-SafeRLHF, Stanford SHP, HelpSteer2, OpenAssistant trees, TRL's dataset formats).
-Formats that hold one response per row (HelpSteer2's attribute-scored rows, OpenAssistant's message
-rows) need rows grouped by prompt, which a row-at-a-time reader cannot do: they are recognised so that
-the rejection says what to do, not "unknown format".
+HelpSteer's attribute-scored rows hold one response each: `grouped_by_prompt` gathers a source's rows of
+one prompt into one row first, which is then paired like scored completions. OpenAssistant's message rows
+(one message each) are recognised so that the rejection says what to do, not "unknown format".
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 
@@ -131,6 +132,38 @@ def _needs_grouping(how: str):
     return convert
 
 
+def _helpsteer(row: dict, prefer: str) -> list[tuple[str, dict]]:
+    """A prompt's responses (gathered by `grouped_by_prompt`) as scored completions: scored by
+    helpfulness, or by another attribute or their `sum` with `data.columns.score`."""
+    if "responses" not in row:
+        raise Unusable("one_response_per_row", None, "a HelpSteer row holds one response; prepare pairs the rows "
+                                                     "that share a prompt")
+    completions = []
+    for response in row["responses"]:
+        scores = {a: response[a] for a in HELPSTEER_ATTRIBUTES if _number(response.get(a))}
+        total = sum(scores.values()) if len(scores) == len(HELPSTEER_ATTRIBUTES) else None
+        completions.append({"response": response.get("response"), "score": scores.get("helpfulness"),
+                            **scores, "sum": total})
+    return [("", {"prompt": row["prompt"], "completions": completions})]
+
+
+def grouped_by_prompt(rows: Iterable[tuple[str, object, object]], fmt: str) -> Iterator[tuple[str, object, object]]:
+    """A source's (where, row, rejection) triples, with HelpSteer rows (one response each) gathered into
+    one row per prompt, {prompt, responses}, yielded after the other rows at the first row's place."""
+    groups: dict[str, list[tuple[str, dict]]] = {}
+    for where, row, rejection in rows:
+        if (rejection is None and fmt in ("auto", "helpsteer-attributes") and isinstance(row, dict)
+                and all(f in row for f in HELPSTEER_FIELDS)):
+            groups.setdefault(json.dumps(row["prompt"], sort_keys=True, default=str), []).append((where, row))
+            continue
+        yield where, row, rejection
+    for members in groups.values():
+        where, first = members[0]
+        if len(members) > 1:
+            where += f" (+{len(members) - 1} rows with this prompt)"
+        yield where, {"prompt": first["prompt"], "responses": [row for _, row in members]}, None
+
+
 def _implicit_prompt(row: dict, prefer: str) -> dict:
     """TRL's implicit-prompt standard rows: the prompt is what chosen and rejected share, cut at a word
     boundary (as TRL's extract_prompt does)."""
@@ -143,6 +176,7 @@ def _implicit_prompt(row: dict, prefer: str) -> dict:
 
 
 HELPSTEER_ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
+HELPSTEER_FIELDS = ("prompt", "response", "helpfulness")
 
 LAYOUTS: tuple[Layout, ...] = (
     Layout("ultrafeedback-raw", "scored", ("instruction", "completions"), _is(list, "completions"),
@@ -161,11 +195,10 @@ LAYOUTS: tuple[Layout, ...] = (
     Layout("helpsteer2-preference", "explicit", ("prompt", "response_1", "response_2", "preference_strength"),
            convert=_helpsteer2_preference,
            about="nvidia/HelpSteer2 preference: response_1/2 and preference_strength (-3..3; 0 is a tie)"),
-    Layout("helpsteer-attributes", "explicit", ("prompt", "response", "helpfulness"),
-           convert=_needs_grouping("HelpSteer-style rows hold one response each, with attribute scores; group the "
-                                   "rows by prompt into {prompt, completions: [{response, score}]} (score: one "
-                                   "attribute or their sum) and use the scored format"),
-           about="nvidia/HelpSteer(2): one response a row with helpfulness, correctness, ... (not pairable row by row)"),
+    Layout("helpsteer-attributes", "scored", ("prompt",),
+           lambda row: isinstance(row.get("responses"), list) or all(f in row for f in HELPSTEER_FIELDS), _helpsteer,
+           "nvidia/HelpSteer(2): one response a row with helpfulness, correctness, ...; a prompt's rows are paired "
+           "by helpfulness (data.columns.score: another attribute, or sum)"),
     Layout("oasst-messages", "explicit", ("message_id", "parent_id", "text", "role"),
            convert=_needs_grouping("OpenAssistant message rows hold one message each; use the trees export "
                                    "(one tree a row), which is read as oasst-tree"),

@@ -22,6 +22,7 @@ from dpoflow.cleaning import NgramIndex, eval_texts, length_problem, sample_rank
 from dpoflow.config import DataSpec, SourceSpec
 from dpoflow.datareport import CLEANING_RULES, Tally, build_report, length_histograms, report_markdown
 from dpoflow.models import load_tokenizer
+from dpoflow.layouts import grouped_by_prompt
 from dpoflow.pairs import DataError, Pair, Rejection, dedup_key, pairs_of
 from dpoflow.records import ModelRef, PreparedData
 from dpoflow.redact import redact
@@ -133,7 +134,7 @@ def _first_pass(sources, spec, tokenizer, scratch, tally, rejects, max_length) -
     try:
         for i, source in enumerate(sources):
             batch: list = []
-            for where, row, rejection in read_source(source):
+            for where, row, rejection in grouped_by_prompt(read_source(source), spec.format):
                 if rejection is not None:
                     tally.read[i] += 1
                     rejects.add(i, rejection)

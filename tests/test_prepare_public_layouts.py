@@ -119,9 +119,45 @@ def test_helpsteer2_preference_and_attribute_rows():
     assert one({**row, "preference_strength": 0})[1].reason == "tie"
     attributes = {"prompt": "Write a haiku.", "response": "Leaves fall slow.", "helpfulness": 3, "correctness": 4,
                   "coherence": 4, "complexity": 1, "verbosity": 1}
-    layout, rejection = one(attributes)
+    layout, rejection = one(attributes)  # a row alone: prepare gathers a prompt's rows first
     assert layout == "helpsteer-attributes" and rejection.reason == "one_response_per_row"
-    assert "group the rows by prompt" in rejection.detail
+
+
+def test_helpsteer_rows_of_one_prompt_are_paired_by_an_attribute_or_their_sum(tiny_model, tmp_path):
+    """nvidia/HelpSteer2: one response a row, five 0-4 attribute ratings. prepare gathers each prompt's
+    rows and pairs its best and worst response by helpfulness, or by `columns.score` (an attribute, or
+    `sum`); a prompt with a single response is set aside, named by its row."""
+    import json
+
+    def row(i, response, helpfulness, correctness, verbosity=1):
+        return {"prompt": f"Write haiku number {i}.", "response": response, "helpfulness": helpfulness,
+                "correctness": correctness, "coherence": 4, "complexity": 1, "verbosity": verbosity}
+
+    # helpfulness: Leaves 4 > Snow 3 > Hi 1; correctness: Hi 4 > Snow 3 > Leaves 2; sum: Hi 13 > 12, 12.
+    rows = [r for i in range(12) for r in (row(i, f"Leaves fall slow {i}.", 4, 2), row(i, f"Hi {i}.", 1, 4, 3),
+                                           row(i, f"Snow on pine {i}.", 3, 3))]
+    rows.append(row(99, "A lone reply.", 2, 2))
+    runs = {"helpfulness": _prepare(tiny_model, tmp_path, {"helpsteer2.jsonl": rows})}
+    for score in ("correctness", "sum"):
+        (tmp_path / score).mkdir()
+        runs[score] = _prepare(tiny_model, tmp_path / score, {"helpsteer2.jsonl": rows}, columns={"score": score})
+    report = json.loads(open(runs["helpfulness"].report).read())
+    assert report["sources"][str(tmp_path / "helpsteer2.jsonl")]["format"] == "helpsteer-attributes (auto)"
+    rejected = [json.loads(line) for line in open(runs["helpfulness"].rejected)]
+    assert [(r["reason"], r["source"]) for r in rejected] == [("bad_completions", f"{tmp_path / 'helpsteer2.jsonl'}:37")]
+    pairs = {score: _pairs(out) for score, out in runs.items()}
+    assert all(len(p) == 12 for p in pairs.values())
+    assert all(c.startswith("Leaves") and r.startswith("Hi") for c, r in pairs["helpfulness"])
+    assert all(c.startswith("Hi") and r.startswith("Leaves") for c, r in pairs["correctness"])
+    assert all(c.startswith("Hi") for c, _ in pairs["sum"])
+
+
+def _pairs(out) -> list[tuple[str, str]]:
+    """(chosen, rejected) of every kept pair, train and held-out."""
+    import pyarrow.parquet as pq
+
+    tables = [pq.read_table(split) for split in (out.train, out.heldout)]
+    return [pair for t in tables for pair in zip(t.column("chosen").to_pylist(), t.column("rejected").to_pylist())]
 
 
 def test_openassistant_tree_becomes_rank_pairs_at_every_ranked_level():

@@ -12,14 +12,27 @@ from pathlib import Path
 WORD = re.compile(r"\w+")
 
 
-def token_lengths(tokenizer, rows: list[dict]) -> list[tuple[int, int, int]]:
-    """(prompt, chosen, rejected) token counts of rendered rows, in one batched call per field (the
-    fast tokenizer runs a batch in Rust; one call per row would dominate the stage)."""
-    counts = []
-    for field in ("prompt", "chosen", "rejected"):
-        ids = tokenizer([r[field] for r in rows], add_special_tokens=False)["input_ids"]
-        counts.append([len(x) for x in ids])
-    return list(zip(*counts))
+def token_lengths(tokenizer, rows: list[dict]) -> list[tuple[tuple[int, int, int], tuple[str, str, str] | None]]:
+    """Per rendered row: (prompt, chosen, rejected) token counts, and the seam problem when the prompt
+    and an answer tokenized together are not the prompt's tokens followed by the answer's (tokens
+    merging across the boundary: the trainer would then cut the prompt short or train on tokens the
+    model never produces). One batched call per field: the fast tokenizer runs a batch in Rust, and
+    one call per row would dominate the stage."""
+    def ids(texts: list[str]) -> list[list[int]]:
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    prompt, chosen, rejected = (ids([r[f] for r in rows]) for f in ("prompt", "chosen", "rejected"))
+    joined = {f: ids([r["prompt"] + r[f] for r in rows]) for f in ("chosen", "rejected")}
+    out = []
+    for n, (p, c, r) in enumerate(zip(prompt, chosen, rejected)):
+        problem = None
+        for field, answer in (("chosen", c), ("rejected", r)):
+            if joined[field][n] != p + answer:
+                problem = ("template_seam", field, f"prompt + {field} tokenize differently together than apart "
+                                                   f"({len(joined[field][n])} vs {len(p) + len(answer)} tokens)")
+                break
+        out.append(((len(p), len(c), len(r)), problem))
+    return out
 
 
 def length_problem(lengths: tuple[int, int, int], max_length: int) -> tuple[str, str, str] | None:

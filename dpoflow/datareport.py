@@ -13,7 +13,7 @@ EXAMPLES_PER_REASON = 3
 LENGTH_BIAS_SHARE = 0.65
 # Cleaning outcomes rather than bad input: `on_error: fail` sets these aside instead of stopping.
 CLEANING_RULES = {"duplicate", "prompt_too_long", "pair_too_long", "contaminated", "sampled_out",
-                  "below_min_margin", "tie"}
+                  "below_min_margin", "tie", "template_round_trip", "template_seam"}
 
 
 class Tally:

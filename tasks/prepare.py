@@ -39,17 +39,38 @@ def is_heldout(prompt: str, fraction: float) -> bool:
     return unit_hash(prompt) < fraction
 
 
-def render(tokenizer, pair: Pair, system_prompt: str | None) -> dict:
-    """The one place the chat template is applied; SFT, DPO and evaluation all read its output."""
+def _conversation(pair: Pair, system_prompt: str | None) -> list[dict]:
     messages = pair.messages
     if system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}, *messages]
-    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return messages
+
+
+def render(tokenizer, pair: Pair, system_prompt: str | None) -> dict:
+    """The one place the chat template is applied; SFT, DPO and evaluation all read its output."""
+    prompt = tokenizer.apply_chat_template(_conversation(pair, system_prompt), tokenize=False,
+                                           add_generation_prompt=True)
     return {
         "prompt": prompt,
         "chosen": pair.chosen + tokenizer.eos_token,
         "rejected": pair.rejected + tokenizer.eos_token,
     }
+
+
+def round_trip_problem(tokenizer, pair: Pair, system_prompt: str | None, rendered: dict) -> tuple[str, str, str] | None:
+    """(reason, field, detail) when the template renders the whole conversation (prompt and chosen answer)
+    otherwise than the rendered prompt followed by the answer: a doubled BOS or system prompt, a turn
+    rendered differently once answered. The model would be trained on a context it never sees."""
+    whole = tokenizer.apply_chat_template([*_conversation(pair, system_prompt),
+                                           {"role": "assistant", "content": pair.chosen}], tokenize=False)
+    prompt = rendered["prompt"]
+    if whole.startswith(prompt) and whole[len(prompt):].startswith(pair.chosen):
+        return None
+    at = next((n for n, (a, b) in enumerate(zip(whole, prompt + pair.chosen)) if a != b),
+              min(len(whole), len(prompt) + len(pair.chosen)))
+    return ("template_round_trip", "prompt", f"the template renders the whole conversation differently from "
+                                             f"character {at}: {whole[max(0, at - 20):at + 20]!r} vs "
+                                             f"{(prompt + pair.chosen)[max(0, at - 20):at + 20]!r}")
 
 
 class _Rejects:
@@ -119,8 +140,9 @@ def _first_pass(sources, spec, tokenizer, scratch, tally, rejects, max_length) -
 
     def flush(batch: list[tuple[int, str, Pair, dict, str]]) -> None:
         rendered = [render(tokenizer, pair, spec.system_prompt) for _, _, pair, _, _ in batch]
-        for (i, where, pair, row, key), out, lengths in zip(batch, rendered, token_lengths(tokenizer, rendered)):
-            problem = length_problem(lengths, max_length) if max_length else None
+        for (i, where, pair, row, key), out, (lengths, seam) in zip(batch, rendered, token_lengths(tokenizer, rendered)):
+            problem = (round_trip_problem(tokenizer, pair, spec.system_prompt, out) or seam
+                       or (length_problem(lengths, max_length) if max_length else None))
             if problem:
                 rejects.add(i, Rejection(where, *problem, row))
                 continue

@@ -222,3 +222,42 @@ def test_json_lists_and_excel_csv_files_meet_the_same_checks(tmp_path, base):
     assert out.counts["read"] == 31 and out.counts["train"] + out.counts["heldout"] == 30
     [bad] = read_jsonl_rows(out.rejected)
     assert (bad["source"], bad["reason"]) == (f"{csv_file}:6", "bad_csv") and "field limit" in bad["detail"]
+
+
+def test_prompt_and_answer_must_tokenize_at_a_clean_seam(tiny_model):
+    """A prompt cut mid-word merges with its answer's first tokens: the trainer would move the prompt's
+    end. Such a pair is set aside; a clean boundary (the template's turn end) passes."""
+    from dpoflow.cleaning import token_lengths
+    from dpoflow.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model))
+    (_, cut), (lengths, clean) = token_lengths(tokenizer, [
+        {"prompt": "The answer is po", "chosen": "sitive", "rejected": " negative"},
+        {"prompt": "<|user|>\nhi<|end|>\n<|assistant|>\n", "chosen": "yes<|end|>", "rejected": "no<|end|>"}])
+    assert cut[:2] == ("template_seam", "chosen") and clean is None and lengths == (7, 3, 3)
+
+
+def test_a_template_that_renders_the_answered_conversation_differently_is_caught(tiny_model, tmp_path):
+    """The prompt rendered alone must be how the template renders it inside the whole conversation: here
+    a template that puts BOS again before an answered conversation's last user turn (as some do with
+    system prompts) sets every pair aside as template_round_trip, counted in the report."""
+    import json
+    import shutil
+
+    from dpoflow.config import DataSpec
+    from dpoflow.records import ModelRef
+    from dpoflow.tasks.prepare import prepare_data
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    template = model / "chat_template.jinja"  # where transformers saves a tokenizer's template
+    template.write_text("{% if messages[-1]['role'] == 'assistant' %}{{ bos_token }}{% endif %}" + template.read_text())
+    rows = [{"prompt": f"question {i}", "chosen": f"yes {i}", "rejected": f"no {i}"} for i in range(8)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = ModelRef(path=str(model), digest="x", source="local", role="base")
+    spec = DataSpec(sources=[str(tmp_path / "d.jsonl")], heldout_fraction=0.2)
+    with pytest.raises(Exception, match="template_round_trip"):
+        prepare_data([str(tmp_path / "d.jsonl")], spec, base, tmp_path / "out")
+    report = json.loads((tmp_path / "out" / "data_report.json").read_text())
+    assert report["examples"]["template_round_trip"][0]["field"] == "prompt"
+    assert json.dumps(report).count("template_round_trip") >= 1

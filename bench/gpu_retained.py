@@ -28,6 +28,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="llama-3.2-1b")
     parser.add_argument("--pairs", type=int, default=16)
+    parser.add_argument("--with-sft", action="store_true", help="also run an SFT stage and measure after it")
     args = parser.parse_args()
 
     import torch
@@ -75,7 +76,7 @@ def main() -> None:
 
     train_dpo(start, data, dpo, setup, plan_stage(setup, dpo, start.path), 0, work / "dpo")
     after("after_dpo_stage")
-    if "--with-sft" in sys.argv:
+    if args.with_sft:
         from dpoflow.tasks.sft import train_sft
 
         train_sft(start, data, sft, setup, plan_stage(setup, sft, start.path), 0, work / "sft")

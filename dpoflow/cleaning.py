@@ -13,25 +13,25 @@ WORD = re.compile(r"\w+")
 
 
 def token_lengths(tokenizer, rows: list[dict]) -> list[tuple[tuple[int, int, int], tuple[str, str, str] | None]]:
-    """Per rendered row: (prompt, chosen, rejected) token counts, and the seam problem when the prompt
-    and an answer tokenized together are not the prompt's tokens followed by the answer's (tokens
-    merging across the boundary: the trainer would then cut the prompt short or train on tokens the
-    model never produces). One batched call per field: the fast tokenizer runs a batch in Rust, and
-    one call per row would dominate the stage."""
+    """Per rendered row: (prompt, chosen, rejected) token counts, the answers counted in context as the
+    trainer tokenizes them (prompt + answer); and the seam problem when the prompt's own tokens are not
+    the start of prompt + answer (tokens merging across the boundary: TRL then cuts the prompt where the
+    two diverge, and the model trains on a context it never sees). One batched call per text: the fast
+    tokenizer runs a batch in Rust, and one call per row would dominate the stage."""
     def ids(texts: list[str]) -> list[list[int]]:
         return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
-    prompt, chosen, rejected = (ids([r[f] for r in rows]) for f in ("prompt", "chosen", "rejected"))
+    prompts = ids([r["prompt"] for r in rows])
     joined = {f: ids([r["prompt"] + r[f] for r in rows]) for f in ("chosen", "rejected")}
     out = []
-    for n, (p, c, r) in enumerate(zip(prompt, chosen, rejected)):
+    for n, p in enumerate(prompts):
         problem = None
-        for field, answer in (("chosen", c), ("rejected", r)):
-            if joined[field][n] != p + answer:
-                problem = ("template_seam", field, f"prompt + {field} tokenize differently together than apart "
-                                                   f"({len(joined[field][n])} vs {len(p) + len(answer)} tokens)")
+        for field in ("chosen", "rejected"):
+            if joined[field][n][:len(p)] != p:
+                problem = ("template_seam", field, f"the prompt's last tokens merge with the start of {field}: "
+                                                   f"{tokenizer.decode(p[-3:])!r} + {rows[n][field][:12]!r}")
                 break
-        out.append(((len(p), len(c), len(r)), problem))
+        out.append(((len(p), len(joined["chosen"][n]) - len(p), len(joined["rejected"][n]) - len(p)), problem))
     return out
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .config import LoraSpec, TrainSetup
 from .hardware import TrainingPlan, weights_dtype
+from .runtime import cache_root
 
 # Unsloth takes explicit module names; "all-linear" means these on Llama-style models.
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -52,18 +53,26 @@ def choose_backend(setup: TrainSetup) -> BackendChoice:
     return BackendChoice("trl", "auto: no CUDA GPU, TRL + PEFT")
 
 
+COMPILE_CACHES = {"TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "triton"}
+
+
 def compile_cache_dir() -> Path:
-    """Where torch.compile's caches live: DPOFLOW_CACHE_DIR (the Docker image points it at the /data
-    volume), else ~/.cache/dpoflow. torch's own default is under /tmp, which a container loses."""
-    return Path(os.environ.get("DPOFLOW_CACHE_DIR") or Path.home() / ".cache" / "dpoflow") / "compile"
+    """Where torch.compile's caches live, under `runtime.cache_root()`: torch's own default is under
+    /tmp, which a container loses."""
+    return cache_root() / "compile"
+
+
+def compile_cache_folders() -> dict[str, Path]:
+    """Each compile cache's variable -> its folder: the user's setting, else under compile_cache_dir()."""
+    root = compile_cache_dir()
+    return {variable: Path(os.environ.get(variable) or root / name) for variable, name in COMPILE_CACHES.items()}
 
 
 def keep_compile_caches() -> None:
-    """Point the inductor and Triton caches at `compile_cache_dir()` unless the user set them, so the
-    compiled kernels of one stage serve the next stage and the next run (docs/benchmarks.md)."""
-    root = compile_cache_dir()
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
-    os.environ.setdefault("TRITON_CACHE_DIR", str(root / "triton"))
+    """Point the inductor and Triton caches at their `compile_cache_folders()`, so the compiled kernels
+    of one stage serve the next stage and the next run (docs/benchmarks.md)."""
+    for variable, folder in compile_cache_folders().items():
+        os.environ.setdefault(variable, str(folder))
 
 
 def activate(choice: BackendChoice, setup: TrainSetup | None = None) -> None:

@@ -346,7 +346,7 @@ def preflight_problems(config, backend: str | None, gpu) -> list[str]:
     from pathlib import Path
 
     from . import ggufexport
-    from .backends import compile_cache_dir
+    from .backends import compile_cache_folders
 
     problems = []
     if "gguf" in config.export.formats:
@@ -360,9 +360,7 @@ def preflight_problems(config, backend: str | None, gpu) -> list[str]:
     if backend == "unsloth":
         # Unsloth's first step compiles every layer into these caches (backends.keep_compile_caches); a
         # folder that cannot be written fails that step, after the model load.
-        root = compile_cache_dir()
-        for name, variable in (("inductor", "TORCHINDUCTOR_CACHE_DIR"), ("triton", "TRITON_CACHE_DIR")):
-            folder = Path(os.environ.get(variable) or root / name)
+        for variable, folder in compile_cache_folders().items():
             if not writable(folder):
                 problems.append(f"the compile cache folder {folder} is not writable: set DPOFLOW_CACHE_DIR (or "
                                 f"{variable}) to a writable folder")

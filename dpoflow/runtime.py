@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import gc
 import os
+from pathlib import Path
 
 PREFECT_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -25,6 +26,12 @@ def configure_environment() -> None:
         os.environ.setdefault(key, value)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def cache_root() -> Path:
+    """What dpoflow keeps between runs on this machine (compile caches, a worker's workdir):
+    DPOFLOW_CACHE_DIR (the Docker image points it at the /data volume), else ~/.cache/dpoflow."""
+    return Path(os.environ.get("DPOFLOW_CACHE_DIR") or Path.home() / ".cache" / "dpoflow")
 
 
 def set_cpu_threads(threads: int | None) -> None:

@@ -18,7 +18,7 @@ from prefect import flow, get_run_logger
 
 from dpoflow.config import ConfigError, PipelineConfig, load_pipeline
 from dpoflow.overrides import PipelineOverrides, as_set_items
-from dpoflow.runtime import configure_environment
+from dpoflow.runtime import cache_root, configure_environment
 
 from dpoflow.flows.pipeline import pipeline
 
@@ -28,8 +28,7 @@ def persistent_workdir(config: PipelineConfig, file: Path) -> PipelineConfig:
     inside_checkout = Path(config.workdir).is_relative_to(file.resolve().parent)
     if not (config.deploy.repository and inside_checkout):
         return config
-    base = os.environ.get("DPOFLOW_WORKDIR") or Path(
-        os.environ.get("DPOFLOW_CACHE_DIR") or Path.home() / ".cache" / "dpoflow") / "workdir"
+    base = os.environ.get("DPOFLOW_WORKDIR") or cache_root() / "workdir"
     return config.model_copy(update={"workdir": str(Path(base).expanduser().resolve())})
 
 

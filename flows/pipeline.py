@@ -243,16 +243,15 @@ def keep_failed_data_report(workspace: Workspace, config: PipelineConfig, run: S
 def publish_data_report(config: PipelineConfig, data, run_dir: Path, key: str | None = None) -> None:
     """data_report.json and .md at a stable place in the run folder (rejected.jsonl linked beside
     them), and the report as a Prefect artifact."""
-    report = Path(data.report)
+    report, key = Path(data.report), key or artifact_key(config.name)
+    markdown_text = report.with_suffix(".md").read_text()
     (run_dir / "data_report.json").write_bytes(report.read_bytes())
-    (run_dir / "data_report.md").write_bytes(report.with_suffix(".md").read_bytes())
+    (run_dir / "data_report.md").write_text(markdown_text)
     if Path(data.rejected).is_file() and not (run_dir / "rejected.jsonl").exists():
         (run_dir / "rejected.jsonl").symlink_to(data.rejected)
-    create_markdown_artifact(redact_text(report.with_suffix(".md").read_text()),
-                             key=(key or artifact_key(config.name)) + "-data",
+    create_markdown_artifact(redact_text(markdown_text), key=key + "-data",
                              description=f"dpoflow data report of {config.name}")
-    chart_artifact(report.with_suffix(".png"), (key or artifact_key(config.name)) + "-data-chart",
-                   f"Token lengths of {config.name}'s pairs")
+    chart_artifact(report.with_suffix(".png"), key + "-data-chart", f"Token lengths of {config.name}'s pairs")
 
 
 def chart_artifact(png: Path, key: str, description: str) -> None:

@@ -153,9 +153,18 @@ def start_flow_command():
     return tempserver.start()
 
 
-def imports_done() -> None:
-    import torch  # noqa: F401  (every run needs it; imported while the server boots)
+def imports_done(setup=None) -> None:
+    """The command's imports, while the temporary server boots: torch, and the training backend the
+    run will use (Unsloth's import takes ~30 s on a GPU machine; the flow then finds it imported)."""
+    import torch  # noqa: F401  (every run needs it)
 
+    if setup is not None:
+        from dpoflow.backends import BackendError, activate, choose_backend
+
+        try:
+            activate(choose_backend(setup), setup)
+        except BackendError:
+            pass  # the flow says it, as the run's failure
     quiet_data_tracebacks()
     freeze_imports()
 
@@ -191,7 +200,7 @@ def run(config, overrides: list[str] = ()) -> int:
     from dpoflow.flows.pipeline import pipeline
     from dpoflow.summary import StageRow, text_table
 
-    imports_done()
+    imports_done(config.train)
     try:
         with tempserver.serving(boot):
             summary = pipeline(config, list(overrides))
@@ -229,7 +238,7 @@ def sweep(variants, overrides: list[str]) -> int:
 
     from dpoflow.flows.sweep import sweep as sweep_flow
 
-    imports_done()
+    imports_done(variants[0].config.train)
     name = variants[0].config.name
     print(f"dpoflow: sweep of {name!r}: {len(variants)} variants")
     try:

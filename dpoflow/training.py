@@ -130,6 +130,42 @@ def step_clock(file: Path):
     return StepClock()
 
 
+def time_split(stage: str, began: float, log):
+    """A Trainer callback that says, when training ends, where the stage's time went: setup before the
+    first step (model load, data, trainer), the first step (where Unsloth and torch.compile compile),
+    and the other steps. One log line, on the main process; wall-clock, so never in a sealed output."""
+    import time
+
+    import torch
+    from transformers import TrainerCallback
+
+    from .distributed import is_main_process
+
+    def now() -> float:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    class TimeSplit(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.begin, self.first, self.steps = now(), None, 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.steps += 1
+            if self.first is None:
+                self.first = now()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if not is_main_process() or self.first is None:
+                return
+            end = now()
+            log(f"{stage}: {self.begin - began:.1f} s to the first step (load, data, trainer), first step "
+                f"{self.first - self.begin:.1f} s (compiling, where the backend compiles), "
+                f"{self.steps - 1} more steps {end - self.first:.1f} s")
+
+    return TimeSplit()
+
+
 # Wall-clock figures differ on every run; kept out of sealed outputs so equal training gives equal digests.
 _TIMING = ("runtime", "per_second")
 

@@ -17,6 +17,7 @@ import json
 import math
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from dpoflow.artifacts import (MANIFEST, fresh_dir, is_intact, read_jsonl_rows, read_rows, seal, write_atomically,
@@ -29,7 +30,8 @@ from dpoflow.model_reuse import free_accelerator_memory, training_model
 from dpoflow.prompt_sharing import install as share_prompts
 from dpoflow.records import ModelRef, PreparedData, ReferenceLogps, TrainedAdapter
 from dpoflow.runtime import StageInterrupted
-from dpoflow.training import deterministic_log, final_metrics, keep_outputs_fp32, save_adapter, trainer_args
+from dpoflow.training import (deterministic_log, final_metrics, keep_outputs_fp32, save_adapter, time_split,
+                              trainer_args)
 
 from . import stage_logger, stage_task
 
@@ -120,14 +122,18 @@ def _checkpoint_keeper(keep: int, guard):
                 return
             folder = Path(args.output_dir)
             seal(folder / f"checkpoint-{state.global_step}")
-            if guard.strikes:
-                return
-            kept = {path for _, path in _checkpoints(folder)[-keep:]}
-            for old in folder.glob("checkpoint-*"):
-                if old not in kept:
-                    shutil.rmtree(old, ignore_errors=True)
+            if not guard.strikes:
+                _prune_checkpoints(folder, keep)
 
     return CheckpointKeeper()
+
+
+def _prune_checkpoints(folder: Path, keep: int) -> None:
+    """Removes all but the newest `keep` sealed checkpoints, and leftovers of a save cut short."""
+    kept = {path for _, path in _checkpoints(folder)[-keep:]}
+    for old in folder.glob("checkpoint-*"):
+        if old not in kept:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _checkpoint_before(folder: Path, step: int) -> tuple[int, Path | None]:
@@ -253,6 +259,7 @@ def train_dpo(start: ModelRef, data: PreparedData, spec: DPOSpec, setup: TrainSe
               callbacks: tuple = ()) -> TrainedAdapter | None:
     """Train the DPO adapter into `out_dir`. Under torchrun every rank calls this; the main process
     writes the outputs and returns the record, the others return None."""
+    began = time.perf_counter()
     backend = choose_backend(setup)
     dataset = _train_rows(data, reference)
     # Beside out_dir rather than in a per-process temp folder: all ranks must see the same checkpoints.
@@ -276,6 +283,7 @@ def train_dpo(start: ModelRef, data: PreparedData, spec: DPOSpec, setup: TrainSe
                                 attempt_dir)
         trainer.add_callback(guard)
         trainer.add_callback(_checkpoint_keeper(spec.guards.keep_checkpoints, guard))
+        trainer.add_callback(time_split("dpo", began, stage_logger()))
         resume = _resume_point(attempt_dir, stage_logger())
         if resume is not None:
             if is_main_process():
@@ -286,6 +294,8 @@ def train_dpo(start: ModelRef, data: PreparedData, spec: DPOSpec, setup: TrainSe
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)
             break
         except KeyboardInterrupt:
+            if is_main_process() and not guard.strikes:  # Ctrl-C can land between a seal and its pruning
+                _prune_checkpoints(attempt_dir, spec.guards.keep_checkpoints)
             kept = _latest_checkpoint(attempt_dir)
             raise StageInterrupted(f"dpo at step {trainer.state.global_step}; "
                                    + (f"checkpoint kept: {kept}" if kept else "no checkpoint yet")) from None

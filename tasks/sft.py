@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 from dpoflow.artifacts import fresh_dir, read_rows, seal
@@ -14,7 +15,7 @@ from dpoflow.distributed import is_main_process, run_stage
 from dpoflow.hardware import TrainingPlan
 from dpoflow.models import load_model
 from dpoflow.records import ModelRef, PreparedData
-from dpoflow.training import final_metrics, keep_outputs_fp32, save_adapter, trainer_args
+from dpoflow.training import final_metrics, keep_outputs_fp32, save_adapter, time_split, trainer_args
 
 from . import stage_logger, stage_task
 
@@ -23,6 +24,7 @@ def train_sft(base: ModelRef, data: PreparedData, spec: SFTSpec, setup: TrainSet
               out_dir: Path) -> ModelRef | None:
     """Train, merge and save the SFT model into `out_dir`. Under torchrun every rank calls this; the
     main process writes the model and returns the record, the others return None."""
+    began = time.perf_counter()
     if plan.load_in_4bit or plan.precision == "fp8":
         raise BackendError("sft: merging an adapter into 4-bit/FP8 weights is not supported; "
                            "set train.quantize: none and train.precision: bf16 for SFT, or sft.enabled: false")
@@ -37,6 +39,7 @@ def train_sft(base: ModelRef, data: PreparedData, spec: SFTSpec, setup: TrainSet
     args = SFTConfig(**trainer_args(spec, scratch, seed, plan), completion_only_loss=True)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config)
+    trainer.add_callback(time_split("sft", began, stage_logger()))
     keep_outputs_fp32(trainer)
     trainer.train()
     if trainer.is_fsdp_enabled:

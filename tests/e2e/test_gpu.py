@@ -155,21 +155,34 @@ def build_1b_llama(folder: Path) -> Path:
     return folder
 
 
-def test_a_1b_model_from_a_local_folder_trains_evaluates_and_exports_merged(dpoflow, tmp_path):
+def test_a_1b_model_from_a_local_folder_trains_evaluates_and_exports_merged_and_gguf(dpoflow, tmp_path):
     pytest.importorskip("unsloth")
+    from dpoflow.ggufexport import missing_tools
+
     model = build_1b_llama(tmp_path / "llama-1b")
+    # GGUF where the gguf extra is installed (`dpoflow doctor` names what is missing): q8_0 only, as a
+    # random model's near-flat logits would fail the k-quants' top-1 agreement for reasons of its own.
+    # The built-in tokenizer is GPT-2's byte-level kind, which the converter cannot recognise by itself.
+    gguf = not missing_tools()
+    formats = "[adapter,merged,gguf]" if gguf else "[adapter,merged]"
     # A random model scores at chance, so the demo's +20-point gate is reported (warn), not enforced;
     # few steps at the seed's learning rates: this checks the machinery at a real size, not learning.
     proc, _ = dpoflow("run", "demo", "--set", f"model.source={model}", "--set", "sft.max_steps=4",
                       "--set", "sft.learning_rate=2e-4", "--set", "dpo.max_steps=6", "--set", "dpo.learning_rate=5e-6",
-                      "--set", "evaluate.limit=40", "--set", "evaluate.gate.mode=warn")
+                      "--set", "evaluate.limit=40", "--set", "evaluate.gate.mode=warn",
+                      "--set", f"export.formats={formats}", "--set", "export.gguf_types=[q8_0]",
+                      "--set", "export.gguf_pre_tokenizer=gpt-2")
     summary = summary_of(proc.stdout)
     assert summary["backend"]["name"] == "unsloth" and summary["plans"]["dpo"]["precision"] == "bf16"
     assert set(summary["status"].values()) == {"ran"}, summary["status"]
     # The reference is the SFT model, so DPO starts at ln 2; 6 steps at 5e-6 barely move it (mean loss).
     assert summary["dpo_metrics"]["train_loss"] == pytest.approx(0.6931, abs=0.05)
-    checks = stage_record(dpoflow.workdir, summary, "export")["checks"]
+    record = stage_record(dpoflow.workdir, summary, "export")
+    checks = record["checks"]
     assert checks["merged_weight_max_diff"] == 0.0 and checks["merged_max_logit_diff_reloaded"] <= 1e-4
     merged = Path(summary["exports"]["merged"])
     shards = list(merged.glob("*.safetensors"))
     assert sum(f.stat().st_size for f in shards) > 1.8e9  # ~0.97B parameters in bf16
+    if gguf:  # ~1 byte a parameter, loaded in llama.cpp and checked against the merged model
+        q8 = record["gguf"]["q8_0"]
+        assert Path(q8["file"]).stat().st_size > 0.9e9 and q8["top1_agreement"] >= 0.9, q8

@@ -30,7 +30,10 @@ SHAPES = {
 }
 
 
-def build_model(shape: str, out: Path) -> None:
+def build_model(shape: str, out: Path, logit_scale: float = 1.0) -> None:
+    """A random-weight model of `shape` with the built-in tokenizer. `logit_scale` multiplies the final
+    norm's weight: random weights give near-flat next-token logits, on which any rounding (a GGUF
+    quantization, say) swaps the top token; scaled, they are as peaked as a trained model's."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -42,6 +45,7 @@ def build_model(shape: str, out: Path) -> None:
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.model.norm.weight.data.mul_(logit_scale)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     del model

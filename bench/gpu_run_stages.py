@@ -97,7 +97,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     work = scratch()
-    build_model("llama-3.2-1b", work / "model")
+    build_model("llama-3.2-1b", work / "model", logit_scale=25.0)
     tokenizer = AutoTokenizer.from_pretrained(work / "model")
     total = args.pairs + HELDOUT
     write_pairs(tokenizer, total, 180, 300, work / "pairs.jsonl")

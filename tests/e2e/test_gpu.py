@@ -150,6 +150,9 @@ def build_1b_llama(folder: Path) -> Path:
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
+    # Random weights give near-flat next-token logits, on which any rounding (the GGUF's) swaps the
+    # top token; a scaled final norm makes them as peaked as a trained model's.
+    model.model.norm.weight.data.mul_(25.0)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -160,8 +163,8 @@ def test_a_1b_model_from_a_local_folder_trains_evaluates_and_exports_merged_and_
     from dpoflow.ggufexport import missing_tools
 
     model = build_1b_llama(tmp_path / "llama-1b")
-    # GGUF where the gguf extra is installed (`dpoflow doctor` names what is missing): q8_0 only, as a
-    # random model's near-flat logits would fail the k-quants' top-1 agreement for reasons of its own.
+    # GGUF where the gguf extra is installed (`dpoflow doctor` names what is missing): q8_0, checked in
+    # llama.cpp against the merged model.
     # The built-in tokenizer is GPT-2's byte-level kind, which the converter cannot recognise by itself.
     gguf = not missing_tools()
     formats = "[adapter,merged,gguf]" if gguf else "[adapter,merged]"

@@ -22,7 +22,7 @@ KILL_AFTER = 10  # kill once checkpoint-10 (or later) is sealed
 # numbers; on a GPU, bf16 kernels of two processes may differ in the last bits.
 BACKENDS = {
     "trl": dict(steps=40, loss_tol=1e-4, adapter_tol=1e-5),
-    "unsloth": dict(steps=400, loss_tol=2e-3, adapter_tol=2e-2),
+    "unsloth": dict(steps=60, loss_tol=2e-3, adapter_tol=2e-2),
 }
 
 PIPELINE = """

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import LoraSpec, TrainSetup
+from .errors import Explained
 from .hardware import TrainingPlan, weights_dtype
 from .runtime import cache_root
 
@@ -16,7 +17,7 @@ from .runtime import cache_root
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class BackendError(RuntimeError):
+class BackendError(RuntimeError, Explained):
     pass
 
 

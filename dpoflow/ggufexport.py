@@ -22,6 +22,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import Explained
+
 CONVERTER_TYPES = ("f16", "bf16", "q8_0")
 QUANTIZER_TYPES = {"q4_0": "Q4_0", "q4_k_m": "Q4_K_M", "q5_k_m": "Q5_K_M", "q6_k": "Q6_K"}
 GGUF_TYPES = CONVERTER_TYPES + tuple(QUANTIZER_TYPES)
@@ -35,7 +37,7 @@ GREEDY_TOKENS = 8
 TIE = 2**-7  # a logit gap this small, relative to (1 + the largest |logit|), is a near-tie
 
 
-class GGUFError(RuntimeError):
+class GGUFError(RuntimeError, Explained):
     pass
 
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .config import PublishSpec
+from .errors import Explained
 from .redact import redact_text
 
 
@@ -18,7 +19,7 @@ from .redact import redact_text
 MAX_RETRY_AFTER = 120.0
 
 
-class PublishError(RuntimeError):
+class PublishError(RuntimeError, Explained):
     pass
 
 

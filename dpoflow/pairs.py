@@ -17,11 +17,12 @@ import unicodedata
 from dataclasses import dataclass
 
 from dpoflow import layouts
+from dpoflow.errors import Explained
 
 FIELDS = ("prompt", "chosen", "rejected")
 
 
-class DataError(ValueError):
+class DataError(ValueError, Explained):
     """Input data that cannot be used; the message names file, line and field."""
 
 

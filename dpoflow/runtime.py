@@ -73,9 +73,9 @@ def freeze_imports() -> None:
 
 
 def quiet_data_tracebacks() -> None:
-    """On the terminal a data error (bad input, the user's to fix) is its one clear line, which the CLI
-    prints, not a traceback; Prefect's own log of the run (its API handler) still records the traceback.
-    Wraps the formatter of Prefect's console handler, once."""
+    """On the terminal an explained error (dpoflow.errors: bad data, a missing tool, a failed check)
+    is its one clear line, which the CLI prints, not a traceback; Prefect's own log of the run (its
+    API handler) still records the traceback. Wraps the formatter of Prefect's console handler, once."""
     import logging
 
     from prefect.logging.configuration import ensure_logging_setup
@@ -88,15 +88,15 @@ def quiet_data_tracebacks() -> None:
 
 
 class _NoDataTraceback:
-    """A console formatter that leaves out the traceback of a DataError (the message stays)."""
+    """A console formatter that leaves out the traceback of an explained error (the message stays)."""
 
     def __init__(self, inner):
         self.inner = inner
 
     def format(self, record) -> str:
-        from dpoflow.pairs import DataError
+        from dpoflow.errors import Explained
 
-        if not (record.exc_info and isinstance(record.exc_info[1], DataError)):
+        if not (record.exc_info and isinstance(record.exc_info[1], Explained)):
             return self.inner.format(record)
         saved = record.exc_info, record.exc_text  # the record is shared with the other handlers
         record.exc_info = record.exc_text = None

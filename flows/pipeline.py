@@ -27,6 +27,7 @@ from dpoflow.artifacts import is_intact
 from dpoflow.backends import activate, choose_backend
 from dpoflow.cache import Workspace, stage_key
 from dpoflow.config import PipelineConfig
+from dpoflow.errors import Explained
 from dpoflow.hardware import TrainingPlan, plan_key, plan_stage
 from dpoflow.model_reuse import keep_loaded
 from dpoflow.redact import redact, redact_flow_parameters, redact_text
@@ -72,7 +73,7 @@ class StageRunner:
         return record
 
 
-class GateBlocked(RuntimeError):
+class GateBlocked(RuntimeError, Explained):
     """The forgetting check failed in enforce mode: nothing is exported or published."""
 
     def __init__(self, outputs):

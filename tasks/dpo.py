@@ -25,6 +25,7 @@ from dpoflow.artifacts import (MANIFEST, fresh_dir, is_intact, read_jsonl_rows, 
 from dpoflow.backends import BackendChoice, choose_backend, load_for_training
 from dpoflow.config import DPOSpec, TrainSetup
 from dpoflow.distributed import is_main_process, run_stage
+from dpoflow.errors import Explained
 from dpoflow.hardware import TrainingPlan
 from dpoflow.model_reuse import free_accelerator_memory, training_model
 from dpoflow.prompt_sharing import install as share_prompts
@@ -41,11 +42,11 @@ WATCHED = ("loss", "grad_norm", "logps/chosen", "logps/rejected", "rewards/margi
 STATE = "attempt.json"
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(RuntimeError, Explained):
     pass
 
 
-class CollapseError(RuntimeError):
+class CollapseError(RuntimeError, Explained):
     pass
 
 

@@ -28,7 +28,8 @@ def demo(repo, tmp_path_factory):
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-5000:]
         if expect:
-            return {"stderr": proc.stderr, "latest": tmp / "work" / "runs" / "demo" / "latest"}
+            return {"stderr": proc.stderr, "output": proc.stdout + proc.stderr,
+                    "latest": tmp / "work" / "runs" / "demo" / "latest"}
         assert "dpoflow: pipeline 'demo' finished" in proc.stdout
         summary = json.loads((Path(_run_dir(proc.stdout)) / "summary.json").read_text())
         summary["status"] = {row["stage"]: row["status"] for row in summary["stages"]}
@@ -83,6 +84,15 @@ def test_bad_data_fails_the_run_naming_file_line_and_field(demo, tmp_path):
     bad.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": "a"}\n')
     out = demo(f"data.sources=[{bad}]", "data.on_error=fail", expect=1)
     assert f"{bad}:2: field 'rejected': missing" in out["stderr"]
+    assert "Traceback" not in out["output"]
+
+
+def test_a_stage_failing_for_a_reason_the_user_can_fix_says_it_in_one_line_without_a_traceback(demo):
+    # The built-in tokenizer's pre-tokenizer is one llama.cpp's converter cannot recognise by itself.
+    out = demo("export.formats=[adapter,gguf]", "export.gguf_types=[q8_0]", expect=1)
+    assert "dpoflow: pipeline 'demo' failed: GGUFError: llama.cpp's converter does not know this " \
+           "tokenizer's pre-tokenizer; if it is a standard one, set export.gguf_pre_tokenizer" in out["stderr"]
+    assert "Traceback" not in out["output"], out["output"][-3000:]
 
 
 def test_a_beta_sweep_pays_the_precomputed_reference_pass_once(demo):
@@ -146,6 +156,7 @@ def test_the_forgetting_gate_blocks_export_when_enforced_and_only_reports_in_war
     impossible = "evaluate.gate.required_gain={dpoflow_preference: 90}"  # the demo gains ~41 points
     blocked = demo(impossible, expect=1)
     assert "forgetting check failed, export skipped: dpoflow_preference: moved +" in blocked["stderr"]
+    assert "Traceback" not in blocked["output"]
     summary = json.loads((blocked["latest"] / "summary.json").read_text())
     assert summary["exports"] == {} and "export" not in {row["stage"] for row in summary["stages"]}
     assert summary["forgetting"]["passed"] is False

@@ -144,16 +144,28 @@ class GuardSpec(Strict):
                                                   "checkpoint with the learning rate halved.")
 
 
-LossName = Literal["sigmoid", "ipo", "robust", "hinge", "sft"]
+# Every loss TRL's DPOTrainer computes (1.15 and 1.16 have the same 15; tests/test_dpo_losses.py reads
+# the installed TRL's and fails when they differ). Several combine: [sigmoid, sft] is RPO's.
+LossName = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
+NEEDS_LABEL_SMOOTHING = {"robust": "the probability that a preference label is flipped, e.g. 0.1",
+                         "exo_pair": "EXO's epsilon, e.g. 1e-3"}
 
 
 class DPOSpec(TrainSpec):
     learning_rate: float = Field(5e-6, gt=0, description="Peak learning rate of the optimizer (AdamW).")
     beta: float = Field(0.1, gt=0, description="DPO beta: how far the policy may move from the reference "
                                                "(higher: closer to it).")
-    loss_type: list[LossName] = Field(["sigmoid"], min_length=1,
-                                      description="TRL loss terms, e.g. [sigmoid, sft] with loss_weights [1.0, 0.2].")
+    loss_type: list[LossName] = Field(
+        ["sigmoid"], min_length=1,
+        description="TRL's DPO loss terms, summed with loss_weights: sigmoid (DPO), hinge (SLiC), ipo, robust and "
+                    "exo_pair (both need label_smoothing), nca_pair, bco_pair, sppo_hard, aot, aot_unpaired, "
+                    "apo_zero, apo_down, discopop, sigmoid_norm (length-normalised), sft (NLL on chosen), e.g. "
+                    "[sigmoid, sft] with loss_weights [1.0, 0.2].")
     loss_weights: list[float] | None = Field(None, description="One weight per loss_type entry (None: all 1).")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="For robust (the probability that a preference label is flipped, e.g. 0.1) "
+                                       "and exo_pair (its epsilon, e.g. 1e-3); other losses ignore it.")
     precompute_ref_log_probs: bool = Field(
         False, description="Compute the reference log-probs once as a cached artifact, reused by runs that "
                            "differ only in beta, lr or loss.")
@@ -167,6 +179,10 @@ class DPOSpec(TrainSpec):
         if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
             raise ValueError(f"loss_weights has {len(self.loss_weights)} entries for "
                              f"{len(self.loss_type)} loss_type entries")
+        for loss in self.loss_type:
+            if loss in NEEDS_LABEL_SMOOTHING and self.label_smoothing == 0:
+                # robust with 0 is exactly sigmoid; TRL refuses exo_pair with 0
+                raise ValueError(f"loss_type {loss} needs label_smoothing > 0 ({NEEDS_LABEL_SMOOTHING[loss]})")
         return self
 
 

@@ -229,7 +229,8 @@ def _trainer(backend: BackendChoice, start: ModelRef, dataset, spec: DPOSpec, pl
     args = trainer_args(spec, output_dir, seed, plan)
     args.update(learning_rate=learning_rate, max_steps=max_steps, save_strategy="steps",
                 save_steps=spec.guards.checkpoint_steps)
-    config = DPOConfig(**args, beta=spec.beta, loss_type=list(spec.loss_type), loss_weights=spec.loss_weights)
+    config = DPOConfig(**args, beta=spec.beta, loss_type=list(spec.loss_type), loss_weights=spec.loss_weights,
+                       label_smoothing=spec.label_smoothing)
     # ref_model=None: the reference is the start model (see backends.load_for_training).
     trainer = _dpo_trainer_class()(model=model, ref_model=None, args=config, train_dataset=dataset,
                                    processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)

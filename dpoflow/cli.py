@@ -62,7 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("list", help="list the pipelines in the file")
     p.add_argument("-f", "--file", default=DEFAULT_FILE)
     args = parser.parse_args(argv)
+    try:
+        return command(args)
+    except KeyboardInterrupt as e:
+        return interrupted(e, args)
 
+
+def command(args: argparse.Namespace) -> int:
     try:
         if args.command == "init":
             return init(args)
@@ -204,8 +210,6 @@ def run(config, overrides: list[str] = ()) -> int:
     try:
         with tempserver.serving(boot):
             summary = pipeline(config, list(overrides))
-    except KeyboardInterrupt as e:
-        return interrupted(e, f"`dpoflow run {config.name}`")
     except Exception as e:  # the flow run is marked failed in Prefect; say why here in one line
         print(f"\ndpoflow: pipeline {config.name!r} failed: {failure(e)}", file=sys.stderr)
         return 1
@@ -224,11 +228,20 @@ def run(config, overrides: list[str] = ()) -> int:
     return 0
 
 
-def interrupted(e: KeyboardInterrupt, rerun: str) -> int:
-    """Ctrl-C: one line saying where the run stopped and how to go on (finished stages are cached, a
-    training stage resumes from its checkpoint); 130, the shell's code for an interrupted command."""
-    where = f"during {e}" if str(e) else "(finished stages are cached)"
-    print(f"\ndpoflow: interrupted {where}; re-run {rerun} to resume", file=sys.stderr)
+def interrupted(e: KeyboardInterrupt, args: argparse.Namespace) -> int:
+    """Ctrl-C, wherever it lands: one line saying what it stopped and what to do next, no traceback;
+    130, the shell's code for an interrupted command. A stage names itself in `e` ("prepare", "dpo at
+    step 7; checkpoint kept: ..."); finished stages are cached and a training stage resumes from its
+    checkpoint, so re-running the same command goes on where this one stopped."""
+    name = getattr(args, "pipeline", None)
+    typed = f"`dpoflow {args.command}{' ' + name if name else ''}`"
+    if args.command in ("run", "prepare", "sweep"):
+        where = f"during {e}" if str(e) else "(finished stages are cached)"
+        again = "the same `dpoflow sweep` command" if args.command == "sweep" else typed
+        line = f"interrupted {where}; re-run {again} to resume"
+    else:
+        line = f"interrupted during {typed}; run it again to finish"
+    print(f"\ndpoflow: {line}", file=sys.stderr)
     return 130
 
 
@@ -244,8 +257,6 @@ def sweep(variants, overrides: list[str]) -> int:
     try:
         with tempserver.serving(boot):
             result = sweep_flow(variants, list(overrides))
-    except KeyboardInterrupt as e:
-        return interrupted(e, "the same `dpoflow sweep` command")
     except Exception as e:
         if getattr(e, "sweep_dir", None):  # some variants failed: the table still shows every one
             print("\n" + (Path(e.sweep_dir) / "sweep.md").read_text())

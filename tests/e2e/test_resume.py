@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from processes import descendants, still_alive_after
 
 pytestmark = pytest.mark.slow
 
@@ -96,30 +97,6 @@ class Run:
         assert time.time() < deadline, self.output()[-3000:]
         return any(s >= step for s in self.sealed_checkpoints())
 
-    def descendants(self) -> list[int]:
-        found, todo = [], [self.proc.pid]
-        while todo:
-            pid = todo.pop()
-            for task in Path(f"/proc/{pid}/task").glob("*"):
-                children = [int(c) for c in (task / "children").read_text().split()]
-                found += children
-                todo += children
-        return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"  # a zombie has exited
-    except FileNotFoundError:
-        return False
-
-
-def _gone_within(pids: list[int], seconds: float) -> list[int]:
-    deadline = time.time() + seconds
-    while any(_alive(p) for p in pids) and time.time() < deadline:
-        time.sleep(0.1)
-    return [p for p in pids if _alive(p)]
-
 
 def _assert_continues(resumed: dict, uninterrupted: dict, output: str, steps: int, loss_tol: float,
                       adapter_tol: float) -> None:
@@ -150,7 +127,7 @@ def test_a_run_killed_or_interrupted_mid_dpo_resumes_exactly_where_it_stopped(re
     children, deadline = {}, time.time() + 180
     while signals:
         for run in [r for r in signals if r.reached(KILL_AFTER, deadline)]:
-            children[run] = run.descendants()
+            children[run] = descendants(run.proc.pid)
             assert children[run], "no temporary server process was found"
             signals.pop(run)(run.proc.pid)
             run.stopped = time.time()
@@ -158,9 +135,9 @@ def test_a_run_killed_or_interrupted_mid_dpo_resumes_exactly_where_it_stopped(re
 
     interrupted.finish(expect=130)
     took = time.time() - interrupted.stopped
-    assert not _gone_within(children[interrupted], 1), f"left behind after Ctrl-C: {children[interrupted]}"
+    assert not still_alive_after(children[interrupted], 1), f"left behind after Ctrl-C: {children[interrupted]}"
     killed.proc.wait()
-    assert not _gone_within(children[killed], 10), f"left behind after SIGKILL: {children[killed]}"
+    assert not still_alive_after(children[killed], 10), f"left behind after SIGKILL: {children[killed]}"
     lines = [line for line in interrupted.output().splitlines() if line.startswith("dpoflow: interrupted")]
     assert len(lines) == 1 and lines[0].startswith("dpoflow: interrupted during dpo at step "), lines
     assert interrupted.output().count("dpoflow: interrupted") == 1

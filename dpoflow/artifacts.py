@@ -63,24 +63,42 @@ def seal(folder: Path) -> str:
     return digest
 
 
-def is_intact(folder: Path) -> bool:
-    """True when `folder` was sealed and every file its manifest lists is still there with that hash.
-    Files the manifest does not list are ignored: what a stage produced is unchanged, and a stray
-    file beside it (a desktop's `.DS_Store`, an editor's backup) is no reason to rebuild it and all
-    that follows."""
+class NotIntact(ValueError):
+    """A stage output folder that no longer holds exactly what its stage produced; the message names
+    the folder's file that is missing or changed."""
+
+
+def sealed_files(folder: Path) -> dict[str, str]:
+    """What the stage produced in `folder`: relative path -> sha256 as its manifest lists them, once
+    every one is checked to be there with that hash (NotIntact otherwise). Files the manifest does not
+    list are not among them: a stray file beside the outputs (a desktop's `.DS_Store`, an editor's
+    backup, notes) is no part of what the stage produced."""
     manifest = folder / MANIFEST
     if not manifest.is_file():
-        return False
+        raise NotIntact(f"{manifest} is missing: {folder} is not a finished stage output")
     try:
         recorded = json.loads(manifest.read_text())["files"]
     except (ValueError, KeyError, TypeError):
-        return False
+        recorded = None
     if not isinstance(recorded, dict):
-        return False
+        raise NotIntact(f"{manifest} is not a manifest this stage wrote")
     for name, sha in recorded.items():
         path = folder / name
-        if not path.is_file() or file_sha256(path) != sha:
-            return False
+        if not path.is_file():
+            raise NotIntact(f"{path} is missing (its stage produced it)")
+        if file_sha256(path) != sha:
+            raise NotIntact(f"{path} has changed since its stage produced it")
+    return recorded
+
+
+def is_intact(folder: Path) -> bool:
+    """True when `folder` was sealed and every file its manifest lists is still there with that hash.
+    Files the manifest does not list are ignored: what a stage produced is unchanged, and a stray
+    file beside it is no reason to rebuild it and all that follows."""
+    try:
+        sealed_files(folder)
+    except NotIntact:
+        return False
     return True
 
 

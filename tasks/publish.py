@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from dpoflow import hub, modelcard
-from dpoflow.artifacts import MANIFEST, fresh_dir, seal
+from dpoflow.artifacts import MANIFEST, NotIntact, fresh_dir, json_digest, seal, sealed_files
 from dpoflow.config import PipelineConfig, PublishSpec, SourceSpec
 from dpoflow.redact import redact, redact_text
 from dpoflow.records import Artifact, Exports, PreparedData, Published, TrainedAdapter
@@ -67,14 +67,21 @@ def write_card(config: PipelineConfig, data: PreparedData, adapter: TrainedAdapt
 
 
 def release_files(exports: Exports, card: Artifact, include: list[str]) -> dict[str, Path]:
-    """{path in the repo: local file}: the chosen exports as they sit in the export folder, and the card."""
+    """{path in the repo: local file}: the chosen exports as the export stage produced them, and the card.
+    Only the files the stage sealed (its manifest, the one its record's digest is of): whatever else
+    was dropped into the export folder since (`.DS_Store`, notes) is never pushed, and an export file
+    missing or changed since fails the push in one line instead of publishing it."""
     root = Path(exports.path)
+    try:
+        produced = sealed_files(root)
+    except NotIntact as e:
+        raise hub.PublishError(f"{e}; re-run the pipeline to redo the export") from None
+    if json_digest(produced) != exports.digest:
+        raise hub.PublishError(f"{root / MANIFEST} is not the manifest the export stage sealed; re-run the pipeline "
+                           "to redo the export")
     files = {"README.md": Path(card.path) / "README.md"}
-    for kind in include:
-        folder = root / kind
-        if folder.is_dir():
-            files.update({str(f.relative_to(root)): f for f in sorted(folder.rglob("*")) if f.is_file()})
-    return {name: f for name, f in files.items() if Path(name).name != MANIFEST}
+    files.update({name: root / name for name in sorted(produced) if name.split("/")[0] in include})
+    return files
 
 
 @stage_task

@@ -3,6 +3,7 @@
 connections, and no partial commit when a push fails."""
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -151,3 +152,66 @@ def test_a_token_pasted_as_the_secret_block_name_is_not_shown():
         with pytest.raises(PublishError, match="no Prefect Secret block named") as e:
             resolve_token(PublishSpec(token_secret=TOKEN))
     assert TOKEN not in str(e.value)
+
+
+@pytest.fixture
+def export(tmp_path):
+    """(Exports record, card record) as the export and card stages leave them: sealed folders."""
+    from dpoflow.artifacts import seal
+    from dpoflow.records import Artifact, Exports
+
+    root = tmp_path / "export"
+    (root / "adapter").mkdir(parents=True)
+    (root / "adapter" / "adapter_model.safetensors").write_bytes(os.urandom(2000))
+    (root / "adapter" / "adapter_config.json").write_text('{"r": 8}')
+    (root / "merged").mkdir()
+    (root / "merged" / "config.json").write_text('{"a": 1}')
+    exports = Exports(path=str(root), digest=seal(root), adapter=str(root / "adapter"), merged=str(root / "merged"),
+                      checks={})
+    card = tmp_path / "card"
+    card.mkdir()
+    (card / "README.md").write_text("---\ntags: [dpo]\n---\n# card\n")
+    return exports, Artifact(path=str(card), digest=seal(card))
+
+
+def test_a_stray_file_in_the_export_folder_is_never_pushed(hub, export):
+    from dpoflow.tasks.publish import release_files
+
+    exports, card = export
+    root = Path(exports.path)
+    (root / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (root / "adapter" / "notes.txt").write_text("private notes about this run")
+    (root / "merged" / "._config.json").write_bytes(b"\0\5\26\7")
+    (root / "merged" / "extra").mkdir()
+    (root / "merged" / "extra" / "scratch.bin").write_bytes(b"\1" * 10)
+    push(release_files(exports, card, ["adapter", "merged"]), spec(hub), TOKEN, "release", base_delay=0)
+    [commit] = hub.commits("someone/model-dpo")
+    assert sorted(commit["files"]) == ["README.md", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+                                       "merged/config.json"]
+    assert release_files(exports, card, ["adapter"]).keys() == {"README.md", "adapter/adapter_config.json",
+                                                                 "adapter/adapter_model.safetensors"}
+
+
+@pytest.mark.parametrize("damage", ["missing", "changed", "resealed"])
+def test_an_export_missing_or_changed_since_the_stage_fails_the_push_in_one_line(hub, export, damage):
+    from dpoflow.artifacts import seal
+    from dpoflow.tasks.publish import release_files
+
+    exports, card = export
+    root = Path(exports.path)
+    weights = root / "adapter" / "adapter_model.safetensors"
+    if damage == "missing":
+        weights.unlink()
+    elif damage == "changed":
+        weights.write_bytes(os.urandom(2000))
+    else:  # a manifest written again over a folder with something added: not what the stage sealed
+        (root / "adapter" / "notes.txt").write_text("notes")
+        seal(root)
+    with pytest.raises(PublishError) as raised:
+        release_files(exports, card, ["adapter", "merged"])
+    message = str(raised.value)
+    assert "\n" not in message and message.endswith("re-run the pipeline to redo the export")
+    expected = {"missing": f"{weights} is missing", "changed": f"{weights} has changed since its stage produced it",
+                "resealed": f"{root / 'manifest.json'} is not the manifest the export stage sealed"}[damage]
+    assert message.startswith(expected), message
+    assert "someone/model-dpo" not in hub.repos

@@ -18,10 +18,11 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections import deque
 from pathlib import Path
 from typing import Any, Callable, get_type_hints
+
+from . import tethered
 
 # Multicast over NVLink can take a shared host's GPUs down; it stays off in every rank we start.
 NVLINK_MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
@@ -60,16 +61,16 @@ def launch(fn: Callable, kwargs: dict[str, Any], processes: int, log: Callable[[
         job_file.write_text(json.dumps({"function": f"{fn.__module__}:{fn.__qualname__}", "kwargs": sent,
                                         "result": str(result_file),
                                         "step_times": str(step_times) if step_times else None}))
-        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node",
-                   str(processes), "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-                   # Each rank writes its own log files (two ranks sharing one pipe splice each other's
-                   # partial lines); _RankLogs relays them line by line.
-                   "--log-dir", str(Path(tmp) / "logs"), "--redirects", "3",
-                   "-m", "dpoflow.distributed", str(job_file)]
+        torchrun = ["--nnodes", "1", "--nproc-per-node", str(processes), "--master-addr", "127.0.0.1",
+                    "--master-port", str(_free_port()),
+                    # Each rank writes its own log files (two ranks sharing one pipe splice each other's
+                    # partial lines); _RankLogs relays them line by line.
+                    "--log-dir", str(Path(tmp) / "logs"), "--redirects", "3",
+                    "-m", "dpoflow.distributed", str(job_file)]
         env = {**os.environ, **NVLINK_MULTICAST_OFF, JOB_ENV: str(job_file), "TQDM_DISABLE": "1",
                "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
                "PYTHONPATH": os.pathsep.join(filter(None, [_import_root(), os.environ.get("PYTHONPATH")]))}
-        log(f"launching {fn.__name__} on {processes} processes: {' '.join(command[1:])}")
+        log(f"launching {fn.__name__} on {processes} processes: torchrun {' '.join(torchrun)}")
         tail: deque[str] = deque(maxlen=30)
 
         def relay(line: str) -> None:
@@ -77,13 +78,25 @@ def launch(fn: Callable, kwargs: dict[str, Any], processes: int, log: Callable[[
             log(line)
 
         ranks = _RankLogs(Path(tmp) / "logs", relay)
-        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                              bufsize=1) as proc:
+        # torchrun stops its ranks when it gets SIGTERM (SIGTERM to each, SIGKILL after 30 s). It is
+        # tethered: once this process is gone (killed with SIGKILL, say), it gets that SIGTERM. And it
+        # runs in a session of its own, so a terminal's Ctrl-C reaches only this process, which stops it
+        # the same way: torchrun would pass a SIGINT on to its ranks, which then linger (seen: still
+        # running seconds after the command had exited) and print their tracebacks.
+        with subprocess.Popen(tethered.command("torch.distributed.run", *torchrun), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=env, bufsize=1,
+                              start_new_session=True) as proc:
             pump = threading.Thread(target=ranks.follow, args=(proc,), daemon=True)
             pump.start()
-            for line in proc.stdout:  # torchrun's own messages
-                relay(line.rstrip())
-            code = proc.wait()
+            try:
+                for line in proc.stdout:  # torchrun's own messages
+                    relay(line.rstrip())
+                code = proc.wait()
+            except BaseException:  # Ctrl-C, or any error here: the ranks stop with the stage
+                ranks.stopped.set()  # what they print while stopping is no news
+                proc.terminate()
+                proc.wait()
+                raise
             pump.join()
         if code != 0 or not result_file.is_file():
             errors = sorted(Path(tmp).glob("error-rank*.txt"))
@@ -101,12 +114,13 @@ class _RankLogs:
         self.folder, self.relay = folder, relay
         self.read: dict[Path, int] = {}
         self.partial: dict[Path, str] = {}
+        self.stopped = threading.Event()
 
     def follow(self, proc: subprocess.Popen) -> None:
-        while proc.poll() is None:
+        while proc.poll() is None and not self.stopped.wait(0.3):
             self.pump()
-            time.sleep(0.3)
-        self.pump(final=True)
+        if not self.stopped.is_set():
+            self.pump(final=True)
 
     def pump(self, final: bool = False) -> None:
         for file in sorted(self.folder.glob("**/std*.log")):

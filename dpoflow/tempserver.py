@@ -15,11 +15,10 @@ import atexit
 import contextlib
 import contextvars
 import os
-import signal
 import subprocess
-import sys
 import threading
-import time
+
+from . import tethered
 
 
 def needs_temporary_server() -> bool:
@@ -59,39 +58,20 @@ def _guarded_server_class():
 
     class GuardedServer(SubprocessASGIServer):
         """Prefect's temporary server, launched as Prefect 3.8 launches it (same uvicorn arguments and
-        environment) but through `python -m dpoflow.tempserver PARENT_PID` and in its own session."""
+        environment), in its own session and tethered to this process (dpoflow.tethered)."""
 
         def _run_uvicorn_command(self) -> subprocess.Popen:
             import prefect
             from prefect.settings import get_current_settings
 
-            uvicorn = ["uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
+            uvicorn = ["--app-dir", str(prefect.__module_path__.parent), "--factory",
                        "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
                        "--log-level", "error", "--lifespan", "on"]
             env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
                    "PREFECT__SERVER_FINAL": "1", **get_current_settings().to_environment_variables(exclude_unset=True)}
-            return subprocess.Popen([sys.executable, "-m", "dpoflow.tempserver", str(os.getpid()), *uvicorn],
-                                    env=env, start_new_session=True)
+            return subprocess.Popen(tethered.command("uvicorn", *uvicorn), env=env, start_new_session=True)
 
     return GuardedServer
-
-
-def _serve_while_parent_lives(parent: int, uvicorn_argv: list[str]) -> None:
-    """The server process: uvicorn, plus a thread that stops it once `parent` is gone (this process
-    is then re-parented, so its parent id changes). Polling works on every POSIX system; Linux's
-    PR_SET_PDEATHSIG would fire when the parent's *thread* that launched us ends (the boot thread)."""
-    import runpy
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's own clean shutdown
-        time.sleep(10)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
-    sys.argv = uvicorn_argv
-    runpy.run_module("uvicorn", run_name="__main__", alter_sys=True)
 
 
 _boot: Boot | None = None
@@ -124,7 +104,3 @@ def serving(boot: Boot | None):
     boot.wait()
     with temporary_settings(set_defaults={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         yield
-
-
-if __name__ == "__main__":
-    _serve_while_parent_lives(int(sys.argv[1]), sys.argv[2:])

@@ -13,6 +13,7 @@ import textwrap
 import pytest
 
 from dpoflow import tempserver
+from dpoflow.runtime import PREFECT_DEFAULTS  # as the CLI sets them: a loaded machine boots the server slowly
 
 SCRIPT = textwrap.dedent("""
     import json, os, sys
@@ -69,7 +70,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_run_records_in_the_background_started_server_which_stops_with_the_process(tmp_path, repo):
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(repo),
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(repo), **PREFECT_DEFAULTS,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300,
@@ -112,7 +113,7 @@ def test_a_startup_error_is_raised_at_the_flow_call_and_nothing_is_left_running(
         except RuntimeError as e:
             print("RAISED", e)
     """)
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(repo)}
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(repo), **PREFECT_DEFAULTS}
     env.pop("PREFECT_API_URL", None)
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
                           cwd=tmp_path)
@@ -128,7 +129,7 @@ def test_a_command_that_fails_before_the_flow_stops_the_server(tmp_path, repo):
         tempserver.start()
         raise SystemExit(3)
     """)
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(repo)}
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(repo), **PREFECT_DEFAULTS}
     env.pop("PREFECT_API_URL", None)
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
                           cwd=tmp_path)
@@ -166,7 +167,7 @@ def test_a_configured_heartbeat_is_kept_with_the_temporary_server():
 def test_with_an_api_in_the_env_or_the_profile_nothing_is_started(tmp_path, repo, where):
     home = tmp_path / "prefect"
     home.mkdir()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PYTHONPATH": str(repo)}
+    env = {**os.environ, "PREFECT_HOME": str(home), "PYTHONPATH": str(repo), **PREFECT_DEFAULTS}
     env.pop("PREFECT_API_URL", None)
     env.pop("PREFECT_PROFILE", None)
     if where == "env":

@@ -44,8 +44,10 @@ def doctor(config) -> int:
     problems += preflight_problems(config, backend, gpu)
 
     kind = source_kind(config.model)
-    if kind == "hub":
-        print(f"plan:     skipped: {config.model.source} is a Hub id (not downloaded here)")
+    if kind in ("hub", "pypi"):  # the run's model stage fetches or converts it: too slow for a check
+        print(f"plan:     skipped: {config.model.source} is "
+              + ("a Hub id (not downloaded here)" if kind == "hub" else "a package the model stage converts "
+                 "(not converted here)"))
         return report_problems(config.name, problems)
     # The run plans each training stage when it starts, with plan_stage on the model it trains: the base
     # for SFT, for DPO the SFT model (the base with an adapter merged: the same shape and parameters).
@@ -57,7 +59,11 @@ def doctor(config) -> int:
             from .tiny import build_tiny_model
 
             folder = build_tiny_model(config.model.source[len(BUILTIN):], Path(tmp) / "model")
-        n_params, shape = count_parameters(folder), model_shape(folder)
+        try:
+            n_params, shape = count_parameters(folder), model_shape(folder)
+        except (OSError, KeyError, ValueError) as e:  # a local folder that is not a model (the model stage fails)
+            problems.append(f"model: {e}")
+            return report_problems(config.name, problems)
         print(f"model:    {config.model.source}: {n_params:,} parameters, hidden {shape['hidden_size']}, "
               f"{shape['num_hidden_layers']} layers, vocab {shape['vocab_size']:,}")
         for stage, spec in stages.items():

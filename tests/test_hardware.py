@@ -135,6 +135,16 @@ def test_doctor_prints_the_plans_the_pipeline_trains_with(repo, capsys, monkeypa
         assert f"plan for the {stage} stage" in out and indent(describe(plan), "  ") in out, out
 
 
+def test_doctor_skips_the_plan_of_a_model_only_the_run_converts_and_names_a_folder_that_is_no_model(
+        repo, capsys, tmp_path):
+    from dpoflow.cli import main
+
+    assert main(["doctor", "demo-real", "-f", str(repo / "pipelines.yaml")]) == 0  # model: pypi:gemma3-270m
+    assert "plan:     skipped: pypi:gemma3-270m is a package the model stage converts" in capsys.readouterr().out
+    assert main(["doctor", "demo", "-f", str(repo / "pipelines.yaml"), "--set", f"model.source={tmp_path}"]) == 1
+    assert f"! model: {tmp_path}: no *.safetensors files" in capsys.readouterr().out
+
+
 def test_doctor_names_what_would_fail_a_run_before_it_starts(repo, capsys, monkeypatch, tmp_path):
     """Problems a run would hit only after training (GGUF tools missing for the export), or at its first
     step (no bf16 for precision bf16, an unwritable compile cache): doctor names each and exits 1."""

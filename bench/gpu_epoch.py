@@ -57,7 +57,7 @@ def main() -> None:
         import dpoflow.tasks.dpo  # noqa: F401
         from dpoflow.runtime import freeze_imports
 
-        freeze_imports()  # as the CLI does once its imports are done (cli.imports_done)
+        freeze_imports()  # as the CLI does once its imports are done (cli.flow_caller)
         run = {"one-run": one_run, "one-run-noshare": one_run, "sweep": sweep, "sweep-reload": sweep,
                "reuse-check": reuse_check}[args.worker]
         result = run(Path(args.work), args.pairs, args.batch, share=not args.worker.endswith("noshare"),

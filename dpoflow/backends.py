@@ -99,7 +99,7 @@ def load_for_training(choice: BackendChoice, path: str, plan: TrainingPlan, lora
     object from load to the trainer is what lets model_reuse reset and reuse it. Under torchrun (TRL
     only) the plain model and `peft_config` go to TRL instead, which wraps it for DDP or FSDP itself.
     """
-    from .distributed import world_size
+    from .ranks import world_size
     from .model_reuse import release_kept
     from .models import load_model, load_tokenizer, torch_dtype
     from .training import lora_config

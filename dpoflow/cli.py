@@ -3,42 +3,89 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
 
 from . import tempserver
 from .config import DEFAULT_FILE, ConfigError, load_pipeline, pipeline_names, validate_file
 from .runtime import configure_environment, freeze_imports, quiet_data_tracebacks, skip_exit_collection
 
 
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its help line, its arguments and the function that carries it out (exit code).
+    A command that runs a Prefect flow names it in `flow` ("module:function"); its handler is then
+    given `call_flow`, the flow behind Prefect's temporary server (see `flow_caller`)."""
+
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    handler: Callable[..., int]
+    flow: str | None = None
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    command = COMMANDS[args.command]
+    try:
+        if command.flow is None:
+            return command.handler(args)
+        return command.handler(args, flow_caller(command.flow))
+    except KeyboardInterrupt as e:
+        return interrupted(e, args)
+    except ConfigError as e:
+        print("invalid config:", file=sys.stderr)
+        for problem in e.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 2
+
+
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpoflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    for name, command in COMMANDS.items():
+        command.arguments(sub.add_parser(name, help=command.help))
+    return parser
 
-    def add_common(p, needs_name: bool):
-        if needs_name:
-            p.add_argument("pipeline", help="name of a pipeline in the file")
-        else:
-            p.add_argument("pipeline", nargs="?", help="one pipeline (default: all)")
-        p.add_argument("-f", "--file", default=DEFAULT_FILE, help="pipelines file (default: ./pipelines.yaml)")
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                       help="override a config field, e.g. --set dpo.beta=0.2 (repeatable)")
 
-    add_common(sub.add_parser("run", help="run a pipeline end to end (cached stages are reused)"), True)
-    p = sub.add_parser("sweep", help="run a pipeline once per combination of --vary values, in one process "
-                                     "(shared stages and one loaded model), and compare the variants")
-    add_common(p, True)
+# Arguments, shared by several commands.
+
+def file_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-f", "--file", default=DEFAULT_FILE, help="pipelines file (default: ./pipelines.yaml)")
+
+
+def set_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a config field, e.g. --set dpo.beta=0.2 (repeatable)")
+
+
+def one_pipeline(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pipeline", help="name of a pipeline in the file")
+    file_argument(p)
+    set_argument(p)
+
+
+def any_pipelines(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pipeline", nargs="?", help="one pipeline (default: all)")
+    file_argument(p)
+    set_argument(p)
+
+
+def just_the_file(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-f", "--file", default=DEFAULT_FILE)
+
+
+def sweep_arguments(p: argparse.ArgumentParser) -> None:
+    one_pipeline(p)
     p.add_argument("--vary", action="append", default=[], metavar="KEY.PATH=V1,V2,...",
                    help="a field and its values, e.g. --vary dpo.beta=0.05,0.1,0.2 (repeatable: every combination "
                         "runs); list values as [a,b],[c]")
-    add_common(sub.add_parser("prepare", help="run only the prepare stage (and the model it tokenizes with) "
-                                              "and print the data report"), True)
-    add_common(sub.add_parser("validate", help="check the pipelines file; non-zero exit on any bad field"), False)
-    add_common(sub.add_parser("show", help="print a pipeline's fully resolved config as JSON"), True)
-    add_common(sub.add_parser("doctor", help="check this machine: GPU, backend and a training plan"), False)
-    add_common(sub.add_parser("explain", help="resolved config, which stages would run or come from cache and "
-                                              "why, and the hardware plan; runs nothing"), True)
-    p = sub.add_parser("init", help="write a new pipeline into the file, asking for what flags leave open")
+
+
+def init_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", nargs="?")
     p.add_argument("-f", "--file", default=DEFAULT_FILE)
     p.add_argument("--model")
@@ -49,82 +96,70 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hub-repo", help="publish to this Hub repo (owner/name) after the forgetting check passes; "
                                       "'' for none")
     p.add_argument("--yes", action="store_true", help="take defaults for anything not given; never prompt")
-    p = sub.add_parser("schema", help="print the JSON Schema of pipelines.yaml (or --write it to schema/)")
+
+
+def schema_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--write", action="store_true")
-    p = sub.add_parser("sync", help="make the work-pool deployments match the pipelines with deploy.enabled and a "
-                                    "deploy.work_pool (creates, updates, deletes only dpoflow-managed ones)")
-    p.add_argument("-f", "--file", default=DEFAULT_FILE)
+
+
+def sync_arguments(p: argparse.ArgumentParser) -> None:
+    just_the_file(p)
     p.add_argument("--dry-run", action="store_true", help="print the changes, make none")
     p.add_argument("--commit", help="commit the deployments pull (deploy.repository); default: this checkout's HEAD")
-    p = sub.add_parser("serve", help="register the deploy-enabled pipelines without a work pool and run them on "
-                                     "this machine (their schedules and UI runs execute here)")
-    p.add_argument("-f", "--file", default=DEFAULT_FILE)
-    p = sub.add_parser("list", help="list the pipelines in the file")
-    p.add_argument("-f", "--file", default=DEFAULT_FILE)
-    args = parser.parse_args(argv)
-    try:
-        return command(args)
-    except KeyboardInterrupt as e:
-        return interrupted(e, args)
 
 
-def command(args: argparse.Namespace) -> int:
-    try:
-        if args.command == "init":
-            return init(args)
-        if args.command == "schema":
-            from .schema import SCHEMA_PATH, schema_text
+# Handlers of the commands that read the file and run nothing.
 
-            if args.write:
-                SCHEMA_PATH.parent.mkdir(exist_ok=True)
-                SCHEMA_PATH.write_text(schema_text())
-                print(f"wrote {SCHEMA_PATH}")
-            else:
-                print(schema_text(), end="")
-            return 0
-        if args.command in ("sync", "serve"):
-            return deployments(args)
-        if args.command == "list":
-            print("\n".join(pipeline_names(args.file)))
-            return 0
-        if args.command == "validate":
-            if args.pipeline:
-                configs = [load_pipeline(args.pipeline, args.file, args.overrides)]
-            else:
-                configs = validate_file(args.file, args.overrides)
-            for c in configs:
-                print(f"ok: {c.name}")
-            return 0
-        if args.command == "sweep":
-            from .sweeps import plan_sweep
-
-            return sweep(plan_sweep(args.pipeline, args.vary, args.file, args.overrides), args.overrides)
-        if args.command == "doctor":
-            return doctor(load_pipeline(args.pipeline, args.file, args.overrides) if args.pipeline else None)
-        config = load_pipeline(args.pipeline, args.file, args.overrides)
-        if args.command == "show":
-            print(json.dumps(config.model_dump(mode="json"), indent=2))
-            return 0
-        if args.command == "explain":
-            configure_environment()
-            from dpoflow.flows.explain import explain, render
-
-            print(render(config, explain(config)))
-            return 0
-    except ConfigError as e:
-        print("invalid config:", file=sys.stderr)
-        for problem in e.problems:
-            print(f"  {problem}", file=sys.stderr)
-        return 2
-    if args.command == "prepare":
-        return prepare(config)
-    return run(config, args.overrides)
+def list_command(args) -> int:
+    print("\n".join(pipeline_names(args.file)))
+    return 0
 
 
-def deployments(args) -> int:
+def validate_command(args) -> int:
+    if args.pipeline:
+        configs = [load_pipeline(args.pipeline, args.file, args.overrides)]
+    else:
+        configs = validate_file(args.file, args.overrides)
+    for c in configs:
+        print(f"ok: {c.name}")
+    return 0
+
+
+def show_command(args) -> int:
+    config = load_pipeline(args.pipeline, args.file, args.overrides)
+    print(json.dumps(config.model_dump(mode="json"), indent=2))
+    return 0
+
+
+def explain_command(args) -> int:
+    config = load_pipeline(args.pipeline, args.file, args.overrides)
+    configure_environment()
+    from dpoflow.flows.explain import explain, render
+
+    print(render(config, explain(config)))
+    return 0
+
+
+def doctor_command(args) -> int:
+    from .doctor import doctor
+
+    return doctor(load_pipeline(args.pipeline, args.file, args.overrides) if args.pipeline else None)
+
+
+def schema_command(args) -> int:
+    from .schema import SCHEMA_PATH, schema_text
+
+    if args.write:
+        SCHEMA_PATH.parent.mkdir(exist_ok=True)
+        SCHEMA_PATH.write_text(schema_text())
+        print(f"wrote {SCHEMA_PATH}")
+    else:
+        print(schema_text(), end="")
+    return 0
+
+
+def deployments_command(args) -> int:
     """`sync` (work-pool deployments, made equal to the file) and `serve` (pool-less ones, run here)."""
-    from pathlib import Path
-
     from prefect.settings import get_current_settings
 
     from . import deploy
@@ -150,82 +185,42 @@ def deployments(args) -> int:
     return 0
 
 
-def start_flow_command():
-    """First thing a command that runs a flow does: Prefect's temporary server (when no API is
-    configured) starts booting here, while the command goes on to import its flow. Returns the boot,
-    for `tempserver.serving()` around the flow call."""
-    configure_environment()
-    skip_exit_collection()
-    return tempserver.start()
+# The commands that run a flow.
 
+def flow_caller(flow: str) -> Callable[..., Any]:
+    """`flow` ("module:function") as a function that the command calls once its input is read and checked
+    (a bad config exits before anything starts). The one place Prefect's temporary server starts (when
+    no API is configured): it boots while the flow's module, torch and, for a run that trains with
+    `train`, its training backend import (Unsloth's import takes ~30 s on a GPU machine; the flow then
+    finds it imported), and the flow is called once it answers."""
 
-def imports_done(setup=None) -> None:
-    """The command's imports, while the temporary server boots: torch, and the training backend the
-    run will use (Unsloth's import takes ~30 s on a GPU machine; the flow then finds it imported)."""
-    import torch  # noqa: F401  (every run needs it)
+    def call_flow(*args: Any, train=None) -> Any:
+        configure_environment()
+        skip_exit_collection()
+        boot = tempserver.start()
+        module, name = flow.split(":")
+        function = getattr(importlib.import_module(module), name)
+        import torch  # noqa: F401  (every run needs it)
 
-    if setup is not None:
-        from dpoflow.backends import BackendError, activate, choose_backend
+        if train is not None:
+            from dpoflow.backends import BackendError, activate, choose_backend
 
-        try:
-            activate(choose_backend(setup), setup)
-        except BackendError:
-            pass  # the flow says it, as the run's failure
-    quiet_data_tracebacks()
-    freeze_imports()
+            try:
+                activate(choose_backend(train), train)
+            except BackendError:
+                pass  # the flow says it, as the run's failure
+        quiet_data_tracebacks()
+        freeze_imports()
+        with tempserver.serving(boot):
+            return function(*args)
+
+    return call_flow
 
 
 def failure(e: Exception) -> str:
     """A failed run's one line: the error, and where the data report of a prepare that failed was kept."""
     report = getattr(e, "data_report", None)
     return f"{type(e).__name__}: {e}" + (f" (data report: {report})" if report else "")
-
-
-def prepare(config) -> int:
-    boot = start_flow_command()
-    from pathlib import Path
-
-    from dpoflow.flows.pipeline import prepare_only
-
-    imports_done()
-    try:
-        with tempserver.serving(boot):
-            summary = prepare_only(config)
-    except Exception as e:
-        print(f"\ndpoflow: prepare of {config.name!r} failed: {failure(e)}", file=sys.stderr)
-        return 1
-    run_dir = Path(summary["run_dir"])
-    print((run_dir / "prepare" / "data_report.md").read_text())
-    print(f"report:     {run_dir / 'data_report.json'}")
-    print(f"set aside:  {run_dir / 'prepare' / 'rejected.jsonl'}")
-    return 0
-
-
-def run(config, overrides: list[str] = ()) -> int:
-    boot = start_flow_command()
-    from dpoflow.flows.pipeline import pipeline
-    from dpoflow.summary import StageRow, text_table
-
-    imports_done(config.train)
-    try:
-        with tempserver.serving(boot):
-            summary = pipeline(config, list(overrides))
-    except Exception as e:  # the flow run is marked failed in Prefect; say why here in one line
-        print(f"\ndpoflow: pipeline {config.name!r} failed: {failure(e)}", file=sys.stderr)
-        return 1
-    rows = [StageRow(**r) for r in summary["stages"]]
-    print(f"\ndpoflow: pipeline {config.name!r} finished\n")
-    print(text_table(rows))
-    print(f"\nbackend:       {summary['backend']['name']} ({summary['backend']['reason']})")
-    print(f"DPO reference: {summary['reference']}")
-    if summary.get("forgetting"):
-        print(f"forgetting:    {'passed' if summary['forgetting']['passed'] else 'FAILED (warn mode)'} "
-              f"({len(summary['forgetting']['table'])} tasks, start model vs tuned)")
-    print(f"run folder:    {summary['run_dir']}")
-    for name, path in summary["exports"].items():
-        if path:
-            print(f"{name + ':':<15}{path}")
-    return 0
 
 
 def interrupted(e: KeyboardInterrupt, args: argparse.Namespace) -> int:
@@ -245,18 +240,52 @@ def interrupted(e: KeyboardInterrupt, args: argparse.Namespace) -> int:
     return 130
 
 
-def sweep(variants, overrides: list[str]) -> int:
-    boot = start_flow_command()
-    from pathlib import Path
+def prepare_command(args, call_flow) -> int:
+    config = load_pipeline(args.pipeline, args.file, args.overrides)
+    try:
+        summary = call_flow(config)
+    except Exception as e:
+        print(f"\ndpoflow: prepare of {config.name!r} failed: {failure(e)}", file=sys.stderr)
+        return 1
+    run_dir = Path(summary["run_dir"])
+    print((run_dir / "prepare" / "data_report.md").read_text())
+    print(f"report:     {run_dir / 'data_report.json'}")
+    print(f"set aside:  {run_dir / 'prepare' / 'rejected.jsonl'}")
+    return 0
 
-    from dpoflow.flows.sweep import sweep as sweep_flow
 
-    imports_done(variants[0].config.train)
+def run_command(args, call_flow) -> int:
+    config = load_pipeline(args.pipeline, args.file, args.overrides)
+    try:
+        summary = call_flow(config, list(args.overrides), train=config.train)
+    except Exception as e:  # the flow run is marked failed in Prefect; say why here in one line
+        print(f"\ndpoflow: pipeline {config.name!r} failed: {failure(e)}", file=sys.stderr)
+        return 1
+    from dpoflow.summary import StageRow, text_table
+
+    rows = [StageRow(**r) for r in summary["stages"]]
+    print(f"\ndpoflow: pipeline {config.name!r} finished\n")
+    print(text_table(rows))
+    print(f"\nbackend:       {summary['backend']['name']} ({summary['backend']['reason']})")
+    print(f"DPO reference: {summary['reference']}")
+    if summary.get("forgetting"):
+        print(f"forgetting:    {'passed' if summary['forgetting']['passed'] else 'FAILED (warn mode)'} "
+              f"({len(summary['forgetting']['table'])} tasks, start model vs tuned)")
+    print(f"run folder:    {summary['run_dir']}")
+    for name, path in summary["exports"].items():
+        if path:
+            print(f"{name + ':':<15}{path}")
+    return 0
+
+
+def sweep_command(args, call_flow) -> int:
+    from .sweeps import plan_sweep
+
+    variants = plan_sweep(args.pipeline, args.vary, args.file, args.overrides)
     name = variants[0].config.name
     print(f"dpoflow: sweep of {name!r}: {len(variants)} variants")
     try:
-        with tempserver.serving(boot):
-            result = sweep_flow(variants, list(overrides))
+        result = call_flow(variants, list(args.overrides), train=variants[0].config.train)
     except Exception as e:
         if getattr(e, "sweep_dir", None):  # some variants failed: the table still shows every one
             print("\n" + (Path(e.sweep_dir) / "sweep.md").read_text())
@@ -267,9 +296,7 @@ def sweep(variants, overrides: list[str]) -> int:
     return 0
 
 
-def init(args) -> int:
-    from pathlib import Path
-
+def init_command(args) -> int:
     from .wizard import ask_all, write_pipeline
 
     partial = {"name": args.name, "model": args.model, "data": args.data, "sft": args.sft,
@@ -292,124 +319,31 @@ def init(args) -> int:
     return 0
 
 
-def doctor(config) -> int:
-    """Print what this machine offers and what the hardware decision tree would do with `config`; exit
-    code 1 when something found here would make a run of `config` fail (each named with a `!`)."""
-    import importlib.util
-    import tempfile
-    from pathlib import Path
-
-    import torch
-
-    from .backends import BackendError, choose_backend
-    from .config import TrainSetup
-    from .hardware import GiB, count_parameters, describe, detect_gpu, model_shape, plan_training
-    from .models import BUILTIN, source_kind
-
-    problems: list[str] = []
-    gpu = detect_gpu()
-    print(f"torch:    {torch.__version__}")
-    print(f"CUDA:     {'available (' + str(torch.version.cuda) + ')' if gpu else 'not available'}")
-    if gpu:
-        cc = ".".join(map(str, gpu.compute_capability))
-        print(f"GPU:      {gpu.name}, compute capability {cc}, {gpu.free_bytes / GiB:.1f} of "
-              f"{gpu.total_bytes / GiB:.1f} GiB free, bf16 {'yes' if gpu.bf16_supported else 'no'}")
-    # find_spec only: importing unsloth takes tens of seconds and patches TRL and transformers
-    print(f"unsloth:  {'installed' if importlib.util.find_spec('unsloth') else 'not installed'}")
-    backend = None
-    try:
-        choice = choose_backend(config.train if config else TrainSetup())
-        backend = choice.name
-        print(f"backend:  {choice.name} ({choice.reason})")
-    except BackendError as e:
-        print(f"backend:  not usable: {e}")
-        if config is not None:
-            problems.append(str(e))
-    if config is None:
-        print("(name a pipeline for its model and training plan)")
-        return 0
-    problems += preflight_problems(config, backend, gpu)
-
-    kind = source_kind(config.model)
-    if kind == "hub":
-        print(f"plan:     skipped: {config.model.source} is a Hub id (not downloaded here)")
-        return report_problems(config.name, problems)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(config.model.source)
-        if kind == "builtin":  # built in code in a second or two; exact counts beat a formula
-            from .tiny import build_tiny_model
-
-            folder = build_tiny_model(config.model.source[len(BUILTIN):], Path(tmp) / "model")
-        n_params, shape = count_parameters(folder), model_shape(folder)
-    print(f"model:    {config.model.source}: {n_params:,} parameters, hidden {shape['hidden_size']}, "
-          f"{shape['num_hidden_layers']} layers, vocab {shape['vocab_size']:,}")
-
-    dpo, setup = config.dpo, config.train
-    print(f"plan for the dpo stage (precision {setup.precision}, quantize {setup.quantize}, "
-          f"max_length {dpo.max_length}):")
-    try:
-        plan = plan_training(gpu, setup.precision, setup.quantize, n_params, shape, dpo.max_length,
-                             dpo.per_device_batch_size, dpo.per_device_batch_size * dpo.gradient_accumulation_steps)
-    except ValueError as e:
-        print(f"  not possible: {e}")
-        problems.append(f"training plan: {e}")
-        return report_problems(config.name, problems)
-    print("\n".join("  " + line for line in describe(plan).splitlines()))
-    if (plan.load_in_4bit or plan.precision == "fp8") and backend != "unsloth":
-        problems.append("4-bit and FP8 weights load only through the unsloth backend (pip install 'dpoflow[gpu]')")
-    return report_problems(config.name, problems)
-
-
-def preflight_problems(config, backend: str | None, gpu) -> list[str]:
-    """What would stop a run of `config` on this machine after it started, found without running it."""
-    import os
-    from pathlib import Path
-
-    from . import ggufexport
-    from .backends import compile_cache_folders
-
-    problems = []
-    if "gguf" in config.export.formats:
-        missing = ggufexport.missing_tools()
-        if missing:  # the export stage would fail after all the training
-            problems.append(f"export.formats has gguf but {', '.join(missing)} is not installed (llama.cpp's "
-                            "converter and quantizer): pip install 'dpoflow[gguf]', or drop gguf from export.formats")
-    if gpu is not None and not gpu.bf16_supported and config.train.precision == "auto":
-        # Not a failure: the plan below says fp16 and warns; `precision: bf16` fails there instead.
-        print(f"warning:  {gpu.name} has no bf16: precision auto trains in fp16, a known source of NaN DPO losses")
-    if backend == "unsloth":
-        # Unsloth's first step compiles every layer into these caches (backends.keep_compile_caches); a
-        # folder that cannot be written fails that step, after the model load.
-        for variable, folder in compile_cache_folders().items():
-            if not writable(folder):
-                problems.append(f"the compile cache folder {folder} is not writable: set DPOFLOW_CACHE_DIR (or "
-                                f"{variable}) to a writable folder")
-        # Unsloth writes the model code it generates here (relative: the working directory).
-        folder = Path(os.environ.get("UNSLOTH_COMPILE_LOCATION") or "unsloth_compiled_cache").absolute()
-        if folder.exists() and not writable(folder):  # a missing one Unsloth makes, or falls back to /tmp
-            problems.append(f"Unsloth's compile cache folder {folder} is not writable: set UNSLOTH_COMPILE_LOCATION "
-                            "to a writable folder, or run from a writable directory")
-    return problems
-
-
-def writable(folder: Path) -> bool:
-    """Whether files can be created in `folder` (made if missing, as the run would make it)."""
-    import tempfile
-
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            return True
-    except OSError:
-        return False
-
-
-def report_problems(name: str, problems: list[str]) -> int:
-    for problem in problems:
-        print(f"! {problem}")
-    if problems:
-        print(f"doctor: {len(problems)} problem(s) would make a run of {name!r} fail")
-    return 1 if problems else 0
+# The subcommands, in the order `dpoflow --help` lists them.
+COMMANDS: dict[str, Command] = {
+    "run": Command("run a pipeline end to end (cached stages are reused)", one_pipeline, run_command,
+                   flow="dpoflow.flows.pipeline:pipeline"),
+    "sweep": Command("run a pipeline once per combination of --vary values, in one process (shared stages and "
+                     "one loaded model), and compare the variants", sweep_arguments, sweep_command,
+                     flow="dpoflow.flows.sweep:sweep"),
+    "prepare": Command("run only the prepare stage (and the model it tokenizes with) and print the data report",
+                       one_pipeline, prepare_command, flow="dpoflow.flows.pipeline:prepare_only"),
+    "validate": Command("check the pipelines file; non-zero exit on any bad field", any_pipelines, validate_command),
+    "show": Command("print a pipeline's fully resolved config as JSON", one_pipeline, show_command),
+    "doctor": Command("check this machine: GPU, backend and a training plan", any_pipelines, doctor_command),
+    "explain": Command("resolved config, which stages would run or come from cache and why, and the hardware "
+                       "plan; runs nothing", one_pipeline, explain_command),
+    "init": Command("write a new pipeline into the file, asking for what flags leave open", init_arguments,
+                    init_command),
+    "schema": Command("print the JSON Schema of pipelines.yaml (or --write it to schema/)", schema_arguments,
+                      schema_command),
+    "sync": Command("make the work-pool deployments match the pipelines with deploy.enabled and a "
+                    "deploy.work_pool (creates, updates, deletes only dpoflow-managed ones)", sync_arguments,
+                    deployments_command),
+    "serve": Command("register the deploy-enabled pipelines without a work pool and run them on this machine "
+                     "(their schedules and UI runs execute here)", just_the_file, deployments_command),
+    "list": Command("list the pipelines in the file", just_the_file, list_command),
+}
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, get_type_hints
 
 from . import tethered
+from .ranks import is_main_process, world_size
 
 # Multicast over NVLink can take a shared host's GPUs down; it stays off in every rank we start.
 NVLINK_MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
@@ -33,14 +34,6 @@ NOT_SENT = ("callbacks",)  # in-process hooks; a launched stage gets the launche
 
 class LaunchError(RuntimeError):
     pass
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def run_stage(fn: Callable, processes: int, log: Callable[[str], None] = print, **kwargs) -> Any:

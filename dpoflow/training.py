@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import LoraSpec, TrainSpec
+from .ranks import is_main_process, world_size
 
 
 def lora_config(spec: LoraSpec):
@@ -54,8 +55,6 @@ def trainer_args(spec: TrainSpec, scratch_dir: Path, seed: int, plan) -> dict[st
 
 def _parallel_args(plan, checkpointing: bool) -> dict[str, Any]:
     """DDP or FSDP settings, when this process is one of several ranks (see dpoflow.distributed)."""
-    from .distributed import world_size
-
     if world_size() == 1:
         return {}
     # Every LoRA parameter gets a gradient each step, so DDP need not search for unused ones; reentrant
@@ -90,8 +89,6 @@ def keep_outputs_fp32(trainer) -> None:
 def save_adapter(trainer, folder: Path, adapter: str = "default") -> None:
     """The trained LoRA adapter only, on the main process. Under FSDP every rank must take part: the
     Trainer gathers the sharded weights first."""
-    from .distributed import is_main_process
-
     if trainer.is_fsdp_enabled:
         trainer.save_model(str(folder))
         if is_main_process():
@@ -108,8 +105,6 @@ def step_clock(file: Path):
 
     import torch
     from transformers import TrainerCallback
-
-    from .distributed import is_main_process
 
     class StepClock(TrainerCallback):
         def __init__(self):
@@ -138,8 +133,6 @@ def time_split(stage: str, began: float, log):
 
     import torch
     from transformers import TrainerCallback
-
-    from .distributed import is_main_process
 
     def now() -> float:
         if torch.cuda.is_available():

@@ -24,11 +24,12 @@ from dpoflow.artifacts import (MANIFEST, fresh_dir, is_intact, read_jsonl_rows, 
                                write_jsonl)
 from dpoflow.backends import BackendChoice, choose_backend, load_for_training
 from dpoflow.config import DPOSpec, TrainSetup
-from dpoflow.distributed import is_main_process, run_stage
+from dpoflow.distributed import run_stage
 from dpoflow.errors import Explained
 from dpoflow.hardware import TrainingPlan
 from dpoflow.model_reuse import free_accelerator_memory, training_model
 from dpoflow.prompt_sharing import install as share_prompts
+from dpoflow.ranks import is_main_process
 from dpoflow.records import ModelRef, PreparedData, ReferenceLogps, TrainedAdapter
 from dpoflow.runtime import StageInterrupted
 from dpoflow.training import (deterministic_log, final_metrics, keep_outputs_fp32, save_adapter, time_split,

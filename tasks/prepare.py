@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dpoflow import forgetting
 from dpoflow.artifacts import fresh_dir, seal
@@ -29,6 +31,9 @@ from dpoflow.redact import redact
 from dpoflow.sources import read_source
 
 from . import stage_task
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 BATCH = 1024
 COLUMNS = ("prompt", "chosen", "rejected", "source")
@@ -92,6 +97,19 @@ class _Rejects:
         self.tally.reject(source, record)
 
 
+@dataclass
+class _Passes:
+    """What both passes share: the sources (numbered by their place in the list), the data settings,
+    the scratch folder that holds the candidates between the passes, the counts per source and the
+    file of items set aside."""
+
+    sources: list[SourceSpec]
+    spec: DataSpec
+    scratch: Path
+    tally: Tally
+    rejects: _Rejects
+
+
 def prepare_data(sources: list[SourceSpec | str], spec: DataSpec, model: ModelRef, out_dir: Path,
                  max_length: int | None = None, eval_tasks: tuple[str, ...] = ()) -> PreparedData:
     sources = [SourceSpec(path=s) if isinstance(s, str) else s for s in sources]
@@ -101,14 +119,14 @@ def prepare_data(sources: list[SourceSpec | str], spec: DataSpec, model: ModelRe
     fresh_dir(scratch)
     tally = Tally([s.label for s in sources])
     rejects = _Rejects(out_dir / "rejected.jsonl", tally, spec.on_error == "fail")
+    passes = _Passes(sources, spec, scratch, tally, rejects)
     lengths: dict[str, list[int]] = {"prompt": [], "chosen": [], "rejected": []}
     extra: dict = {"warnings": []}
     try:
         try:
-            ranks = _first_pass(sources, spec, tokenizer, scratch, tally, rejects,
-                                max_length if spec.drop_over_max_length else None)
+            ranks = _first_pass(passes, tokenizer, max_length=max_length if spec.drop_over_max_length else None)
             keep = _mixing(sources, ranks)
-            lengths, extra = _second_pass(sources, spec, scratch, out_dir, tally, rejects, keep, eval_tasks)
+            lengths, extra = _second_pass(passes, out_dir, keep=keep, eval_tasks=eval_tasks)
         finally:
             rejects.file.close()
             shutil.rmtree(scratch, ignore_errors=True)
@@ -131,12 +149,14 @@ def _write_report(out_dir: Path, tally: Tally, lengths: dict, extra: dict, expli
     length_histograms(lengths, extra.get("max_length"), out_dir / "data_report.png")
 
 
-def _first_pass(sources, spec, tokenizer, scratch, tally, rejects, max_length) -> dict[int, list[float]]:
-    """Candidates (rendered, checked, deduplicated, within max_length) to scratch/{train,heldout}.jsonl.
-    Returns each source's candidates' sample ranks (for mixing by count)."""
-    files = {split: open(scratch / f"{split}.jsonl", "w", encoding="utf-8") for split in ("train", "heldout")}
+def _first_pass(passes: _Passes, tokenizer: PreTrainedTokenizerBase,
+                max_length: int | None) -> dict[int, list[float]]:
+    """Candidates (rendered, checked, deduplicated, within max_length when given) to
+    scratch/{train,heldout}.jsonl. Returns each source's candidates' sample ranks (for mixing by count)."""
+    spec = passes.spec
+    files = {split: open(passes.scratch / f"{split}.jsonl", "w", encoding="utf-8") for split in ("train", "heldout")}
     seen: dict[str, str] = {}  # dedup key -> where that pair was first read
-    ranks: dict[int, list[float]] = {i: [] for i in range(len(sources))}
+    ranks: dict[int, list[float]] = {i: [] for i in range(len(passes.sources))}
 
     def flush(batch: list[tuple[int, str, Pair, dict, str]]) -> None:
         rendered = [render(tokenizer, pair, spec.system_prompt) for _, _, pair, _, _ in batch]
@@ -144,7 +164,7 @@ def _first_pass(sources, spec, tokenizer, scratch, tally, rejects, max_length) -
             problem = (round_trip_problem(tokenizer, pair, spec.system_prompt, out) or seam
                        or (length_problem(lengths, max_length) if max_length else None))
             if problem:
-                rejects.add(i, Rejection(where, *problem, row))
+                passes.rejects.add(i, Rejection(where, *problem, row))
                 continue
             rank = sample_rank(key)
             ranks[i].append(rank)
@@ -154,27 +174,27 @@ def _first_pass(sources, spec, tokenizer, scratch, tally, rejects, max_length) -
         batch.clear()
 
     try:
-        for i, source in enumerate(sources):
+        for i, source in enumerate(passes.sources):
             batch: list = []
             for where, row, rejection in grouped_by_prompt(read_source(source), spec.format):
                 if rejection is not None:
-                    tally.read[i] += 1
-                    rejects.add(i, rejection)
+                    passes.tally.read[i] += 1
+                    passes.rejects.add(i, rejection)
                     continue
                 layout, items = pairs_of(where, row, spec.format, spec.columns, spec.pairing, spec.min_margin,
                                          spec.prefer)
-                tally.layouts[i][layout] += 1
+                passes.tally.layouts[i][layout] += 1
                 for at, pair in items:
-                    tally.read[i] += 1
+                    passes.tally.read[i] += 1
                     if isinstance(pair, Rejection):
                         pair.row = row
-                        rejects.add(i, pair)
+                        passes.rejects.add(i, pair)
                         continue
                     key = dedup_key(pair)
                     if key in seen:
                         # A duplicate is a cleaning outcome, not bad input: set aside in both modes.
-                        rejects.add(i, Rejection(at, "duplicate", None, f"same pair as {seen[key]} (after "
-                                                                         "normalization)", row))
+                        passes.rejects.add(i, Rejection(at, "duplicate", None, f"same pair as {seen[key]} (after "
+                                                                                "normalization)", row))
                         continue
                     seen[key] = at
                     batch.append((i, at, pair, row, key))
@@ -205,23 +225,27 @@ def _mix_warnings(sources: list[SourceSpec], ranks: dict[int, list[float]]) -> l
             for i, s in enumerate(sources) if s.count is not None and s.count > len(ranks[i])]
 
 
-def _second_pass(sources, spec, scratch, out_dir, tally, rejects, keep, eval_tasks) -> tuple[dict, dict]:
+def _second_pass(passes: _Passes, out_dir: Path, keep: dict[int, float],
+                 eval_tasks: tuple[str, ...]) -> tuple[dict[str, list[int]], dict]:
+    """The candidates mixed in (`keep`: per source, the sample rank below which one is used) to
+    heldout.parquet, then to train.parquet those that share no n-gram with a held-out prompt or an
+    `eval_tasks` item. Returns the kept pairs' token lengths and the report's decontamination part."""
     lengths: dict[str, list[int]] = {"prompt": [], "chosen": [], "rejected": []}
-    dc = spec.decontamination
+    dc = passes.spec.decontamination
     index = NgramIndex(dc.ngram, dc.template_prompts) if dc.enabled else None
     checked, not_checked = ["held-out split"], []
 
     def used(c: dict) -> bool:
         if c["rank"] <= keep[c["i"]]:
             return True
-        rejects.add(c["i"], Rejection(c["source"], "sampled_out", None,
-                                      f"not sampled: the source is mixed in by weight/count", _pair_row(c)))
+        passes.rejects.add(c["i"], Rejection(c["source"], "sampled_out", None,
+                                             f"not sampled: the source is mixed in by weight/count", _pair_row(c)))
         return False
 
     with _ParquetRows(out_dir / "heldout.parquet") as heldout:
-        for c in _candidates(scratch / "heldout.jsonl"):
+        for c in _candidates(passes.scratch / "heldout.jsonl"):
             if used(c):
-                heldout.add(c, tally, lengths)
+                heldout.add(c, passes.tally, lengths)
                 if index is not None:
                     index.add(c["text"], f"held-out pair {c['source']}", is_prompt=True)
     if index is not None:
@@ -233,21 +257,22 @@ def _second_pass(sources, spec, scratch, out_dir, tally, rejects, keep, eval_tas
             index.add(text, item)
     hits: dict[int, set[int]] = {}  # candidate number -> its indexed n-grams (few candidates have any)
     if index is not None:  # a first look over train, to count how many prompts share each n-gram
-        for n, c in enumerate(_candidates(scratch / "train.jsonl")):
+        for n, c in enumerate(_candidates(passes.scratch / "train.jsonl")):
             if c["rank"] <= keep[c["i"]]:
                 found = index.count(c["text"])
                 if found:
                     hits[n] = found
     with _ParquetRows(out_dir / "train.parquet") as train:
-        for n, c in enumerate(_candidates(scratch / "train.jsonl")):
+        for n, c in enumerate(_candidates(passes.scratch / "train.jsonl")):
             if not used(c):
                 continue
             hit = index.contaminating(c["text"], hits[n]) if n in hits else None
             if hit:
-                rejects.add(c["i"], Rejection(c["source"], "contaminated", "prompt",
-                                              f"shares the {index.n}-gram \"{hit[0]}\" with {hit[1]}", _pair_row(c)))
+                passes.rejects.add(c["i"], Rejection(c["source"], "contaminated", "prompt",
+                                                     f"shares the {index.n}-gram \"{hit[0]}\" with {hit[1]}",
+                                                     _pair_row(c)))
                 continue
-            train.add(c, tally, lengths)
+            train.add(c, passes.tally, lengths)
     warnings = [f"decontamination could not read {t} (not a dpoflow task; no offline data)" for t in not_checked]
     extra = {"decontamination": {"enabled": index is not None, "ngram": dc.ngram,
                                  "template_prompts": dc.template_prompts,

@@ -11,9 +11,10 @@ from pathlib import Path
 from dpoflow.artifacts import fresh_dir, read_rows, seal
 from dpoflow.backends import BackendError, choose_backend, load_for_training
 from dpoflow.config import SFTSpec, TrainSetup
-from dpoflow.distributed import is_main_process, run_stage
+from dpoflow.distributed import run_stage
 from dpoflow.hardware import TrainingPlan
 from dpoflow.models import load_model
+from dpoflow.ranks import is_main_process
 from dpoflow.records import ModelRef, PreparedData
 from dpoflow.training import final_metrics, keep_outputs_fp32, save_adapter, time_split, trainer_args
 

@@ -108,6 +108,43 @@ def test_doctor_prints_backend_and_plan(repo, capsys):
     assert "backend" in out and "torch" in out and "precision:" in out
 
 
+TWO_H100 = GpuFacts("NVIDIA H100 80GB HBM3", (9, 0), 80 * GiB, 79 * GiB, True, count=2)
+
+
+@pytest.mark.parametrize("gpu", [None, TWO_H100], ids=["cpu", "two-h100"])
+def test_doctor_prints_the_plans_the_pipeline_trains_with(repo, capsys, monkeypatch, tiny_model, gpu):
+    """Doctor plans every training stage as the run does (distributed.* and grow_batch included): its
+    printed plans are the pipeline's own plan function's, for sft and dpo."""
+    from textwrap import indent
+
+    from dpoflow.cli import main
+    from dpoflow.config import load_pipeline
+    from dpoflow.flows.pipeline import hardware_plans
+    from dpoflow.records import ModelRef
+
+    monkeypatch.setattr("dpoflow.hardware.detect_gpu", lambda: gpu)
+    overrides = ["train.distributed.num_processes=2", "train.grow_batch=false"]
+    assert main(["doctor", "demo", "-f", str(repo / "pipelines.yaml"),
+                 *[arg for item in overrides for arg in ("--set", item)]]) == 0
+    out = capsys.readouterr().out
+    config = load_pipeline("demo", repo / "pipelines.yaml", overrides)
+    base = ModelRef(path=str(tiny_model), digest="-", source=config.model.source, role="base")
+    for stage, spec in (("sft", config.sft), ("dpo", config.dpo)):
+        plan = hardware_plans(config)(spec, base)
+        assert plan.num_processes == 2
+        assert f"plan for the {stage} stage" in out and indent(describe(plan), "  ") in out, out
+
+
+def test_doctor_skips_the_plan_of_a_model_only_the_run_converts_and_names_a_folder_that_is_no_model(
+        repo, capsys, tmp_path):
+    from dpoflow.cli import main
+
+    assert main(["doctor", "demo-real", "-f", str(repo / "pipelines.yaml")]) == 0  # model: pypi:gemma3-270m
+    assert "plan:     skipped: pypi:gemma3-270m is a package the model stage converts" in capsys.readouterr().out
+    assert main(["doctor", "demo", "-f", str(repo / "pipelines.yaml"), "--set", f"model.source={tmp_path}"]) == 1
+    assert f"! model: {tmp_path}: no *.safetensors files" in capsys.readouterr().out
+
+
 def test_doctor_names_what_would_fail_a_run_before_it_starts(repo, capsys, monkeypatch, tmp_path):
     """Problems a run would hit only after training (GGUF tools missing for the export), or at its first
     step (no bf16 for precision bf16, an unwritable compile cache): doctor names each and exits 1."""
@@ -129,7 +166,7 @@ def test_doctor_names_what_would_fail_a_run_before_it_starts(repo, capsys, monke
     assert main(demo) == 0  # auto: fp16 with a warning, which is not a failure
     assert "warning:  Tesla T4 has no bf16" in capsys.readouterr().out
 
-    from dpoflow.cli import preflight_problems
+    from dpoflow.doctor import preflight_problems
     from dpoflow.config import load_pipeline
 
     blocked = tmp_path / "a-file"

@@ -171,14 +171,29 @@ def test_the_forgetting_gate_blocks_export_when_enforced_and_only_reports_in_war
     assert warned["exports"]["merged"]
 
 
-def test_sft_and_dpo_run_data_parallel_on_two_processes_launched_from_the_tasks(demo):
-    two = demo("train.distributed.num_processes=2", "evaluate.limit=20")
+def test_sft_and_dpo_run_data_parallel_on_two_processes_launched_from_the_tasks(demo, repo):
+    settings = ["train.distributed.num_processes=2", "train.grow_batch=false", "evaluate.limit=20"]
+    two = demo(*settings)
     assert two["status"]["sft"] == "ran" and two["status"]["dpo"] == "ran"
     assert two["plans"]["dpo"]["num_processes"] == 2 and two["plans"]["dpo"]["gradient_accumulation_steps"] == 1
     # The ranks' own lines reach the Prefect task's log.
     for stage in ("train_sft", "train_dpo"):
         assert f"dpoflow rank 1 of 2: {stage}" in two["output"]
     assert two["metrics"]["tuned_reward_accuracy"] >= 0.9
+
+    # `dpoflow doctor` with the same settings prints exactly the plans the run recorded.
+    from textwrap import indent
+
+    from dpoflow.hardware import TrainingPlan, describe
+
+    cmd = ["python", "-m", "dpoflow", "doctor", "demo", "-f", str(repo / "pipelines.yaml")]
+    proc = subprocess.run(cmd + [arg for item in settings for arg in ("--set", item)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert set(two["plans"]) == {"sft", "dpo"}
+    for stage, plan in two["plans"].items():
+        assert f"plan for the {stage} stage" in proc.stdout
+        assert indent(describe(TrainingPlan(**plan)), "  ") in proc.stdout, proc.stdout
 
 
 def test_prepare_alone_prints_the_report_and_leaves_it_in_the_run_folder(repo, tmp_path):

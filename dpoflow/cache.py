@@ -1,25 +1,40 @@
 """Cache keys and where cached stage outputs live.
 
-A stage's key is the digest of: its name, its code (the stage module plus the shared `dpoflow`
-modules it builds on), the versions of the libraries that shape its numbers, and its inputs as
-content digests and config values. Prefect stores the stage's result under that key
-(`cache_key_from_param`); the outputs themselves live in `<workdir>/stages/<stage>/<key>/`.
+A stage's key is derived from the arguments it is called with (`StageInputs`, the Prefect cache
+policy of every stage task): records by their content digest, config sections by their fields but
+those the schema marks `not_key`, plain values as they are; plus its name, its code (the stage module
+and the shared `dpoflow` modules it builds on), the versions of the libraries that shape its numbers,
+and what the task declares it depends on beyond its arguments (the backend, the evaluation items...).
+Prefect stores the stage's result under that key; the outputs themselves live in
+`<workdir>/stages/<stage>/<key>/`.
 """
 
 from __future__ import annotations
 
 import ast
 import contextlib
+import dataclasses
 import fcntl
 import importlib.metadata
 import json
 import sys
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from .artifacts import file_sha256, json_digest, write_atomically
+from .records import Record
 from .redact import redact
+
+try:
+    from prefect.cache_policies import CachePolicy
+except ImportError:  # stage logic alone (a bare GPU box running bench/): keys without Prefect
+    @dataclasses.dataclass
+    class CachePolicy:  # type: ignore[no-redef]
+        pass
 
 # Libraries whose upgrade can change a stage's outputs.
 VERSIONED = ("torch", "transformers", "trl", "peft", "datasets", "tokenizers", "accelerate")
@@ -88,20 +103,63 @@ def _direct_imports(source: Path, mtime_ns: int, size: int) -> tuple[Path, ...]:
     return tuple(found)
 
 
-def key_material(stage: str, module_name: str, inputs: dict[str, Any]) -> dict[str, Any]:
-    """Everything a stage's key is made of; kept on disk so `explain` can say what changed."""
-    return {"stage": stage, "code": code_digest(module_name), "libraries": library_versions(), "inputs": inputs}
+def key_value(value: Any) -> Any:
+    """A stage argument as its cache key holds it: a record by its digest (and the digests of the records
+    it embeds, such as an adapter's start model); a config section or a plan by its fields, less those
+    its class lists in `not_key`; lists and mappings item by item; a plain value as it is."""
+    if isinstance(value, Record):
+        embedded = {name: key_value(v) for name, v in value if isinstance(v, Record)}
+        return {"digest": value.digest, **embedded} if embedded else value.digest
+    if isinstance(value, BaseModel):
+        left_out = getattr(type(value), "not_key", {})
+        return {name: key_value(getattr(value, name)) for name in type(value).model_fields if name not in left_out}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        left_out = getattr(type(value), "not_key", {})
+        return {f.name: key_value(getattr(value, f.name)) for f in dataclasses.fields(value) if f.name not in left_out}
+    if isinstance(value, (list, tuple)):
+        return [key_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): key_value(v) for k, v in value.items()}
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise TypeError(f"a {type(value).__name__} cannot be part of a cache key: make it a record with a digest, "
+                    "or list the parameter in its task's not_key")
 
 
-def stage_key(stage: str, module_name: str, inputs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """(key, the material it is the digest of)."""
-    material = key_material(stage, module_name, inputs)
-    return json_digest(material), material
+@dataclasses.dataclass
+class StageInputs(CachePolicy):
+    """Prefect cache policy of a stage task: the key is the digest of `material(inputs)`.
+
+    `not_key`: parameters that do not change what the stage makes (where it writes, the run's name, the
+    flow's loaded-model keeper), with why. `depends_on(inputs)`: what the stage's output depends on
+    beyond its arguments (the backend its setup resolves to on this machine, the content a model id
+    names); `resolved` computes it once for a call, for the flow and Prefect to share."""
+
+    stage: str = ""
+    module: str = ""
+    not_key: dict[str, str] = dataclasses.field(default_factory=dict)
+    depends_on: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    extra: dict[str, Any] | None = None  # depends_on's answer for one call (`resolved`)
+
+    def resolved(self, inputs: dict[str, Any]) -> "StageInputs":
+        extra = self.depends_on(inputs) if self.depends_on else {}
+        return dataclasses.replace(self, extra=extra)
+
+    def material(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Everything the key is the digest of; kept on disk so `explain` can say what changed."""
+        extra = self.extra if self.extra is not None else self.resolved(inputs).extra
+        return {"stage": self.stage, "code": code_digest(self.module), "libraries": library_versions(),
+                "inputs": {name: key_value(v) for name, v in inputs.items() if name not in self.not_key},
+                "extra": extra}
+
+    def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any],
+                    **kwargs: Any) -> str:
+        return prefect_key(self.stage, json_digest(self.material(inputs)))
 
 
-def cache_key_from_param(context: Any, parameters: dict[str, Any]) -> str:
-    """Prefect cache_key_fn: every stage task takes its precomputed content key as `key`."""
-    return f"{parameters['stage']}-{parameters['key']}"
+def prefect_key(stage: str, key: str) -> str:
+    """The name Prefect stores a stage's result under (in `Workspace.results`)."""
+    return f"{stage}-{key}"
 
 
 class Workspace:
@@ -144,8 +202,8 @@ class Workspace:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def result_file(self, stage: str, key: str) -> Path:
-        """Where Prefect persists the stage's result (the name is cache_key_from_param's)."""
-        return self.results / f"{stage}-{key}"
+        """Where Prefect persists the stage's result."""
+        return self.results / prefect_key(stage, key)
 
     def runs(self, pipeline: str) -> Path:
         return self.root / "runs" / pipeline

@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import glob
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -18,6 +18,10 @@ from dpoflow import layouts
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    # The fields a stage's cache key leaves out, each with why (dpoflow.cache.key_value): a section
+    # given to a stage is keyed by all its other fields. The one place this is decided.
+    not_key: ClassVar[dict[str, str]] = {}
+
 
 class ModelSpec(Strict):
     source: str = Field(
@@ -25,6 +29,13 @@ class ModelSpec(Strict):
         description="`builtin:NAME` (built in code, offline), a local folder, or a Hugging Face Hub id.",
     )
     revision: str | None = Field(None, description="Hub branch, tag or commit (Hub ids only).")
+
+    not_key: ClassVar[dict[str, str]] = {
+        "source": "the model stage is keyed by the model's content instead (models.key_inputs: the built-in "
+                  "name, the Hub commit, the PyPI release, a local folder's digest): a folder's path differs "
+                  "between clones",
+        "revision": "resolved to the Hub commit it names, which models.key_inputs keys",
+    }
 
 
 class SourceSpec(Strict):
@@ -93,6 +104,11 @@ class DataSpec(Strict):
     on_error: Literal["quarantine", "fail"] = Field(
         "quarantine", description="quarantine: keep bad rows aside in rejected.jsonl; fail: stop at the first."
     )
+
+    not_key: ClassVar[dict[str, str]] = {
+        "sources": "the prepare stage receives each source with its content fingerprint (records.DataSource) "
+                   "and is keyed by that: a file's path differs between clones, its content does not",
+    }
 
     @property
     def source_specs(self) -> list[SourceSpec]:
@@ -234,6 +250,11 @@ class EvaluateSpec(Strict):
     limit: int | None = Field(None, ge=1, description="Items per task (None: all).")
     gate: GateSpec = Field(GateSpec(), description="What the forgetting check lets through to export and publish.")
 
+    not_key: ClassVar[dict[str, str]] = {
+        "gate": "a policy applied to the cached scores on every run: a new threshold judges them again without "
+                "scoring anything again",
+    }
+
 
 GGUFType = Literal["f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"]
 
@@ -262,6 +283,11 @@ class PublishSpec(Strict):
         None, description="Name of a Prefect Secret block holding the Hub token; default: the HF_TOKEN variable.")
     endpoint: str | None = Field(None, description="Hub URL (default: HF_ENDPOINT or https://huggingface.co).")
     max_attempts: int = Field(5, ge=1, description="Tries on 5xx answers and dropped connections, with backoff.")
+
+    not_key: ClassVar[dict[str, str]] = {
+        "token_secret": "where the credentials come from, not what is pushed",
+        "max_attempts": "how often a flaky upload is tried: the release it makes is the same",
+    }
 
     @model_validator(mode="after")
     def _repo_when_enabled(self):

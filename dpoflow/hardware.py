@@ -11,6 +11,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 GiB = 2**30
 FP8_MIN_CC = (8, 9)  # Ada / Hopper: the first GPUs with FP8 tensor cores
@@ -45,6 +46,10 @@ class TrainingPlan:
     reasons: list[str] = field(default_factory=list)
     num_processes: int = 1  # data-parallel training processes (torchrun), one per GPU
     strategy: str = "ddp"  # "ddp" | "fsdp"
+
+    # Left out of a training stage's cache key (dpoflow.cache.key_value): they explain the plan, and quote
+    # the free memory at planning time, which does not change what training makes.
+    not_key: ClassVar[dict[str, str]] = {"warnings": "explains the plan", "reasons": "explains the plan"}
 
 
 def detect_gpu() -> GpuFacts | None:
@@ -285,15 +290,6 @@ def plan_stage(setup, spec, model_dir: str | Path, gpu: GpuFacts | None = None) 
                          spec.max_length, spec.per_device_batch_size,
                          spec.per_device_batch_size * spec.gradient_accumulation_steps,
                          setup.distributed.num_processes, setup.distributed.strategy, setup.grow_batch)
-
-
-def plan_key(plan: TrainingPlan | None) -> dict | None:
-    """What of a plan changes training results (its reasons quote free memory, which does not)."""
-    if plan is None:
-        return None
-    return {"precision": plan.precision, "load_in_4bit": plan.load_in_4bit,
-            "per_device_batch": plan.per_device_batch, "gradient_accumulation_steps": plan.gradient_accumulation_steps,
-            "num_processes": plan.num_processes, "strategy": plan.strategy}
 
 
 def _gib(n: float) -> str:

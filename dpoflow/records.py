@@ -1,7 +1,8 @@
 """What stages hand each other: small JSON-able records of paths, content digests and metrics.
 
-A record's `digest` is the content hash of its sealed output folder; downstream cache keys are built
-from digests, never from paths, so a changed file behind the same path re-runs what depends on it.
+A record's `digest` is the content hash of what it stands for (a stage's sealed output folder, a data
+source's files); a stage given a record is keyed by that digest, never by a path (dpoflow.cache), so a
+changed file behind the same path re-runs what depends on it and a fresh clone finds the same keys.
 """
 
 from __future__ import annotations
@@ -10,10 +11,21 @@ from typing import Literal
 
 from pydantic import BaseModel
 
+from .config import SourceSpec
 
-class Artifact(BaseModel):
-    path: str  # where the artifact is (a folder)
+
+class Record(BaseModel):
     digest: str
+
+
+class Artifact(Record):
+    path: str  # where the artifact is (a folder)
+
+
+class DataSource(Record):
+    """A data source as the prepare stage reads it; `digest` is its content (sources.fingerprint)."""
+
+    spec: SourceSpec
 
 
 class ModelRef(Artifact):

@@ -1,9 +1,11 @@
 """`dpoflow explain`: what running a pipeline would do, before anything runs.
 
 It walks the same wiring as the flow (`compose`), but instead of running a stage it computes the
-stage's content key and looks in the cache: a stage whose result and outputs are there comes from
-cache; any other runs, and the reason is the difference between its key material and the one the
-pipeline's last run used.
+stage's key (as the flow does, from the arguments) and looks in the cache: a stage whose result and
+outputs are there comes from cache; any other runs, and the reason is the difference between its key
+material and the one the pipeline's last run used. What a stage that runs will make is not known
+yet: the stages after it run too, and the forecast follows the path on which it goes well (a
+forgetting check that is not scored yet passes).
 """
 
 from __future__ import annotations
@@ -16,28 +18,31 @@ from typing import Any
 
 from dpoflow.artifacts import is_intact
 from dpoflow.backends import BackendError, choose_backend
-from dpoflow.cache import Workspace, stage_key
+from dpoflow.cache import Workspace
 from dpoflow.config import PipelineConfig
 from dpoflow.hardware import TrainingPlan, describe, plan_stage
 from dpoflow.models import BUILTIN, source_kind
 from dpoflow.redact import redact
+from dpoflow.tasks import stage_policy
 
-from .pipeline import compose
+from .pipeline import GateBlocked, compose, stage_key
 
 
 @dataclass
 class Pending:
-    """A stage that will run: its output (and so its digest) is not known yet."""
+    """What a stage that will run makes, or what is derived from it: not known yet. It stands in for
+    the record in the wiring: no digest or path yet, and a check on it (`passed`) is assumed to pass."""
 
     stage: str
     digest: None = None
     path: None = None
+    passed: bool = True
 
 
 @dataclass
 class Forecast:
     stage: str
-    verdict: str  # "cached" | "runs"
+    verdict: str  # "cached" | "runs" | "stops" (the forgetting check, on cached scores, stops the run)
     why: str
 
 
@@ -49,12 +54,14 @@ class CachePeek:
         self.previous_keys = previous_keys
         self.forecasts: list[Forecast] = []
 
-    def __call__(self, task, stage: str, key_inputs: dict[str, Any], checkpoints: bool = False, **params) -> Any:
-        waiting = list(dict.fromkeys(v.stage for v in params.values() if isinstance(v, Pending)))
+    def __call__(self, task, **arguments) -> Any:
+        waiting = _waiting_on(arguments.values())
         if waiting:
+            stage = stage_policy(task).stage
             self.forecasts.append(Forecast(stage, "runs", f"after {', '.join(waiting)}, whose output will be new"))
             return Pending(stage)
-        key, material = stage_key(stage, task.fn.__module__, key_inputs)
+        policy, key, material = stage_key(task, arguments)
+        stage = policy.stage
         result = self.workspace.result_file(stage, key)
         if result.is_file() and is_intact(self.workspace.stage_dir(stage, key)):
             from prefect.results import ResultRecord
@@ -63,6 +70,11 @@ class CachePeek:
             return ResultRecord.deserialize(result.read_bytes()).result
         self.forecasts.append(Forecast(stage, "runs", self._why(stage, key, material, result.is_file())))
         return Pending(stage)
+
+    def derive(self, fn, *args) -> Any:
+        """A step on stage outputs: computed when they are known (cached), else pending with them."""
+        waiting = _waiting_on(args)
+        return Pending(waiting[0]) if waiting else fn(*args)
 
     def _why(self, stage: str, key: str, material: dict, had_result: bool) -> str:
         if had_result:
@@ -74,6 +86,12 @@ class CachePeek:
         # The key file is redacted (Workspace.save_key_material): compare like with like.
         current = redact(json.loads(json.dumps(material, default=str)))
         return "; ".join(differences(json.loads(path.read_text()), current)) or "key changed (a redacted value)"
+
+
+def _waiting_on(values) -> list[str]:
+    """The stages whose pending outputs are among `values` (or inside a list of them), in order."""
+    flat = [x for v in values for x in (v if isinstance(v, list) else [v])]
+    return list(dict.fromkeys(v.stage for v in flat if isinstance(v, Pending)))
 
 
 def differences(old: dict, new: dict, limit: int = 6) -> list[str]:
@@ -128,7 +146,11 @@ def explain(config: PipelineConfig) -> dict[str, Any]:
                                                                                           planning_model)
             return plan_stage(config.train, spec, folder) if folder else None
 
-        out = compose(config, backend, peek, plan_for)
+        try:
+            out = compose(config, peek, plan_for)
+        except GateBlocked as blocked:  # the scores are cached and fail the check: nothing after it would run
+            out = blocked.outputs
+            peek.forecasts.append(Forecast("export", "stops", str(blocked)))
     return {"backend": backend, "forecasts": peek.forecasts, "plans": out.plans}
 
 

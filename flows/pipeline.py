@@ -1,39 +1,45 @@
 """The pipeline flow: which stages run, in what order, and what feeds what.
 
-model -> prepare -> [sft] -> dpo -> evaluate -> export. Each stage is a Prefect task cached under a
-key made of its inputs' content digests, its config and its code (dpoflow.cache); a cache hit whose
-output folder is missing or altered on disk is refreshed instead of trusted.
+model -> prepare -> [sft] -> dpo -> evaluate -> export -> card -> [publish]. Each stage is a Prefect task
+cached under a key derived from the arguments it is called with: records by content digest, config
+sections by their fields, plus its code (dpoflow.cache); a cache hit whose output folder is missing or
+altered on disk is refreshed instead of trusted.
 """
 
 from __future__ import annotations
 
 import base64
+import inspect
 import json
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
-from prefect import flow, get_run_logger
+from prefect import Task, flow, get_run_logger
 from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
-from dpoflow import forgetting, modelcard, models, sources
-from dpoflow.artifacts import is_intact
+from dpoflow import forgetting, modelcard, sources
+from dpoflow.artifacts import is_intact, json_digest
 from dpoflow.backends import activate, choose_backend
-from dpoflow.cache import Workspace, stage_key
+from dpoflow.cache import StageInputs, Workspace
 from dpoflow.config import PipelineConfig
 from dpoflow.errors import Explained
-from dpoflow.hardware import TrainingPlan, plan_key, plan_stage
+from dpoflow.hardware import TrainingPlan, plan_stage
 from dpoflow.model_reuse import keep_loaded
 from dpoflow.redact import redact, redact_flow_parameters, redact_text
+from dpoflow.records import (Artifact, DataSource, EvalReport, Exports, ModelRef, PreparedData, Published,
+                             ReferenceLogps, TrainedAdapter)
 from dpoflow.runtime import set_cpu_threads
 from dpoflow.summary import StageRow, key_metric, markdown, rows_as_dicts
-from dpoflow.tasks.dpo import dpo_task, reference_task
+from dpoflow.tasks import stage_policy
+from dpoflow.tasks.dpo import dpo_task, reference_spec, reference_task
 from dpoflow.tasks.evaluate import apply_gate, evaluate_task, start_scores_task, write_gate_report
 from dpoflow.tasks.export import export_task
 from dpoflow.tasks.model import model_task
@@ -41,9 +47,17 @@ from dpoflow.tasks.prepare import prepare_task
 from dpoflow.tasks.publish import card_config, card_task, publish_task
 from dpoflow.tasks.sft import sft_task
 
+R = TypeVar("R")
+T = TypeVar("T")
+
 
 class StageRunner:
-    """Runs stage tasks with content keys and records what ran, what came from cache, and how long."""
+    """Runs stage tasks and records what ran, what came from cache, and how long.
+
+    A stage's key is derived from the arguments it is called with (its task's cache policy,
+    dpoflow.cache.StageInputs); the runner asks that policy for the key first, because the key names
+    the stage's output folder and its lock, and a cache hit whose folder is missing or altered on disk
+    is run again (`refresh_cache`) instead of trusted."""
 
     def __init__(self, workspace: Workspace):
         self.workspace = workspace
@@ -51,18 +65,20 @@ class StageRunner:
         self.outputs: dict[str, str] = {}
         self.failed: tuple[str, Path] | None = None  # (stage, its output folder) of a stage that raised
 
-    def __call__(self, task, stage: str, key_inputs: dict[str, Any], checkpoints: bool = False, **params) -> Any:
-        key, material = stage_key(stage, task.fn.__module__, key_inputs)
+    def __call__(self, task: Task[..., R], **arguments: Any) -> R:
+        policy, key, material = stage_key(task, arguments)
+        stage = policy.stage
         self.workspace.save_key_material(stage, key, material)  # lets `dpoflow explain` say what changed
         out_dir = self.workspace.stage_dir(stage, key)
-        if checkpoints:
-            params["checkpoint_dir"] = str(self.workspace.checkpoints(stage, key))
+        if "checkpoint_dir" in inspect.signature(task.fn).parameters:
+            arguments["checkpoint_dir"] = str(self.workspace.checkpoints(stage, key))
         started = time.perf_counter()
         with self.workspace.stage_lock(stage, key):
             state = task.with_options(
+                cache_policy=policy,  # the policy with this call's `depends_on` answer, not asked again
                 result_storage=self.workspace.results,
                 refresh_cache=not is_intact(out_dir),
-            )(stage=stage, key=key, out_dir=str(out_dir), **params, return_state=True)
+            )(out_dir=str(out_dir), **arguments, return_state=True)
         if state.is_failed():
             self.failed = (stage, out_dir)
         record = state.result()  # raises the stage's own error if it failed
@@ -72,135 +88,127 @@ class StageRunner:
         self.outputs[stage] = str(out_dir)
         return record
 
+    def derive(self, fn: Callable[..., T], *args: Any) -> T:
+        """A plain step on stage outputs (the gate's verdict): run here and now."""
+        return fn(*args)
+
+
+def stage_key(task, arguments: dict[str, Any]) -> tuple[StageInputs, str, dict[str, Any]]:
+    """(the task's cache policy for this call, the stage's key, the material the key is the digest of)
+    for `task` called with `arguments` (defaults filled in, as Prefect fills them in)."""
+    bound = inspect.signature(task.fn).bind_partial(**arguments)
+    bound.apply_defaults()
+    inputs = dict(bound.arguments)
+    policy = stage_policy(task).resolved(inputs)
+    material = policy.material(inputs)
+    return policy, json_digest(material), material
+
 
 class GateBlocked(RuntimeError, Explained):
     """The forgetting check failed in enforce mode: nothing is exported or published."""
 
-    def __init__(self, outputs):
+    def __init__(self, outputs: Outputs):
         self.outputs = outputs
         super().__init__("forgetting check failed, export skipped: " + "; ".join(outputs.gate.failures)
                          + " (table: forgetting.md in the run folder)")
 
 
 @dataclass
-class Outputs:
-    """The records one pass over the pipeline produced (or, for `explain`, will produce)."""
-
-    base: Any
-    data: Any
-    start: Any
-    reference: Any
-    adapter: Any
-    report: Any
-    exports: Any
-    plans: dict[str, TrainingPlan]
-    gate: Any = None  # forgetting.GateResult
-    card: Any = None
-    published: Any = None
-
-
-@dataclass
 class Trained:
     """What the training half of the pipeline produced: the input of the evaluation and release half."""
 
-    base: Any
-    data: Any
-    start: Any
-    reference: Any
-    adapter: Any
+    base: ModelRef
+    data: PreparedData
+    sources: list[DataSource]
+    start: ModelRef  # the model DPO started from: the SFT model, or the base
+    reference: ReferenceLogps | None
+    adapter: TrainedAdapter
     plans: dict[str, TrainingPlan]
-    fingerprints: list[str]
 
 
-def compose(config: PipelineConfig, backend, run, plan_for) -> Outputs:
+@dataclass
+class Outputs(Trained):
+    """The records one pass over the pipeline produced (or, for `explain`, will produce)."""
+
+    report: EvalReport | None = None  # None: evaluate.enabled is off
+    gate: forgetting.GateResult | None = None
+    exports: Exports | None = None  # None: the gate stopped the run before export
+    card: Artifact | None = None
+    published: Published | None = None
+
+
+class Runner(Protocol):
+    """What the wiring needs of whoever carries the stages out: the flow's StageRunner runs them,
+    `explain` forecasts them."""
+
+    def __call__(self, task: Task[..., R], **arguments: Any) -> R: ...
+
+    def derive(self, fn: Callable[..., T], *args: Any) -> T: ...
+
+
+PlanFor = Callable[[Any, ModelRef], TrainingPlan | None]
+
+
+def compose(config: PipelineConfig, run: Runner, plan_for: PlanFor) -> Outputs:
     """The stages, their order and what feeds what: the one place the pipeline is wired. `run` runs
-    (or looks up) a stage by its content key; `plan_for(spec, model)` is the hardware plan."""
+    (or looks up) a stage; `plan_for(spec, model)` is the hardware plan."""
     with keep_loaded():  # the reference pass and the dpo stage share one loaded model
-        trained = compose_training(config, backend, run, plan_for)
+        trained = compose_training(config, run, plan_for)
     return compose_release(config, run, trained)
 
 
-def compose_training(config: PipelineConfig, backend, run, plan_for) -> Trained:
+def compose_training(config: PipelineConfig, run: Runner, plan_for: PlanFor) -> Trained:
     """model -> prepare -> [sft] -> [reference] -> dpo."""
-    # Hashing the data files once: the prepare key and the model card both name them.
-    fingerprints = [sources.fingerprint(s) for s in config.data.source_specs]
-    base, data = compose_data(config, run, fingerprints)
+    base, data, data_sources = compose_data(config, run)
     plans: dict[str, TrainingPlan] = {}
     start = base
     if config.sft.enabled:
         plans["sft"] = plan = plan_for(config.sft, base)
-        start = run(sft_task, "sft",
-                    {"model": base.digest, "data": data.digest, "spec": config.sft.model_dump(),
-                     **training_inputs(config, backend, plan)},
-                    base=base, data=data, spec=config.sft, setup=config.train, plan=plan, seed=config.seed)
+        start = run(sft_task, base=base, data=data, spec=config.sft, setup=config.train, plan=plan, seed=config.seed)
     plans["dpo"] = plan = plan_for(config.dpo, start)
-    dpo_inputs = {"model": start.digest, "data": data.digest, **training_inputs(config, backend, plan)}
     reference = None
     if config.dpo.precompute_ref_log_probs:
-        # Keyed only by what the reference pass depends on, so beta/lr/loss sweeps share it.
-        reference = run(reference_task, "reference", {**dpo_inputs, "max_length": config.dpo.max_length,
-                                                      "share_prompt": config.dpo.share_prompt},
-                        start=start, data=data, spec=config.dpo, setup=config.train, plan=plan, seed=config.seed)
-    adapter = run(dpo_task, "dpo",
-                  {**dpo_inputs, "spec": config.dpo.model_dump(), "reference": reference and reference.digest},
-                  start=start, data=data, spec=config.dpo, setup=config.train, plan=plan, seed=config.seed,
-                  reference=reference, checkpoints=True)
-    return Trained(base, data, start, reference, adapter, {k: v for k, v in plans.items() if v}, fingerprints)
+        reference = run(reference_task, start=start, data=data, spec=reference_spec(config.dpo), setup=config.train,
+                        plan=plan, seed=config.seed)
+    adapter = run(dpo_task, start=start, data=data, spec=config.dpo, setup=config.train, plan=plan, seed=config.seed,
+                  reference=reference)
+    return Trained(base, data, data_sources, start, reference, adapter, {k: v for k, v in plans.items() if v})
 
 
-def compose_release(config: PipelineConfig, run, trained: Trained) -> Outputs:
+def compose_release(config: PipelineConfig, run: Runner, trained: Trained) -> Outputs:
     """evaluate (the forgetting gate) -> export -> card -> [publish], for what `compose_training` made."""
-    base, data, start, reference, adapter, plans = (trained.base, trained.data, trained.start, trained.reference,
-                                                    trained.adapter, trained.plans)
-    report = gate = None
+    out = Outputs(**vars(trained))
     if config.evaluate.enabled:
-        ev = config.evaluate
-        tasks = {"tasks": ev.tasks, "limit": ev.limit, "evals": forgetting.tasks_digest()}
         # The start model's scores depend on neither DPO nor the gate: a sweep scores it once.
-        baseline = run(start_scores_task, "baseline", {"model": start.digest, "data": data.digest, **tasks},
-                       start=start, data=data, spec=ev)
-        report = run(evaluate_task, "evaluate",
-                     {"base": base.digest, "start": start.digest, "adapter": adapter.digest, "data": data.digest,
-                      "baseline": baseline.digest, "spec": ev.model_dump(exclude={"gate"}), **tasks, "beta": config.dpo.beta,
-                      "max_length": config.dpo.max_length},
-                     base=base, adapter=adapter, data=data, spec=ev, start_scores=baseline,
-                     beta=config.dpo.beta, max_length=config.dpo.max_length)
-        gate = apply_gate(report, ev.gate) if hasattr(report, "tuned_scores") else None  # not in explain
-        if gate is not None and not gate.passed and ev.gate.mode == "enforce":
-            raise GateBlocked(Outputs(base, data, start, reference, adapter, report, None, plans, gate))
-    exports = run(export_task, "export",
-                  {"start": start.digest, "adapter": adapter.digest, "spec": config.export.model_dump()},
-                  adapter=adapter, spec=config.export)
+        baseline = run(start_scores_task, start=out.start, data=out.data, spec=config.evaluate)
+        out.report = run(evaluate_task, base=out.base, adapter=out.adapter, data=out.data, spec=config.evaluate,
+                         start_scores=baseline, beta=config.dpo.beta, max_length=config.dpo.max_length)
+        out.gate = run.derive(apply_gate, out.report, config.evaluate.gate)
+        if not out.gate.passed and config.evaluate.gate.mode == "enforce":
+            raise GateBlocked(out)
+    out.exports = run(export_task, adapter=out.adapter, spec=config.export)
     # The card is built from what the run did; apart from the exports so that editing it never redoes them.
-    forgetting_md = forgetting.report_markdown(gate) if gate is not None else None
-    data_sources = [{"label": s.label, "fingerprint": f}
-                    for s, f in zip(config.data.source_specs, trained.fingerprints)]
-    commit = modelcard.git_commit(Path.cwd())
-    card = run(card_task, "card",
-               # As the card shows it (secrets masked, files by name) and the sources by content: a worker's
-               # fresh clone of the same commit makes the same card.
-               {"config": card_config(config), "sources": trained.fingerprints, "data": data.digest,
-                "adapter": adapter.digest, "exports": exports.digest, "forgetting": forgetting_md, "commit": commit},
-               config=config, data=data, adapter=adapter, forgetting_md=forgetting_md, exports=exports,
-               commit=commit, sources=data_sources)
-    published = None
-    if config.publish.enabled and (gate is None or gate.passed):  # config refuses publish without the check
-        published = run(publish_task, "publish",
-                        {"exports": exports.digest, "card": card.digest,
-                         "spec": config.publish.model_dump(exclude={"token_secret", "max_attempts"})},
-                        exports=exports, card=card, spec=config.publish,
-                        message=f"dpoflow: pipeline {config.name}, run {flow_run.get_name() or 'local'}")
-    return Outputs(base, data, start, reference, adapter, report, exports, plans, gate, card, published)
+    # As the card shows the config (secrets masked, files by name) and the sources by content: a worker's
+    # fresh clone of the same commit makes the same card.
+    forgetting_md = run.derive(forgetting.report_markdown, out.gate) if out.gate is not None else None
+    out.card = run(card_task, config=card_config(config), data=out.data, adapter=out.adapter,
+                   forgetting_md=forgetting_md, exports=out.exports, commit=modelcard.git_commit(Path.cwd()),
+                   sources=out.sources)
+    if config.publish.enabled and (out.gate is None or out.gate.passed):  # config refuses publish without the check
+        out.published = run(publish_task, exports=out.exports, card=out.card, spec=config.publish,
+                            message=f"dpoflow: pipeline {config.name}, run {flow_run.get_name() or 'local'}")
+    return out
 
 
-def compose_data(config: PipelineConfig, run, fingerprints: list[str]) -> tuple[Any, Any]:
+def compose_data(config: PipelineConfig, run: Runner) -> tuple[ModelRef, PreparedData, list[DataSource]]:
     """The first two stages (the model's tokenizer renders the data): the whole of `dpoflow prepare`.
-    `fingerprints`: sources.fingerprint of each data source, in order."""
-    base = run(model_task, "model", models.key_inputs(config.model), spec=config.model)
-    data = run(prepare_task, "prepare", prepare_inputs(config, base, fingerprints),
-               sources=config.data.source_specs, spec=config.data, model=base,
-               max_length=config.dpo.max_length, eval_tasks=tuple(decontamination_tasks(config)))
-    return base, data
+    Also the data sources as prepare read them (with their content fingerprints), for the model card."""
+    # Each source's files hashed once: the prepare key and the model card both name them.
+    data_sources = [DataSource(spec=s, digest=sources.fingerprint(s)) for s in config.data.source_specs]
+    base = run(model_task, spec=config.model)
+    data = run(prepare_task, sources=data_sources, spec=config.data, model=base, max_length=config.dpo.max_length,
+               eval_tasks=tuple(decontamination_tasks(config)))
+    return base, data, data_sources
 
 
 @redact_flow_parameters
@@ -211,7 +219,7 @@ def prepare_only(config: PipelineConfig) -> dict[str, Any]:
     workspace = Workspace(config.workdir)
     run = StageRunner(workspace)
     with keep_failed_data_report(workspace, config, run):
-        _, data = compose_data(config, run, [sources.fingerprint(s) for s in config.data.source_specs])
+        _, data, _ = compose_data(config, run)
     run_dir = new_run_folder(workspace, config)
     summary = {"pipeline": config.name, "flow_run": flow_run.get_name(), "stages": rows_as_dicts(run.rows),
                "run_dir": str(run_dir), "data": data.counts}
@@ -275,7 +283,7 @@ def pipeline(config: PipelineConfig, overrides: list[str] | None = None) -> dict
     blocked = None
     try:
         with keep_failed_data_report(workspace, config, run):
-            out = compose(config, backend, run, hardware_plans(config))
+            out = compose(config, run, hardware_plans(config))
     except GateBlocked as e:  # still leave the summary and the score table before failing the run
         blocked, out = e, e.outputs
     summary = record_run(config, backend, run, out, blocked, new_run_folder(workspace, config), overrides or [])
@@ -405,23 +413,9 @@ def write_run_folder(run_dir: Path, summary: dict, outputs: dict[str, str], summ
     link.replace(run_dir.parent / "latest")
 
 
-def training_inputs(config: PipelineConfig, backend, plan: TrainingPlan) -> dict[str, Any]:
-    """The cache-key part shared by the training stages: how and where they train."""
-    return {"seed": config.seed, "setup": config.train.model_dump(), "backend": backend.name, "plan": plan_key(plan)}
-
-
 def decontamination_tasks(config: PipelineConfig) -> list[str]:
     """The forgetting-check tasks whose items no training prompt may overlap."""
     return config.evaluate.tasks if config.evaluate.enabled and config.data.decontamination.enabled else []
-
-
-def prepare_inputs(config: PipelineConfig, base, fingerprints: list[str]) -> dict[str, Any]:
-    """What the prepare stage's output depends on: the data's content, the data section, the tokenizer
-    (the model), max_length and the evaluation items it decontaminates against."""
-    tasks = decontamination_tasks(config)
-    return {"model": base.digest, "sources": fingerprints,
-            "spec": config.data.model_dump(exclude={"sources"}), "max_length": config.dpo.max_length,
-            "eval_tasks": tasks, "evals": forgetting.tasks_digest() if tasks else None}
 
 
 def artifact_key(name: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 
-from dpoflow.cache import cache_key_from_param
+from dpoflow.cache import StageInputs
 from dpoflow.runtime import StageInterrupted
 
 try:
@@ -13,33 +13,53 @@ try:
 except ImportError:  # stage logic alone (e.g. a bare GPU box running bench/): no tasks, same functions
     task = None
 
+# Parameters of every stage task that are not part of its cache key.
+RUN_ONLY = {
+    "out_dir": "where this key's outputs go: chosen from the key",
+    "checkpoint_dir": "where a run in progress keeps its checkpoints: chosen from the key",
+}
 
-def stage_task(fn=None, **options):
-    """A stage's Prefect task: its result is cached under the content key the flow passes as `key`
-    and persisted as JSON, so a later run (any process) reuses it. `options` are more of Prefect's
-    task options (retries for a stage that talks to the network). Ctrl-C inside it is reported with
-    the stage's name (dpoflow.runtime.StageInterrupted)."""
+
+def stage_task(fn=None, *, stage: str | None = None, not_key: dict[str, str] | None = None, depends_on=None,
+               **options):
+    """A stage's Prefect task (named `stage`, default the function's name less `_task`): its result is
+    cached under a key derived from its arguments (dpoflow.cache.StageInputs) and persisted as JSON, so
+    a later run (any process) reuses it. `not_key`: more parameters (beyond RUN_ONLY) that do not change
+    what the stage makes, with why; `depends_on(arguments)`: what it depends on that is not an argument.
+    `options` are more of Prefect's task options (retries for a stage that talks to the network). Ctrl-C
+    inside it is reported with the stage's name (dpoflow.runtime.StageInterrupted)."""
     if fn is None:
-        return lambda f: stage_task(f, **options)
+        return lambda f: stage_task(f, stage=stage, not_key=not_key, depends_on=depends_on, **options)
+    name = stage or fn.__name__.removesuffix("_task")
 
     @functools.wraps(fn)
-    def interruptible(stage: str, *args, **kwargs):
+    def interruptible(*args, **kwargs):
         try:
-            return fn(stage, *args, **kwargs)
+            return fn(*args, **kwargs)
         except StageInterrupted:  # the stage said more (the dpo step and checkpoint)
             raise
         except KeyboardInterrupt:  # Ctrl-C: say in which stage it landed
-            raise StageInterrupted(stage) from None
+            raise StageInterrupted(name) from None
 
     if task is None:
         return interruptible
-    return task(
-        name=fn.__name__.removesuffix("_task"),
-        cache_key_fn=cache_key_from_param,
-        persist_result=True,
-        result_serializer="json",
-        **options,
-    )(interruptible)
+    policy = StageInputs(stage=name, module=fn.__module__, not_key={**RUN_ONLY, **(not_key or {})},
+                         depends_on=depends_on)
+    return task(name=name, cache_policy=policy, persist_result=True, result_serializer="json",
+                **options)(interruptible)
+
+
+def stage_policy(stage_task) -> StageInputs:
+    """The cache policy a stage task was declared with."""
+    return stage_task.cache_policy
+
+
+def training_backend(inputs: dict) -> dict:
+    """What a training stage depends on beyond its arguments: the backend its `setup` resolves to on this
+    machine (Unsloth or TRL + PEFT train the same spec differently)."""
+    from dpoflow.backends import choose_backend
+
+    return {"backend": choose_backend(inputs["setup"]).name}
 
 
 def retry_if_transient(task, task_run, state) -> bool:

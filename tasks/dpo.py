@@ -35,7 +35,7 @@ from dpoflow.runtime import StageInterrupted
 from dpoflow.training import (deterministic_log, final_metrics, keep_outputs_fp32, save_adapter, time_split,
                               trainer_args)
 
-from . import stage_logger, stage_task
+from . import stage_logger, stage_task, training_backend
 
 LOGGED = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
           "logps/chosen", "logps/rejected")
@@ -374,14 +374,23 @@ def compute_reference_logps(start: ModelRef, data: PreparedData, spec: DPOSpec, 
                           pairs=str(out_dir / PAIRS_FILE))
 
 
-@stage_task
-def reference_task(stage: str, key: str, out_dir: str, start: ModelRef, data: PreparedData, spec: DPOSpec,
+def reference_spec(spec: DPOSpec) -> DPOSpec:
+    """The part of a DPO spec the reference pass depends on, the rest at its defaults: what the reference
+    task is given, so runs that differ only in beta, learning rate, loss or steps share one pass. The
+    LoRA and gradient checkpointing settings load the model as the dpo stage does, which lets both use
+    one load (model_reuse)."""
+    return DPOSpec(max_length=spec.max_length, share_prompt=spec.share_prompt, lora=spec.lora,
+                   gradient_checkpointing=spec.gradient_checkpointing)
+
+
+@stage_task(depends_on=training_backend)
+def reference_task(out_dir: str, start: ModelRef, data: PreparedData, spec: DPOSpec,
                    setup: TrainSetup, plan: TrainingPlan, seed: int) -> ReferenceLogps:
     return compute_reference_logps(start, data, spec, setup, plan, seed, Path(out_dir))
 
 
-@stage_task
-def dpo_task(stage: str, key: str, out_dir: str, checkpoint_dir: str, start: ModelRef, data: PreparedData,
+@stage_task(depends_on=training_backend)
+def dpo_task(out_dir: str, checkpoint_dir: str, start: ModelRef, data: PreparedData,
              spec: DPOSpec, setup: TrainSetup, plan: TrainingPlan, seed: int,
              reference: ReferenceLogps | None = None) -> TrainedAdapter:
     return run_stage(train_dpo, plan.num_processes, stage_logger(), start=start, data=data, spec=spec, setup=setup,

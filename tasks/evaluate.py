@@ -105,14 +105,19 @@ def _device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@stage_task
-def start_scores_task(stage: str, key: str, out_dir: str, start: ModelRef, data: PreparedData,
+def evaluation_items(inputs: dict) -> dict:
+    """What the scores depend on beyond the arguments: the items of dpoflow's own tasks."""
+    return {"evals": forgetting.tasks_digest()}
+
+
+@stage_task(stage="baseline", depends_on=evaluation_items)
+def start_scores_task(out_dir: str, start: ModelRef, data: PreparedData,
                       spec: EvaluateSpec) -> TaskScores:
     return score_start_model(start, data, spec, Path(out_dir))
 
 
-@stage_task
-def evaluate_task(stage: str, key: str, out_dir: str, base: ModelRef, adapter: TrainedAdapter,
+@stage_task(depends_on=evaluation_items)
+def evaluate_task(out_dir: str, base: ModelRef, adapter: TrainedAdapter,
                   data: PreparedData, spec: EvaluateSpec, start_scores: TaskScores, beta: float,
                   max_length: int) -> EvalReport:
     return evaluate_model(base, adapter, data, spec, start_scores, beta, max_length, Path(out_dir))

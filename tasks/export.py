@@ -159,5 +159,5 @@ def export_gguf(merged, tokenizer, merged_dir: Path, spec: ExportSpec, out_dir: 
 
 
 @stage_task
-def export_task(stage: str, key: str, out_dir: str, adapter: TrainedAdapter, spec: ExportSpec) -> Exports:
+def export_task(out_dir: str, adapter: TrainedAdapter, spec: ExportSpec) -> Exports:
     return export_model(adapter, spec, Path(out_dir))

@@ -26,7 +26,7 @@ from dpoflow.datareport import CLEANING_RULES, Tally, build_report, length_histo
 from dpoflow.models import load_tokenizer
 from dpoflow.layouts import grouped_by_prompt
 from dpoflow.pairs import DataError, Pair, Rejection, dedup_key, pairs_of
-from dpoflow.records import ModelRef, PreparedData
+from dpoflow.records import DataSource, ModelRef, PreparedData
 from dpoflow.redact import redact
 from dpoflow.sources import read_source
 
@@ -345,7 +345,13 @@ def _require_data(sources: list[SourceSpec], tally: Tally) -> None:
                             f"{counts['rejected']} set aside); add data or change heldout_fraction")
 
 
-@stage_task
-def prepare_task(stage: str, key: str, out_dir: str, sources: list[SourceSpec], spec: DataSpec,
-                 model: ModelRef, max_length: int | None = None, eval_tasks: tuple[str, ...] = ()) -> PreparedData:
-    return prepare_data(sources, spec, model, Path(out_dir), max_length, eval_tasks)
+def evaluation_items(inputs: dict) -> dict:
+    """What decontamination depends on beyond the arguments: the items of the tasks it checks against."""
+    return {"evals": forgetting.tasks_digest() if inputs.get("eval_tasks") else None}
+
+
+@stage_task(depends_on=evaluation_items)
+def prepare_task(out_dir: str, sources: list[DataSource], spec: DataSpec, model: ModelRef,
+                 max_length: int | None = None, eval_tasks: tuple[str, ...] = ()) -> PreparedData:
+    """`sources`: the data sources with their content fingerprints (their key); `spec.sources` is not read."""
+    return prepare_data([s.spec for s in sources], spec, model, Path(out_dir), max_length, eval_tasks)

@@ -1,6 +1,7 @@
 """card + publish: the model card of the release, then one Hub commit of the exports and the card.
 The flow calls publish only after the forgetting check passed (dpoflow.config refuses publish without
-the check), and its cache key leaves out the run's name, so a re-run with nothing changed pushes nothing."""
+the check), and its cache key leaves out the run's name (the commit message), so a re-run with nothing
+changed pushes nothing."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from dpoflow import hub, modelcard
 from dpoflow.artifacts import MANIFEST, NotIntact, fresh_dir, json_digest, seal, sealed_files
 from dpoflow.config import PipelineConfig, PublishSpec, SourceSpec
 from dpoflow.redact import redact, redact_text
-from dpoflow.records import Artifact, Exports, PreparedData, Published, TrainedAdapter
+from dpoflow.records import Artifact, DataSource, Exports, PreparedData, Published, TrainedAdapter
 
 from . import stage_logger, stage_task
 
@@ -54,14 +55,14 @@ def card_config(config: PipelineConfig) -> dict:
     return redact(shown)
 
 
-def write_card(config: PipelineConfig, data: PreparedData, adapter: TrainedAdapter, forgetting_md: str | None,
-               exports: Exports, commit: str, sources: list[dict], out_dir: Path) -> Artifact:
-    """`sources`: [{label, fingerprint}] in the order of config.data.source_specs."""
+def write_card(shown: dict, data: PreparedData, adapter: TrainedAdapter, forgetting_md: str | None,
+               exports: Exports, commit: str, sources: list[DataSource], out_dir: Path) -> Artifact:
+    """`shown`: the config as the card shows it (`card_config`); `sources`: the data sources, in order."""
     fresh_dir(out_dir)
-    named = [{**s, "label": public_source(spec).label} for s, spec in zip(sources, config.data.source_specs)]
-    text = modelcard.render(card_config(config), local_name(config.model.source),
-                            {"sources": named, "counts": data.counts}, adapter.metrics, forgetting_md,
-                            export_summary(exports), commit, config.publish.repo_id)
+    named = [{"label": public_source(s.spec).label, "fingerprint": s.digest} for s in sources]
+    text = modelcard.render(shown, shown["model"]["source"], {"sources": named, "counts": data.counts},
+                            adapter.metrics, forgetting_md, export_summary(exports), commit,
+                            shown["publish"]["repo_id"])
     (out_dir / "README.md").write_text(redact_text(text))
     return Artifact(path=str(out_dir), digest=seal(out_dir))
 
@@ -85,14 +86,15 @@ def release_files(exports: Exports, card: Artifact, include: list[str]) -> dict[
 
 
 @stage_task
-def card_task(stage: str, key: str, out_dir: str, config: PipelineConfig, data: PreparedData,
-              adapter: TrainedAdapter, forgetting_md: str | None, exports: Exports, commit: str,
-              sources: list[dict]) -> Artifact:
+def card_task(out_dir: str, config: dict, data: PreparedData, adapter: TrainedAdapter, forgetting_md: str | None,
+              exports: Exports, commit: str, sources: list[DataSource]) -> Artifact:
+    """`config`: the pipeline's config as the card shows it (`card_config`)."""
     return write_card(config, data, adapter, forgetting_md, exports, commit, sources, Path(out_dir))
 
 
-@stage_task
-def publish_task(stage: str, key: str, out_dir: str, exports: Exports, card: Artifact, spec: PublishSpec,
+@stage_task(not_key={"message": "the commit message names the flow run: the same release from another run is "
+                                "the same release, and pushes nothing"})
+def publish_task(out_dir: str, exports: Exports, card: Artifact, spec: PublishSpec,
                  message: str) -> Published:
     log = stage_logger()
     files = release_files(exports, card, spec.include)

@@ -18,7 +18,7 @@ from dpoflow.ranks import is_main_process
 from dpoflow.records import ModelRef, PreparedData
 from dpoflow.training import final_metrics, keep_outputs_fp32, save_adapter, time_split, trainer_args
 
-from . import stage_logger, stage_task
+from . import stage_logger, stage_task, training_backend
 
 
 def train_sft(base: ModelRef, data: PreparedData, spec: SFTSpec, setup: TrainSetup, plan: TrainingPlan, seed: int,
@@ -64,8 +64,8 @@ def train_sft(base: ModelRef, data: PreparedData, spec: SFTSpec, setup: TrainSet
     return ModelRef(path=str(out_dir), digest=seal(out_dir), source=f"sft of {base.source}", role="sft")
 
 
-@stage_task
-def sft_task(stage: str, key: str, out_dir: str, base: ModelRef, data: PreparedData, spec: SFTSpec,
+@stage_task(depends_on=training_backend)
+def sft_task(out_dir: str, base: ModelRef, data: PreparedData, spec: SFTSpec,
              setup: TrainSetup, plan: TrainingPlan, seed: int) -> ModelRef:
     return run_stage(train_sft, plan.num_processes, stage_logger(), base=base, data=data, spec=spec, setup=setup,
                      plan=plan, seed=seed, out_dir=Path(out_dir))

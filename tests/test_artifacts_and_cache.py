@@ -1,7 +1,9 @@
 import sys
 
+import pytest
+
 from dpoflow.artifacts import folder_digest, is_intact, json_digest, seal
-from dpoflow.cache import cache_key_from_param, code_digest, stage_key
+from dpoflow.cache import StageInputs, code_digest, key_value
 
 
 def make(folder, **files):
@@ -42,14 +44,53 @@ def test_sealed_folder_detects_changed_and_missing_files_and_ignores_stray_ones(
     assert not is_intact(folder)
 
 
-def test_stage_key_changes_with_inputs_and_stage_not_with_dict_order():
-    module = __name__
-    k, material = stage_key("dpo", module, {"model": "m1", "spec": {"beta": 0.1, "lr": 1e-3}})
-    assert k == json_digest(material) and material["inputs"]["model"] == "m1"
-    assert k == stage_key("dpo", module, {"spec": {"lr": 1e-3, "beta": 0.1}, "model": "m1"})[0]
-    assert k != stage_key("dpo", module, {"model": "m1", "spec": {"beta": 0.2, "lr": 1e-3}})[0]
-    assert k != stage_key("dpo", module, {"model": "m2", "spec": {"beta": 0.1, "lr": 1e-3}})[0]
-    assert k != stage_key("sft", module, {"model": "m1", "spec": {"beta": 0.1, "lr": 1e-3}})[0]
+def test_stage_key_changes_with_arguments_and_stage_not_with_their_order_or_run_only_ones():
+    from dpoflow.config import DPOSpec
+    from dpoflow.records import ModelRef
+
+    def key(stage="dpo", **arguments):
+        policy = StageInputs(stage=stage, module=__name__, not_key={"out_dir": "where"},
+                             depends_on=lambda inputs: {"backend": "trl"})
+        return policy.compute_key(None, arguments, {})
+
+    model = ModelRef(path="/a/model", digest="m1", source="builtin:x", role="base")
+    k = key(model=model, spec=DPOSpec(beta=0.1), out_dir="/a")
+    assert k.startswith("dpo-") and k == key(spec=DPOSpec(beta=0.1), model=model, out_dir="/elsewhere")
+    assert k == key(model=model.model_copy(update={"path": "/b/model"}), spec=DPOSpec(beta=0.1), out_dir="/a")
+    assert k != key(model=model, spec=DPOSpec(beta=0.2), out_dir="/a")
+    assert k != key(model=model.model_copy(update={"digest": "m2"}), spec=DPOSpec(beta=0.1), out_dir="/a")
+    assert k != key("sft", model=model, spec=DPOSpec(beta=0.1), out_dir="/a")
+
+
+def test_key_value_takes_records_by_digest_and_leaves_out_what_the_schema_marks():
+    from dpoflow.config import EvaluateSpec, GateSpec, PublishSpec
+    from dpoflow.hardware import TrainingPlan
+    from dpoflow.records import ModelRef, TrainedAdapter
+
+    start = ModelRef(path="/x", digest="s", source="builtin:x", role="base")
+    adapter = TrainedAdapter(path="/y", digest="a", start=start, reference="r", metrics={})
+    assert key_value(start) == "s" and key_value(adapter) == {"digest": "a", "start": "s"}
+    assert key_value(EvaluateSpec(gate=GateSpec(max_drop=9))) == key_value(EvaluateSpec())
+    assert "gate" not in key_value(EvaluateSpec()) and key_value(EvaluateSpec(limit=3))["limit"] == 3
+    assert key_value(PublishSpec(max_attempts=9, token_secret="s")) == key_value(PublishSpec())
+    plan = TrainingPlan("fp32", False, 4, 2, warnings=["w"], reasons=["free memory 3 GiB"])
+    assert key_value(plan) == key_value(TrainingPlan("fp32", False, 4, 2))
+    assert key_value(plan) != key_value(TrainingPlan("fp32", False, 8, 1))
+    with pytest.raises(TypeError, match="cannot be part of a cache key"):
+        key_value(object())
+
+
+def test_every_field_left_out_of_keys_is_a_real_field_and_says_why():
+    import dataclasses
+    import inspect
+
+    from dpoflow import config, hardware
+
+    classes = [c for _, c in inspect.getmembers(config, inspect.isclass) if issubclass(c, config.Strict)]
+    for cls in [*classes, hardware.TrainingPlan]:
+        names = cls.model_fields if hasattr(cls, "model_fields") else {f.name for f in dataclasses.fields(cls)}
+        for name, why in cls.not_key.items():
+            assert name in names and len(why) > 10, (cls, name)
 
 
 def test_code_digest_covers_the_stage_module(tmp_path, monkeypatch):
@@ -65,9 +106,71 @@ def test_code_digest_covers_the_stage_module(tmp_path, monkeypatch):
     del sys.modules["fake_stage"]
 
 
-def test_prefect_key_comes_from_the_key_parameter():
-    assert cache_key_from_param(None, {"stage": "dpo", "key": "abc", "other": 1}) == "dpo-abc"
-    assert json_digest({"a": 1}) == json_digest({"a": 1})
+def test_every_stage_task_names_its_stage_and_leaves_out_only_parameters_it_has_with_a_reason():
+    import inspect
+
+    from dpoflow.tasks import stage_policy
+    from dpoflow.tasks.dpo import dpo_task, reference_task
+    from dpoflow.tasks.evaluate import evaluate_task, start_scores_task
+    from dpoflow.tasks.export import export_task
+    from dpoflow.tasks.model import model_task
+    from dpoflow.tasks.prepare import prepare_task
+    from dpoflow.tasks.publish import card_task, publish_task
+    from dpoflow.tasks.sft import sft_task
+
+    tasks = [model_task, prepare_task, sft_task, reference_task, dpo_task, start_scores_task, evaluate_task,
+             export_task, card_task, publish_task]
+    assert [stage_policy(t).stage for t in tasks] == ["model", "prepare", "sft", "reference", "dpo", "baseline",
+                                                      "evaluate", "export", "card", "publish"]
+    for t in tasks:
+        policy, parameters = stage_policy(t), set(inspect.signature(t.fn).parameters)
+        assert "out_dir" in parameters
+        assert set(policy.not_key) - parameters <= {"checkpoint_dir"}  # the run-only ones it lacks
+        assert all(len(why) > 10 for why in policy.not_key.values())
+    assert set(stage_policy(publish_task).not_key) - set(stage_policy(dpo_task).not_key) == {"message"}
+
+
+def toy_writes(out_dir: str, spec, times: int = 1):
+    from pathlib import Path
+
+    from dpoflow.records import Artifact
+
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "out.txt").write_text(f"{spec.beta} " * times)
+    return Artifact(path=out_dir, digest=seal(folder))
+
+
+def test_prefect_caches_a_stage_under_the_key_the_flow_derives_from_its_arguments(tmp_path, monkeypatch):
+    """The runner derives the key first (it names the output folder); Prefect's cache policy derives it
+    again from the same arguments, defaults filled in: a second call is Prefect's cache hit, under
+    that key, and another value re-runs the stage."""
+    from prefect import flow
+
+    from dpoflow.cache import Workspace
+    from dpoflow.config import DPOSpec
+    from dpoflow.flows.pipeline import StageRunner, stage_key
+    from dpoflow.tasks import stage_task
+
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    toy_task = stage_task(toy_writes, stage="toy")
+    workspace = Workspace(tmp_path / "work")
+
+    @flow
+    def three_calls():
+        run = StageRunner(workspace)
+        run(toy_task, spec=DPOSpec(beta=0.3))
+        run(toy_task, spec=DPOSpec(beta=0.3), times=1)  # the default, given: the same key
+        run(toy_task, spec=DPOSpec(beta=0.4))
+        return run.rows
+
+    rows = three_calls()
+    assert [row.status for row in rows] == ["ran", "cached", "ran"]
+    _, key, material = stage_key(toy_task, {"spec": DPOSpec(beta=0.3)})
+    assert rows[0].key == rows[1].key == key != rows[2].key
+    assert material["inputs"]["times"] == 1 and "out_dir" not in material["inputs"]
+    assert workspace.result_file("toy", key).is_file()
+    assert (workspace.stage_dir("toy", key) / "out.txt").read_text() == "0.3 "
 
 
 def test_code_digest_follows_only_the_dpoflow_modules_a_stage_imports(tmp_path):

@@ -211,8 +211,8 @@ def test_ctrl_c_in_any_stage_names_the_stage():
     from dpoflow.tasks import stage_task
 
     @stage_task
-    def sft_task(stage: str, key: str):
+    def sft_task(out_dir: str):
         raise KeyboardInterrupt
 
     with pytest.raises(StageInterrupted, match="^sft$"):
-        getattr(sft_task, "fn", sft_task)(stage="sft", key="k")
+        getattr(sft_task, "fn", sft_task)(out_dir="x")

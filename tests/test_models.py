@@ -64,8 +64,8 @@ def test_the_model_stage_retries_a_dropped_connection_but_not_a_missing_model(mo
 
     @flow
     def load(source: str):
-        return task(stage="model", key=source, out_dir=str(tmp_path / source.replace("/", "-")),
-                    spec=ModelSpec(source=source), return_state=True).type.value
+        return task(out_dir=str(tmp_path / source.replace("/", "-")), spec=ModelSpec(source=source),
+                    return_state=True).type.value
 
     assert load("org/model") == "COMPLETED" and calls == ["org/model", "org/model"]
     calls.clear()

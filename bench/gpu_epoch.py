@@ -4,7 +4,7 @@
   reference computed on the fly). Counted: every second of `train_dpo` after the model is loaded (the
   first step's compilation included), and the stage's whole wall time beside it.
 - sweep: the `reference` stage's pass once, then four `dpo` stages (beta/lr variants) reusing it, as
-  `dpoflow sweep` runs them: the stages one after the other inside `model_reuse.keep_loaded()`, so the
+  `dpoflow sweep` runs them: the stages one after the other given one `model_reuse.ModelKeeper`, so the
   model is loaded once. Counted: the whole sequence's wall time, the pass and its load included, and
   the same less the one model load.
 - sweep-reload: the same, each stage loading its own model (four pipelines run one by one).
@@ -14,7 +14,7 @@
 Tokens are counted as the workload defines them: pairs x 2 x 512 (prompt + answer, both answers),
 whatever the stage computes internally. Each scenario runs in a child process that, as the CLI does,
 imports torch and dpoflow and freezes them from the collector before Unsloth is imported; one-run and
-the stages of a sweep run inside `keep_loaded()`, as `dpoflow run` and `dpoflow sweep` run them.
+the stages of a sweep share a `ModelKeeper`, as `dpoflow run` and `dpoflow sweep` run them.
 Seconds spent in the garbage collector during a stage are reported as `gc_s`.
 
     python3 bench/gpu_epoch.py --shape llama-3.1-8b --scenarios one-run,sweep --pairs 512
@@ -162,12 +162,13 @@ def _train(work, pairs, batch, share, name, **variant):
     from dpoflow.tasks.dpo import train_dpo
 
     start, data, spec, setup, plan, reference = variant.pop("prepared")
+    keeper = variant.pop("keeper", None)
     marks = _train_clock()
     torch.cuda.reset_peak_memory_stats()
     began = time.perf_counter()
     with _GcClock() as collector:
         adapter = train_dpo(start, data, spec, setup, plan, 0, work / name, reference=reference,
-                            callbacks=(marks,))
+                            callbacks=(marks,), keeper=keeper)
     done = time.perf_counter()
     m = marks.marks
     tokens = pairs * 2 * SEQ
@@ -195,11 +196,11 @@ def _import_unsloth() -> None:
 
 def one_run(work: Path, pairs: int, batch: int, share: bool) -> dict:
     _import_unsloth()
-    from dpoflow.model_reuse import keep_loaded
+    from dpoflow.model_reuse import ModelKeeper
 
     inputs = _inputs(work, pairs, batch, share)
-    with keep_loaded():
-        return _train(work, pairs, batch, share, "one-run", prepared=(*inputs, None))
+    with ModelKeeper() as keeper:
+        return _train(work, pairs, batch, share, "one-run", prepared=(*inputs, None), keeper=keeper)
 
 
 def _timed_loads():
@@ -228,21 +229,22 @@ def sweep(work: Path, pairs: int, batch: int, share: bool, keep: bool = True) ->
 
     import torch
 
-    from dpoflow.model_reuse import keep_loaded
+    from dpoflow.model_reuse import ModelKeeper
     from dpoflow.tasks.dpo import compute_reference_logps
 
     load_seconds = _timed_loads()
     began = time.perf_counter()
-    with keep_loaded() if keep else contextlib.nullcontext() as kept:
+    with ModelKeeper() if keep else contextlib.nullcontext() as kept:
         start, data, spec, setup, plan = _inputs(work, pairs, batch, share, precompute=True)
-        reference = compute_reference_logps(start, data, spec, setup, plan, 0, work / f"reference-{keep}")
+        reference = compute_reference_logps(start, data, spec, setup, plan, 0, work / f"reference-{keep}",
+                                            keeper=kept)
         torch.cuda.synchronize()
         pass_s = time.perf_counter() - began
         runs = []
         for beta, lr in VARIANTS:
             inputs = _inputs(work, pairs, batch, share, beta=beta, lr=lr, precompute=True)
             runs.append({"beta": beta, "lr": lr, **_train(work, pairs, batch, share, f"sweep-{keep}-{beta}-{lr}",
-                                                          prepared=(*inputs, reference))})
+                                                          prepared=(*inputs, reference), keeper=kept)})
             runs[-1]["allocated_after_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
         loads = {"loads": kept.loads, "reuses": kept.reuses} if keep else None
     total = time.perf_counter() - began
@@ -260,17 +262,17 @@ def reuse_check(work: Path, pairs: int, batch: int, share: bool) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    from dpoflow.model_reuse import keep_loaded
+    from dpoflow.model_reuse import ModelKeeper
 
-    def variant(name, beta, lr):
+    def variant(name, beta, lr, keeper=None):
         inputs = _inputs(work, pairs, batch, share, beta=beta, lr=lr)
-        result = _train(work, pairs, batch, share, name, prepared=(*inputs, None))
+        result = _train(work, pairs, batch, share, name, prepared=(*inputs, None), keeper=keeper)
         return result, load_file(work / name / "adapter" / "adapter_model.safetensors")
 
     fresh, fresh_weights = variant("check-fresh", 0.1, 5e-6)
-    with keep_loaded() as kept:
-        other, _ = variant("check-other", 0.2, 2.5e-6)
-        reused, reused_weights = variant("check-reused", 0.1, 5e-6)
+    with ModelKeeper() as kept:
+        other, _ = variant("check-other", 0.2, 2.5e-6, kept)
+        reused, reused_weights = variant("check-reused", 0.1, 5e-6, kept)
         loads = {"loads": kept.loads, "reuses": kept.reuses}
     diff = max((fresh_weights[k].float() - reused_weights[k].float()).abs().max().item() for k in fresh_weights)
     scale = max(fresh_weights[k].float().abs().max().item() for k in fresh_weights)

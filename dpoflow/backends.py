@@ -100,11 +100,9 @@ def load_for_training(choice: BackendChoice, path: str, plan: TrainingPlan, lora
     only) the plain model and `peft_config` go to TRL instead, which wraps it for DDP or FSDP itself.
     """
     from .ranks import world_size
-    from .model_reuse import release_kept
     from .models import load_model, load_tokenizer, torch_dtype
     from .training import lora_config
 
-    release_kept()  # a model kept from an earlier DPO stage (a sweep's) is not this one: never two at once
     dtype = weights_dtype(plan)
     if choice.name == "trl":
         if plan.load_in_4bit or plan.precision == "fp8":

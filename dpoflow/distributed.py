@@ -29,7 +29,9 @@ from .ranks import is_main_process, world_size
 NVLINK_MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
                         "NVSHMEM_DISABLE_NVLS": "1"}
 JOB_ENV = "DPOFLOW_DISTRIBUTED_JOB"
-NOT_SENT = ("callbacks",)  # in-process hooks; a launched stage gets the launcher's own (see `main`)
+# In-process objects: a launched stage gets the launcher's own hooks (see `main`), and its ranks load
+# their own models rather than take one the flow keeps.
+NOT_SENT = ("callbacks", "keeper")
 
 
 class LaunchError(RuntimeError):

@@ -1,6 +1,6 @@
-"""One loaded training model kept between the DPO stages of one process: the reference pass and the
-`dpo` stage of a pipeline, or every variant of a sweep. Each stage after the first skips the model
-load (about 13 s at the 8B shape on an H100, docs/benchmarks.md).
+"""One loaded training model kept between the DPO stages of one flow: the reference pass and the `dpo`
+stage of a pipeline, or every variant of a sweep. Each stage after the first skips the model load
+(about 13 s at the 8B shape on an H100, docs/benchmarks.md).
 
 A DPO stage hands TRL a PEFT model with a fresh adapter, and training changes that model in place:
 the adapter's weights, the frozen "ref" adapter TRL adds, instance `forward` patches (TRL's fused LM
@@ -9,14 +9,15 @@ snapshots all of that right after the load and puts it back before the next stag
 so every stage starts from what a fresh load gives (tests/test_model_reuse.py: the trained adapters
 are identical).
 
-Only inside `keep_loaded()`; outside it each stage loads its own model and frees it when done.
+The flow owns a `ModelKeeper` (a `with` block) and hands it to the training stages it wants to share a
+model; a stage given none loads its own model and frees it when done. The keeper is no part of a
+stage's cache key (tasks.RUN_ONLY) and is not sent to launched ranks (distributed.NOT_SENT).
 """
 
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable, Hashable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Hashable
 from typing import Any
 
 # Module hook tables that training may add to (TRL's input-grad hook, accelerate, Unsloth).
@@ -67,13 +68,26 @@ class Kept:
         model.train(self.training)
 
 
-class _Scope:
+class ModelKeeper:
+    """Keeps at most one loaded training model for the stages it is given to (`take`), and frees it
+    on `release` or at the end of its `with` block. The stages of one flow run one at a time (whichever
+    Prefect worker thread runs them), so it needs no lock."""
+
     def __init__(self):
         self.kept: Kept | None = None
         self.loads = self.reuses = 0
         self.frozen_before = gc.get_freeze_count() > 0  # the CLI froze its imports (runtime.freeze_imports)
 
+    def __enter__(self) -> ModelKeeper:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
     def take(self, key: Hashable, load: Callable[[], tuple[Any, Any, Any]], log: Callable[[str], Any]):
+        """`load()`'s (model, tokenizer, peft_config), or the kept model reset to how it was loaded, when
+        it was loaded under the same `key`: the same start model, weights precision, LoRA, max length
+        and seed."""
         if self.kept is not None and self.kept.key == key:
             self.kept.restore()
             self.reuses += 1
@@ -99,6 +113,7 @@ class _Scope:
         gc.freeze()
 
     def release(self) -> None:
+        """Free the kept model now, before another training model is loaded: never two at once."""
         if self.kept is None:
             return
         self.kept = None
@@ -110,35 +125,10 @@ class _Scope:
             gc.freeze()  # as the CLI left it: everything alive after its imports is long-lived
 
 
-_scope: _Scope | None = None  # one flow's stages run one at a time, whichever worker thread runs them
-
-
-@contextmanager
-def keep_loaded() -> Iterator[_Scope]:
-    """Within this block the DPO stages of this process share one loaded model when they load the same
-    one (same start model, weights precision, LoRA, max length and seed); it is freed on leaving."""
-    global _scope
-    outer = _scope
-    scope = _scope = outer or _Scope()
-    try:
-        yield scope
-    finally:
-        if outer is None:
-            _scope = None
-            scope.release()
-
-
-def release_kept() -> None:
-    """Free the kept model now, before another training model is loaded: never two at once."""
-    if _scope is not None:
-        _scope.release()
-
-
-def training_model(key: Hashable, load: Callable[[], tuple[Any, Any, Any]], log: Callable[[str], Any] = print):
-    """`load()`'s (model, tokenizer, peft_config), or inside `keep_loaded()` the kept model reset to how
-    it was loaded, when it was loaded under the same `key`."""
-    scope = _scope
-    return load() if scope is None else scope.take(key, load, log)
+def training_model(keeper: ModelKeeper | None, key: Hashable, load: Callable[[], tuple[Any, Any, Any]],
+                   log: Callable[[str], Any] = print):
+    """`load()`'s (model, tokenizer, peft_config), or with a `keeper` what its `take` gives."""
+    return load() if keeper is None else keeper.take(key, load, log)
 
 
 def free_accelerator_memory() -> None:

@@ -32,7 +32,7 @@ from dpoflow.cache import StageInputs, Workspace
 from dpoflow.config import PipelineConfig
 from dpoflow.errors import Explained
 from dpoflow.hardware import TrainingPlan, plan_stage
-from dpoflow.model_reuse import keep_loaded
+from dpoflow.model_reuse import ModelKeeper
 from dpoflow.redact import redact, redact_flow_parameters, redact_text
 from dpoflow.records import (Artifact, DataSource, EvalReport, Exports, ModelRef, PreparedData, Published,
                              ReferenceLogps, TrainedAdapter)
@@ -152,26 +152,29 @@ PlanFor = Callable[[Any, ModelRef], TrainingPlan | None]
 def compose(config: PipelineConfig, run: Runner, plan_for: PlanFor) -> Outputs:
     """The stages, their order and what feeds what: the one place the pipeline is wired. `run` runs
     (or looks up) a stage; `plan_for(spec, model)` is the hardware plan."""
-    with keep_loaded():  # the reference pass and the dpo stage share one loaded model
-        trained = compose_training(config, run, plan_for)
+    with ModelKeeper() as keeper:  # the reference pass and the dpo stage share one loaded model
+        trained = compose_training(config, run, plan_for, keeper)
     return compose_release(config, run, trained)
 
 
-def compose_training(config: PipelineConfig, run: Runner, plan_for: PlanFor) -> Trained:
-    """model -> prepare -> [sft] -> [reference] -> dpo."""
+def compose_training(config: PipelineConfig, run: Runner, plan_for: PlanFor,
+                     keeper: ModelKeeper | None = None) -> Trained:
+    """model -> prepare -> [sft] -> [reference] -> dpo. `keeper`: where the training stages keep their
+    loaded model for the next one (None: each loads its own)."""
     base, data, data_sources = compose_data(config, run)
     plans: dict[str, TrainingPlan] = {}
     start = base
     if config.sft.enabled:
         plans["sft"] = plan = plan_for(config.sft, base)
-        start = run(sft_task, base=base, data=data, spec=config.sft, setup=config.train, plan=plan, seed=config.seed)
+        start = run(sft_task, base=base, data=data, spec=config.sft, setup=config.train, plan=plan, seed=config.seed,
+                    keeper=keeper)
     plans["dpo"] = plan = plan_for(config.dpo, start)
     reference = None
     if config.dpo.precompute_ref_log_probs:
         reference = run(reference_task, start=start, data=data, spec=reference_spec(config.dpo), setup=config.train,
-                        plan=plan, seed=config.seed)
+                        plan=plan, seed=config.seed, keeper=keeper)
     adapter = run(dpo_task, start=start, data=data, spec=config.dpo, setup=config.train, plan=plan, seed=config.seed,
-                  reference=reference)
+                  reference=reference, keeper=keeper)
     return Trained(base, data, data_sources, start, reference, adapter, {k: v for k, v in plans.items() if v})
 
 

@@ -1,8 +1,8 @@
 """The sweep flow: several variants of one pipeline (dpoflow.sweeps) in one flow run.
 
 The variants' training halves run first, back to back: they share the model, prepare, sft and reference
-stages through the cache, and their DPO stages share one loaded model (dpoflow.model_reuse), so a
-variant costs its training steps and not a model load. Then each variant is evaluated, exported and
+stages through the cache, and their DPO stages share one loaded model (a dpoflow.model_reuse.ModelKeeper
+this flow holds), so a variant costs its training steps and not a model load. Then each variant is evaluated, exported and
 recorded as its own pipeline run would be, and a table compares them. A variant that fails does not
 stop the others; the sweep fails at the end if any did.
 """
@@ -18,7 +18,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from dpoflow.cache import Workspace
 from dpoflow.config import PipelineConfig
-from dpoflow.model_reuse import keep_loaded
+from dpoflow.model_reuse import ModelKeeper
 from dpoflow.redact import redact, redact_flow_parameters
 from dpoflow.runtime import set_cpu_threads
 from dpoflow.sweeps import Variant, comparison_markdown, comparison_row
@@ -50,11 +50,11 @@ def sweep(variants: list[Variant], overrides: list[str] | None = None) -> dict[s
     runs = [StageRunner(workspace) for _ in variants]
     backends = [start_backend(v.config) for v in variants]
     trained, errors = {}, {}
-    with keep_loaded() as kept:
+    with ModelKeeper() as kept:
         for i, (variant, run, backend) in enumerate(zip(variants, runs, backends)):
             logger.info("sweep variant %d of %d: %s: training", i + 1, len(variants), variant.label)
             try:
-                trained[i] = compose_training(variant.config, run, hardware_plans(variant.config))
+                trained[i] = compose_training(variant.config, run, hardware_plans(variant.config), kept)
             except Exception as e:  # noqa: BLE001 - recorded in the table; the other variants go on
                 errors[i] = _failure(logger, variant, e)
     rows = []

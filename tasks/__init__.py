@@ -17,6 +17,7 @@ except ImportError:  # stage logic alone (e.g. a bare GPU box running bench/): n
 RUN_ONLY = {
     "out_dir": "where this key's outputs go: chosen from the key",
     "checkpoint_dir": "where a run in progress keeps its checkpoints: chosen from the key",
+    "keeper": "the flow's keeper of a loaded training model: saves a load, changes nothing trained",
 }
 
 

@@ -27,7 +27,7 @@ from dpoflow.config import DPOSpec, TrainSetup
 from dpoflow.distributed import run_stage
 from dpoflow.errors import Explained
 from dpoflow.hardware import TrainingPlan
-from dpoflow.model_reuse import free_accelerator_memory, training_model
+from dpoflow.model_reuse import ModelKeeper, free_accelerator_memory, training_model
 from dpoflow.prompt_sharing import install as share_prompts
 from dpoflow.ranks import is_main_process
 from dpoflow.records import ModelRef, PreparedData, ReferenceLogps, TrainedAdapter
@@ -218,13 +218,14 @@ def _dpo_trainer_class():
 
 
 def _trainer(backend: BackendChoice, start: ModelRef, dataset, spec: DPOSpec, plan: TrainingPlan, seed: int,
-             output_dir: Path, learning_rate: float, max_steps: int, callbacks: list):
-    # The same weights, LoRA and length load the same model: inside model_reuse.keep_loaded() the
+             output_dir: Path, learning_rate: float, max_steps: int, callbacks: list, keeper: ModelKeeper | None):
+    # The same weights, LoRA and length load the same model: with the flow's `keeper` the
     # reference pass and each sweep variant take the one already loaded, reset.
     key = (backend.name, start.path, start.digest, plan.precision, plan.load_in_4bit, spec.lora.model_dump_json(),
            spec.max_length, seed)
     model, tokenizer, peft_config = training_model(
-        key, lambda: load_for_training(backend, start.path, plan, spec.lora, spec.max_length, seed), stage_logger())
+        keeper, key, lambda: load_for_training(backend, start.path, plan, spec.lora, spec.max_length, seed),
+        stage_logger())
     from trl import DPOConfig
 
     args = trainer_args(spec, output_dir, seed, plan)
@@ -259,9 +260,10 @@ def _load_adapter_weights(model, checkpoint: Path) -> None:
 
 def train_dpo(start: ModelRef, data: PreparedData, spec: DPOSpec, setup: TrainSetup, plan: TrainingPlan, seed: int,
               out_dir: Path, checkpoint_dir: Path | None = None, reference: ReferenceLogps | None = None,
-              callbacks: tuple = ()) -> TrainedAdapter | None:
+              callbacks: tuple = (), keeper: ModelKeeper | None = None) -> TrainedAdapter | None:
     """Train the DPO adapter into `out_dir`. Under torchrun every rank calls this; the main process
-    writes the outputs and returns the record, the others return None."""
+    writes the outputs and returns the record, the others return None. `keeper`: the flow's keeper of a
+    loaded training model, to take the model from (model_reuse); None: load one and free it after."""
     began = time.perf_counter()
     backend = choose_backend(setup)
     dataset = _train_rows(data, reference)
@@ -278,7 +280,7 @@ def train_dpo(start: ModelRef, data: PreparedData, spec: DPOSpec, setup: TrainSe
         if is_main_process():
             write_atomically(state_file, json.dumps(state, indent=1))
         trainer = _trainer(backend, start, dataset, spec, plan, seed, attempt_dir, state["learning_rate"],
-                           state["max_steps"], list(callbacks))
+                           state["max_steps"], list(callbacks), keeper)
         if reference is not None:
             trainer.precompute_ref_logps = True  # use the dataset's ref_* columns (TRL's own switch)
         tokens = sum(len(ids) for ids in trainer.train_dataset["chosen_ids"]) / len(trainer.train_dataset)
@@ -341,9 +343,10 @@ def train_dpo(start: ModelRef, data: PreparedData, spec: DPOSpec, setup: TrainSe
 
 
 def compute_reference_logps(start: ModelRef, data: PreparedData, spec: DPOSpec, setup: TrainSetup,
-                            plan: TrainingPlan, seed: int, out_dir: Path) -> ReferenceLogps:
+                            plan: TrainingPlan, seed: int, out_dir: Path,
+                            keeper: ModelKeeper | None = None) -> ReferenceLogps:
     """The start model's log-probs of every train pair, computed by TRL itself (same tokenization,
-    truncation and masking as training), stored per row."""
+    truncation and masking as training), stored per row. `keeper`: as for `train_dpo`."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -351,7 +354,7 @@ def compute_reference_logps(start: ModelRef, data: PreparedData, spec: DPOSpec, 
     fresh_dir(out_dir)
     with tempfile.TemporaryDirectory() as scratch:
         trainer = _trainer(backend, start, _train_rows(data, None), spec, plan, seed, Path(scratch),
-                           spec.learning_rate, 1, [])
+                           spec.learning_rate, 1, [], keeper)
         dataset = trainer.train_dataset
         loader = trainer.accelerator.prepare(DataLoader(
             dataset.select_columns(list(TOKENIZED)), batch_size=plan.per_device_batch,
@@ -365,7 +368,7 @@ def compute_reference_logps(start: ModelRef, data: PreparedData, spec: DPOSpec, 
                 chosen += c.float().cpu().tolist()
                 rejected += r.float().cpu().tolist()
         del trainer, loader
-        free_accelerator_memory()  # unless the model is kept (model_reuse), the dpo stage loads its own next
+        free_accelerator_memory()  # unless `keeper` keeps the model, the dpo stage loads its own next
     file = out_dir / "reference_logps.jsonl"
     write_jsonl(file, [{"row": row, "ref_chosen_logps": c, "ref_rejected_logps": r}
                        for row, c, r in zip(dataset["row"], chosen, rejected)])
@@ -385,14 +388,15 @@ def reference_spec(spec: DPOSpec) -> DPOSpec:
 
 @stage_task(depends_on=training_backend)
 def reference_task(out_dir: str, start: ModelRef, data: PreparedData, spec: DPOSpec,
-                   setup: TrainSetup, plan: TrainingPlan, seed: int) -> ReferenceLogps:
-    return compute_reference_logps(start, data, spec, setup, plan, seed, Path(out_dir))
+                   setup: TrainSetup, plan: TrainingPlan, seed: int,
+                   keeper: ModelKeeper | None = None) -> ReferenceLogps:
+    return compute_reference_logps(start, data, spec, setup, plan, seed, Path(out_dir), keeper)
 
 
 @stage_task(depends_on=training_backend)
 def dpo_task(out_dir: str, checkpoint_dir: str, start: ModelRef, data: PreparedData,
              spec: DPOSpec, setup: TrainSetup, plan: TrainingPlan, seed: int,
-             reference: ReferenceLogps | None = None) -> TrainedAdapter:
+             reference: ReferenceLogps | None = None, keeper: ModelKeeper | None = None) -> TrainedAdapter:
     return run_stage(train_dpo, plan.num_processes, stage_logger(), start=start, data=data, spec=spec, setup=setup,
                      plan=plan, seed=seed, out_dir=Path(out_dir), checkpoint_dir=Path(checkpoint_dir),
-                     reference=reference)
+                     reference=reference, keeper=keeper)

@@ -13,6 +13,7 @@ from dpoflow.backends import BackendError, choose_backend, load_for_training
 from dpoflow.config import SFTSpec, TrainSetup
 from dpoflow.distributed import run_stage
 from dpoflow.hardware import TrainingPlan
+from dpoflow.model_reuse import ModelKeeper
 from dpoflow.models import load_model
 from dpoflow.ranks import is_main_process
 from dpoflow.records import ModelRef, PreparedData
@@ -22,14 +23,17 @@ from . import stage_logger, stage_task, training_backend
 
 
 def train_sft(base: ModelRef, data: PreparedData, spec: SFTSpec, setup: TrainSetup, plan: TrainingPlan, seed: int,
-              out_dir: Path) -> ModelRef | None:
+              out_dir: Path, keeper: ModelKeeper | None = None) -> ModelRef | None:
     """Train, merge and save the SFT model into `out_dir`. Under torchrun every rank calls this; the
-    main process writes the model and returns the record, the others return None."""
+    main process writes the model and returns the record, the others return None. `keeper`: the flow's
+    keeper of a loaded training model, whose model (a sweep's earlier DPO stage's) is freed first."""
     began = time.perf_counter()
     if plan.load_in_4bit or plan.precision == "fp8":
         raise BackendError("sft: merging an adapter into 4-bit/FP8 weights is not supported; "
                            "set train.quantize: none and train.precision: bf16 for SFT, or sft.enabled: false")
     backend = choose_backend(setup)
+    if keeper is not None:
+        keeper.release()  # never two training models at once
     model, tokenizer, peft_config = load_for_training(backend, base.path, plan, spec.lora, spec.max_length, seed)
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -66,6 +70,6 @@ def train_sft(base: ModelRef, data: PreparedData, spec: SFTSpec, setup: TrainSet
 
 @stage_task(depends_on=training_backend)
 def sft_task(out_dir: str, base: ModelRef, data: PreparedData, spec: SFTSpec,
-             setup: TrainSetup, plan: TrainingPlan, seed: int) -> ModelRef:
+             setup: TrainSetup, plan: TrainingPlan, seed: int, keeper: ModelKeeper | None = None) -> ModelRef:
     return run_stage(train_sft, plan.num_processes, stage_logger(), base=base, data=data, spec=spec, setup=setup,
-                     plan=plan, seed=seed, out_dir=Path(out_dir))
+                     plan=plan, seed=seed, out_dir=Path(out_dir), keeper=keeper)

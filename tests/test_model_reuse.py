@@ -1,5 +1,5 @@
-"""The DPO stages of one process share one loaded model inside `keep_loaded()`, and a stage on the kept
-model trains exactly as it does on a freshly loaded one."""
+"""The DPO stages a flow gives one `ModelKeeper` share one loaded model, and a stage on the kept model
+trains exactly as it does on a freshly loaded one."""
 
 import gc
 import json
@@ -23,18 +23,18 @@ def spec(**fields) -> DPOSpec:
                       "logging_steps": 1, "lr_scheduler": "constant", "learning_rate": 1e-2, **fields})
 
 
-def train(pairs, out, dpo: DPOSpec, reference=None):
+def train(pairs, out, dpo: DPOSpec, reference=None, keeper=None):
     start, data, _ = pairs
-    train_dpo(start, data, dpo, TRL, plan_stage(TRL, dpo, start.path), 0, out, reference=reference)
+    train_dpo(start, data, dpo, TRL, plan_stage(TRL, dpo, start.path), 0, out, reference=reference, keeper=keeper)
     return load_file(out / "adapter" / "adapter_model.safetensors"), json.loads((out / "log_history.json").read_text())
 
 
 @cpu_only
 def test_a_variant_trained_on_the_kept_model_equals_one_trained_on_a_fresh_load(tmp_path, yes_no_pairs):
     fresh, fresh_log = train(yes_no_pairs, tmp_path / "fresh", spec(beta=0.1))
-    with model_reuse.keep_loaded() as scope:
-        other, _ = train(yes_no_pairs, tmp_path / "other", spec(beta=0.5, learning_rate=3e-2))
-        reused, reused_log = train(yes_no_pairs, tmp_path / "reused", spec(beta=0.1))
+    with model_reuse.ModelKeeper() as scope:
+        other, _ = train(yes_no_pairs, tmp_path / "other", spec(beta=0.5, learning_rate=3e-2), keeper=scope)
+        reused, reused_log = train(yes_no_pairs, tmp_path / "reused", spec(beta=0.1), keeper=scope)
         assert scope.loads == 1 and scope.reuses == 1
     assert fresh.keys() == reused.keys()
     assert all(torch.equal(fresh[k], reused[k]) for k in fresh)
@@ -49,9 +49,9 @@ def test_the_reference_pass_and_the_dpo_stage_share_one_load(tmp_path, yes_no_pa
     plan = plan_stage(TRL, dpo, start.path)
     fresh_reference = compute_reference_logps(start, data, dpo, TRL, plan, 0, tmp_path / "ref-fresh")
     fresh, _ = train(yes_no_pairs, tmp_path / "fresh", dpo, fresh_reference)
-    with model_reuse.keep_loaded() as scope:
-        reference = compute_reference_logps(start, data, dpo, TRL, plan, 0, tmp_path / "ref")
-        reused, log = train(yes_no_pairs, tmp_path / "reused", dpo, reference)
+    with model_reuse.ModelKeeper() as scope:
+        reference = compute_reference_logps(start, data, dpo, TRL, plan, 0, tmp_path / "ref", keeper=scope)
+        reused, log = train(yes_no_pairs, tmp_path / "reused", dpo, reference, keeper=scope)
         assert scope.loads == 1
     assert (tmp_path / "ref" / "reference_logps.jsonl").read_text() == \
         (tmp_path / "ref-fresh" / "reference_logps.jsonl").read_text()
@@ -63,16 +63,16 @@ def test_another_model_or_seed_replaces_the_kept_one_and_leaving_frees_it(tmp_pa
     start, data, _ = yes_no_pairs
     dpo = spec(max_steps=1)
     plan = plan_stage(TRL, dpo, start.path)
-    with model_reuse.keep_loaded() as scope:
-        train_dpo(start, data, dpo, TRL, plan, 0, tmp_path / "a")
+    with model_reuse.ModelKeeper() as scope:
+        train_dpo(start, data, dpo, TRL, plan, 0, tmp_path / "a", keeper=scope)
         first = weakref.ref(scope.kept.model)
-        train_dpo(start, data, dpo, TRL, plan, 1, tmp_path / "b")  # another seed: another adapter init
+        train_dpo(start, data, dpo, TRL, plan, 1, tmp_path / "b", keeper=scope)  # another seed: another init
         assert scope.loads == 2
         gc.collect()
         assert first() is None  # the first model was let go, not kept beside the second
         second = weakref.ref(scope.kept.model)
     gc.collect()
-    assert second() is None and model_reuse._scope is None
+    assert second() is None and scope.kept is None
 
 
 def test_an_sft_stage_frees_the_kept_dpo_model_before_loading_its_own(tmp_path, yes_no_pairs):
@@ -82,25 +82,38 @@ def test_an_sft_stage_frees_the_kept_dpo_model_before_loading_its_own(tmp_path, 
     start, data, _ = yes_no_pairs
     dpo = spec(max_steps=1)
     sft = SFTSpec(max_steps=1, per_device_batch_size=4, gradient_accumulation_steps=1)
-    with model_reuse.keep_loaded() as scope:
-        train_dpo(start, data, dpo, TRL, plan_stage(TRL, dpo, start.path), 0, tmp_path / "dpo")
+    with model_reuse.ModelKeeper() as scope:
+        train_dpo(start, data, dpo, TRL, plan_stage(TRL, dpo, start.path), 0, tmp_path / "dpo", keeper=scope)
         kept = weakref.ref(scope.kept.model)
-        train_sft(start, data, sft, TRL, plan_stage(TRL, sft, start.path), 0, tmp_path / "sft")
+        train_sft(start, data, sft, TRL, plan_stage(TRL, sft, start.path), 0, tmp_path / "sft", keeper=scope)
         assert scope.kept is None
         gc.collect()
         assert kept() is None
 
 
-def test_outside_keep_loaded_every_stage_loads_its_own(tmp_path, yes_no_pairs):
+def test_without_a_keeper_every_stage_loads_its_own(tmp_path, yes_no_pairs):
     calls = []
 
     def load():
         calls.append(1)
         return object(), object(), "peft-config"
 
-    assert model_reuse.training_model("k", load)[2] == "peft-config"
-    model_reuse.training_model("k", load)
+    assert model_reuse.training_model(None, "k", load)[2] == "peft-config"
+    model_reuse.training_model(None, "k", load)
     assert len(calls) == 2
+
+
+def test_a_stage_given_no_keeper_keeps_nothing_in_another_flows_keeper(tmp_path, yes_no_pairs):
+    """Two flows in one process (a worker serving two deployments): a stage uses only the keeper it is
+    given, so a model kept by one flow is never taken, reset or freed by the other's stages."""
+    start, data, _ = yes_no_pairs
+    dpo = spec(max_steps=1)
+    plan = plan_stage(TRL, dpo, start.path)
+    with model_reuse.ModelKeeper() as mine:
+        train_dpo(start, data, dpo, TRL, plan, 0, tmp_path / "mine", keeper=mine)
+        kept = mine.kept.model
+        train_dpo(start, data, dpo, TRL, plan, 0, tmp_path / "other")  # another flow's stage, no keeper
+        assert mine.kept.model is kept and mine.loads == 1 and mine.reuses == 0
 
 
 def test_restore_undoes_what_training_adds(yes_no_pairs):
@@ -141,15 +154,15 @@ def test_on_unsloth_a_variant_on_the_kept_model_equals_one_on_a_fresh_load(tmp_p
     start, data, _ = yes_no_pairs
     setup = TrainSetup(backend="unsloth")
 
-    def train_on_gpu(name, **fields):
+    def train_on_gpu(name, keeper=None, **fields):
         dpo = spec(**fields)
-        train_dpo(start, data, dpo, setup, plan_stage(setup, dpo, start.path), 0, tmp_path / name)
+        train_dpo(start, data, dpo, setup, plan_stage(setup, dpo, start.path), 0, tmp_path / name, keeper=keeper)
         return load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")
 
     fresh = train_on_gpu("fresh", beta=0.1)
-    with model_reuse.keep_loaded() as scope:
-        train_on_gpu("other", beta=0.5, learning_rate=3e-2)
-        reused = train_on_gpu("reused", beta=0.1)
+    with model_reuse.ModelKeeper() as scope:
+        train_on_gpu("other", scope, beta=0.5, learning_rate=3e-2)
+        reused = train_on_gpu("reused", scope, beta=0.1)
         assert scope.loads == 1 and scope.reuses == 1
     assert all(torch.equal(fresh[k], reused[k]) for k in fresh)
 
@@ -169,8 +182,8 @@ def test_the_kept_model_is_frozen_from_the_collector_only_while_kept(tmp_path, y
         def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
             optimizers.append(weakref.ref(optimizer))
 
-    def stage(name):
-        train_dpo(start, data, dpo, TRL, plan, 0, tmp_path / name, callbacks=(KeepOptimizer(),))
+    def stage(name, keeper):
+        train_dpo(start, data, dpo, TRL, plan, 0, tmp_path / name, callbacks=(KeepOptimizer(),), keeper=keeper)
 
     was_frozen = gc.get_freeze_count() > 0
     try:
@@ -178,11 +191,11 @@ def test_the_kept_model_is_frozen_from_the_collector_only_while_kept(tmp_path, y
             gc.unfreeze()
             if frozen_before:
                 gc.freeze()
-            with model_reuse.keep_loaded() as scope:
-                stage(f"a{frozen_before}")
+            with model_reuse.ModelKeeper() as scope:
+                stage(f"a{frozen_before}", scope)
                 model = weakref.ref(scope.kept.model)
                 assert gc.get_freeze_count() > 0
-                stage(f"b{frozen_before}")
+                stage(f"b{frozen_before}", scope)
                 gc.collect()
                 assert optimizers[-2]() is None  # stage a's trainer: collected, not frozen at b's start
             gc.collect()

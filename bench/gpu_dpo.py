@@ -30,10 +30,7 @@ SHAPES = {
 }
 
 
-def build_model(shape: str, out: Path, logit_scale: float = 1.0) -> None:
-    """A random-weight model of `shape` with the built-in tokenizer. `logit_scale` multiplies the final
-    norm's weight: random weights give near-flat next-token logits, on which any rounding (a GGUF
-    quantization, say) swaps the top token; scaled, they are as peaked as a trained model's."""
+def build_model(shape: str, out: Path) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -45,7 +42,6 @@ def build_model(shape: str, out: Path, logit_scale: float = 1.0) -> None:
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.model.norm.weight.data.mul_(logit_scale)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     del model

@@ -1,7 +1,7 @@
 """Where a whole `dpoflow run` goes on a GPU: a Llama-3.2-1B-shaped local model (random bf16 weights,
 dpoflow's built-in tokenizer, the full 128,256-row vocabulary) and --pairs training pairs of about 512
 tokens each sequence (prompt + answer), through the pipeline's defaults: prepare, dpo (one epoch, the
-GPU plan), baseline, evaluate (the forgetting check's five tasks), export (adapter, merged, and q8_0 GGUF
+GPU plan), baseline, evaluate (the forgetting check's five tasks), export (adapter, merged, and f16 GGUF
 where llama.cpp's converter is installed) and card. SFT is off, as by default.
 
 The command runs in a subprocess, as a user types it, with Prefect's temporary server, once per --runs
@@ -37,7 +37,7 @@ pipelines:
     model: {{source: "{model}"}}
     data: {{sources: ["{data}"], heldout_fraction: {fraction}}}
     evaluate: {{gate: {{mode: warn}}}}
-    export: {{formats: {formats}, gguf_types: [q8_0], gguf_pre_tokenizer: gpt-2}}
+    export: {{formats: {formats}, gguf_types: [f16], gguf_pre_tokenizer: gpt-2}}
 """
 SPLIT = re.compile(r"dpo: ([\d.]+) s to the first step .*first step ([\d.]+) s .*, (\d+) more steps ([\d.]+) s")
 
@@ -97,7 +97,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     work = scratch()
-    build_model("llama-3.2-1b", work / "model", logit_scale=25.0)
+    build_model("llama-3.2-1b", work / "model")
     tokenizer = AutoTokenizer.from_pretrained(work / "model")
     total = args.pairs + HELDOUT
     write_pairs(tokenizer, total, 180, 300, work / "pairs.jsonl")

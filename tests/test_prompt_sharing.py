@@ -108,7 +108,7 @@ def _trainer_for(start, data, share, backend, scratch):
     spec = DPOSpec(max_steps=1, per_device_batch_size=4, gradient_accumulation_steps=1, share_prompt=share,
                    loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5])
     plan = plan_stage(setup, spec, start.path)
-    return _trainer(choose_backend(setup), start, _train_rows(data, None), spec, plan, 0, scratch, 1e-3, 1, [])
+    return _trainer(choose_backend(setup), start, _train_rows(data, None), spec, plan, 0, scratch, 1e-3, 1, [], None)
 
 
 # TRL + PEFT on CPU runs in float32: equal to float rounding. Unsloth on a GPU runs in bf16 with other

@@ -105,9 +105,10 @@ def _assert_continues(resumed: dict, uninterrupted: dict, output: str, steps: in
     step = int(output.split("dpo: resuming from ")[1].split("(step ")[1].split(")")[0])
     assert 0 < step < steps
     # The first step trained after the resume. A fresh adapter (the policy equal to the reference)
-    # would have exactly ln 2 there, which the uninterrupted run is well away from.
+    # would have exactly ln 2 there: the uninterrupted run is more than twice the tolerance away from
+    # it, so a resumed loss within the tolerance of the uninterrupted one cannot be a fresh adapter's.
     assert resumed["losses"][step + 1] == pytest.approx(uninterrupted["losses"][step + 1], abs=loss_tol)
-    assert abs(uninterrupted["losses"][step + 1] - math.log(2)) > 10 * loss_tol
+    assert abs(uninterrupted["losses"][step + 1] - math.log(2)) > 2 * loss_tol
     assert list(resumed["losses"]) == list(range(1, steps + 1))
     for later in range(step + 1, steps + 1):  # and every step after it
         assert resumed["losses"][later] == pytest.approx(uninterrupted["losses"][later], abs=5 * loss_tol), later

@@ -7,9 +7,10 @@ answer that cannot be read makes the pair a tie. The win rate counts a tie as ha
 
 Length control (in the spirit of AlpacaEval 2's length-controlled win rate): judges, human or model,
 favour longer answers, and DPO makes answers longer. The pair outcomes (win 1, tie 0.5, loss 0) are
-fitted with a logistic regression on the normalized length difference,
+fitted with a logistic regression on the normalized length difference (in tokens),
     P(win) = sigmoid(b0 + b1 * tanh((len_tuned - len_start) / sd)),
-and the length-controlled win rate is the fitted win rate at zero length difference, sigmoid(b0).
+and the length-controlled win rate is the fitted win rate at zero length difference, sigmoid(b0). A
+ridge prior on b1 (L2) keeps the plain win rate when the length differences hardly vary.
 With equal lengths everywhere it is the plain win rate; when only length decides, it is near 0.5.
 Confidence intervals are 95%: Wilson's for the win, tie and loss shares, a seeded percentile bootstrap
 over prompts for the two win rates.
@@ -101,26 +102,34 @@ def scores_of(outcomes: list[str]) -> list[float]:
 
 
 def length_feature(length_diff):
-    """tanh of the length difference over its standard deviation (0 when every difference is equal)."""
+    """tanh of the length difference over its standard deviation (at least one token, so differences of a
+    token or two are not blown up to full scale when the lengths hardly vary)."""
     import numpy as np
 
     d = np.asarray(length_diff, dtype=float)
-    sd = d.std()
-    return np.tanh(d / sd) if sd > 0 else np.zeros_like(d)
+    return np.tanh(d / max(float(d.std()), 1.0))
 
 
-def fit_length_model(y, length_diff, l2: float = 1e-3, steps: int = 100) -> tuple[float, float]:
+# Ridge penalties on (b0, b1): b0 only needs to stay finite (every pair a win); b1 gets a unit prior, so
+# a length effect must be shown by pairs of varying length difference: when the differences hardly vary
+# (every tuned answer, say, 12 tokens shorter), the data cannot tell length from quality, and the fit
+# keeps the plain win rate instead of extrapolating to a length difference it never saw.
+L2 = (1e-3, 1.0)
+
+
+def fit_length_model(y, length_diff, steps: int = 100) -> tuple[float, float]:
     """(b0, b1) of P(win) = sigmoid(b0 + b1 * length_feature), fitted by Newton's method on the soft labels
-    `y` (1 win, 0.5 tie, 0 loss). A small L2 penalty keeps the fit finite when every pair is a win."""
+    `y` (1 win, 0.5 tie, 0 loss), with the ridge penalties L2."""
     import numpy as np
 
     y = np.asarray(y, dtype=float)
     x = np.stack([np.ones_like(y), length_feature(length_diff)], axis=1)
+    penalty = np.diag(L2)
     w = np.zeros(2)
     for _ in range(steps):
         p = 1 / (1 + np.exp(-(x @ w)))
-        grad = x.T @ (p - y) + l2 * w
-        hess = (x * (p * (1 - p))[:, None]).T @ x + l2 * np.eye(2)
+        grad = x.T @ (p - y) + penalty @ w
+        hess = (x * (p * (1 - p))[:, None]).T @ x + penalty
         step = np.linalg.solve(hess, grad)
         w -= step
         if np.abs(step).max() < 1e-10:

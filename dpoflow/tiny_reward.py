@@ -1,7 +1,7 @@
 """`builtin:tiny-reward`: a small reward model built in code, for the demo and the tests, where no real
 reward model can be downloaded. A ~0.2M-parameter Llama sequence classifier with a tokenizer of its own
 (a byte-level BPE trained on the pairs, unlike the policy's), trained for a few seconds with the
-Bradley-Terry loss on the run's own training pairs (chosen above rejected). It judges only what those
+Bradley-Terry loss on the run's own training pairs (chosen above rejected, and above an empty answer). It judges only what those
 pairs teach (on the demo data: the correct sentiment label), which is exactly what the demo asks of it.
 Deterministic: the same pairs give the same model."""
 
@@ -29,6 +29,9 @@ def build_tiny_reward_model(pairs: list[tuple[str, str, str]], out_dir: Path, lo
 
     if not pairs:
         raise ValueError(f"{NAME}: no training pairs to learn from")
+    # Generated answers can be empty (a weak model that only emits whitespace): teach that any answer the
+    # pairs prefer beats no answer, or the model scores an input it never saw at random.
+    pairs = list(pairs) + [(q, c, "") for q, c, _ in pairs]
     texts = [text for q, c, r in pairs for text in (q, c, r)]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

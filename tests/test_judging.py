@@ -236,3 +236,13 @@ def test_generation_is_batched_without_changing_greedy_answers(tiny_model):
     sampled = [generation.generate(model, tokenizer, prompts, generation.GenerationSettings(12, 1.0, 1.0, 7, 4))
                for _ in range(2)]
     assert sampled[0] == sampled[1]  # the seed fixes sampled answers too
+
+
+def test_length_control_does_not_extrapolate_from_a_constant_length_difference():
+    """Every tuned answer some 12 tokens shorter (the demo's case): length cannot be told from quality,
+    so the length-controlled win rate stays near the plain one instead of swinging to an extreme."""
+    rng = random.Random(3)
+    diff = [-12 - rng.choice([0, 0, 0, 1]) for _ in range(80)]
+    outcomes = ["win"] * 78 + ["tie", "loss"]
+    raw = sum(judging.scores_of(outcomes)) / 80
+    assert judging.length_controlled_win_rate(outcomes, diff) == pytest.approx(raw, abs=0.03)

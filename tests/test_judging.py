@@ -246,3 +246,36 @@ def test_length_control_does_not_extrapolate_from_a_constant_length_difference()
     outcomes = ["win"] * 78 + ["tie", "loss"]
     raw = sum(judging.scores_of(outcomes)) / 80
     assert judging.length_controlled_win_rate(outcomes, diff) == pytest.approx(raw, abs=0.03)
+
+
+def test_an_unreadable_endpoint_reply_is_a_tie_and_is_counted():
+    server = ChatServer(reply="Both answers have merits.")
+    try:
+        judge = judging.OpenAIJudge(server.url, None, None)
+        judged = [judging.judge_pair(judge, "q", "a", "b") for _ in range(3)]
+    finally:
+        server.close()
+    assert [j.outcome for j in judged] == ["tie"] * 3 and judged[0].raw == ["Both answers have merits."] * 2
+    f = judging.summarize(judged, [3, 3, 3], [4, 4, 4])
+    assert f["unparseable"] == 6 and f["ties"] == 3
+    assert "| judge answers that could not be read (ties) | 6 of 6 |" in judging.figures_markdown(f, "x")
+
+
+def test_judge_config_is_checked_when_it_loads(tmp_path):
+    from dpoflow.config import ConfigError, load_pipeline
+
+    (tmp_path / "d.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    (tmp_path / "p.yaml").write_text("pipelines:\n  x:\n    data: {sources: [d.jsonl]}\n")
+
+    def problems(*overrides):
+        with pytest.raises(ConfigError) as e:
+            load_pipeline("x", tmp_path / "p.yaml", list(overrides))
+        return "\n".join(e.value.problems)
+
+    assert "needs evaluate.judge.enabled" in problems("evaluate.gate.min_lc_win_rate=0.5")
+    assert "needs judge.url" in problems("evaluate.judge.enabled=true", "evaluate.judge.kind=openai")
+    assert "prompts file not found" in problems("evaluate.judge.enabled=true", "evaluate.judge.model=builtin:tiny-reward",
+                                                "evaluate.judge.prompts_file=missing.jsonl")
+    config = load_pipeline("x", tmp_path / "p.yaml", ["evaluate.judge.enabled=true", "evaluate.judge.model=builtin:tiny-reward"])
+    assert config.evaluate.judge.model == "builtin:tiny-reward" and config.evaluate.judge.limit == 64
+    assert not load_pipeline("x", tmp_path / "p.yaml").evaluate.judge.enabled  # off by default

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from .errors import Explained
 from .redact import redact_text
 
 TUNED, START, TIE = "tuned", "start", "tie"
@@ -301,9 +302,10 @@ class RewardModelJudge:
         todo = [p for p in dict.fromkeys(pairs) if p not in self.scores]
         for i in range(0, len(todo), self.batch_size):
             batch = todo[i:i + self.batch_size]
+            # A rendered chat template already holds its special tokens (BOS...): not added twice.
             enc = self.tokenizer([self.text(q, a) for q, a in batch], return_tensors="pt", padding=True,
-                                 truncation=True, max_length=self.max_length, add_special_tokens=False
-                                 if self.tokenizer.chat_template else True).to(self.device)
+                                 truncation=True, max_length=self.max_length,
+                                 add_special_tokens=not self.tokenizer.chat_template).to(self.device)
             with torch.no_grad():
                 logits = self.model(**enc).logits.float()
             for p, s in zip(batch, logits[:, 0].tolist()):
@@ -341,8 +343,8 @@ def parse_verdict(text: str) -> str | None:
     return {"a": "first", "b": "second", "tie": "tie"}.get((found or "").strip().lower())
 
 
-class JudgeUnreachable(RuntimeError):
-    """The judge endpoint did not answer after the configured attempts."""
+class JudgeUnreachable(RuntimeError, Explained):
+    """The judge endpoint did not answer after the configured attempts, or refused the request."""
 
 
 class OpenAIJudge:

@@ -20,14 +20,15 @@ from dpoflow import generation, judging, tiny_reward
 from dpoflow.artifacts import folder_digest, fresh_dir, read_rows, seal, write_jsonl
 from dpoflow.config import JudgeSpec
 from dpoflow.models import hub_commit, load_model, load_tokenizer
+from dpoflow.pairs import DataError
 from dpoflow.records import Answers, JudgeReport, ModelRef, PreparedData, TrainedAdapter
 from dpoflow.redact import redact_text
 
 from . import stage_logger, stage_task
 
 
-class JudgeError(ValueError):
-    """A judge that cannot be used as configured (a bad prompts file, a missing key)."""
+class JudgeError(DataError):
+    """Judge input that cannot be used (a bad prompts file row, a missing Secret block): one line."""
 
 
 def settings(spec: JudgeSpec) -> generation.GenerationSettings:

@@ -33,6 +33,11 @@ def demo(repo, tmp_path_factory):
     return run
 
 
+def failure_line(stderr: str) -> str:
+    """The CLI's one line saying why the run failed (Prefect's own log lines may follow it)."""
+    return next(line for line in stderr.splitlines() if line.startswith("dpoflow: pipeline 'demo' failed: "))
+
+
 def summary_of(proc) -> dict:
     run_dir = next(line.split(":", 1)[1].strip() for line in proc.stdout.splitlines()
                    if line.startswith("run folder:"))
@@ -79,7 +84,7 @@ def test_demo_judges_the_tuned_model_against_the_start_model(demo):
 
     # The gate on the judge's figures (applied to the cached figures: nothing is re-judged).
     blocked = demo("evaluate.gate.max_length_growth=0.01", expect=1)
-    line = blocked.stderr.strip().splitlines()[-1]
+    line = failure_line(blocked.stderr)
     assert line.startswith("dpoflow: pipeline 'demo' failed: GateBlocked:") and "judge: answers grew" in line, line
     latest = demo.tmp / "work" / "runs" / "demo" / "latest"
     gated = json.loads((latest / "summary.json").read_text())
@@ -98,7 +103,7 @@ def test_prompts_file_is_judged_too_and_a_bad_row_is_one_line(demo, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "fine"}) + "\n" + json.dumps({"question": "no prompt"}) + "\n")
     proc = demo(f"evaluate.judge.prompts_file={bad}", expect=1)
-    last = proc.stderr.strip().splitlines()[-1]
+    last = failure_line(proc.stderr)
     assert last == f"dpoflow: pipeline 'demo' failed: JudgeError: {bad}:2: field 'prompt': expected a non-empty " \
                    "string", last
     assert "Traceback" not in proc.stderr

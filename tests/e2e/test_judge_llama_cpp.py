@@ -50,6 +50,11 @@ def dpoflow(repo, tmp_path_factory):
     return run
 
 
+def failure_line(stderr: str) -> str:
+    """The CLI's one line saying why the run failed (Prefect's own log lines may follow it)."""
+    return next(line for line in stderr.splitlines() if line.startswith("dpoflow: pipeline 'demo' failed: "))
+
+
 @pytest.fixture(scope="module")
 def served_gguf(dpoflow):
     """The pipeline exports an f16 GGUF; llama.cpp's OpenAI-compatible server serves it with an API key."""
@@ -113,11 +118,12 @@ def test_llama_cpp_server_judges_the_run_and_the_key_stays_out_of_the_records(dp
 
 def test_a_refused_key_and_an_unreachable_endpoint_are_one_line(dpoflow, served_gguf):
     wrong = dpoflow(*judge_overrides(served_gguf), "evaluate.judge.api_key_env=NO_SUCH_VARIABLE", expect=1)
-    last = wrong.stderr.strip().splitlines()[-1]
+    last = failure_line(wrong.stderr)
     assert "JudgeUnreachable: judge endpoint" in last and "answered HTTP 401" in last, last
 
     closed = f"http://127.0.0.1:{free_port()}/v1"
     proc = dpoflow(*judge_overrides(closed), "evaluate.judge.max_attempts=2", expect=1)
-    last = proc.stderr.strip().splitlines()[-1]
+    last = failure_line(proc.stderr)
     assert last.startswith(f"dpoflow: pipeline 'demo' failed: JudgeUnreachable: judge endpoint {closed}/chat/"
                            "completions unreachable after 2 attempts (ConnectError"), last
+    assert "Traceback" not in proc.stderr  # the run's Prefect log keeps it

@@ -291,6 +291,9 @@ class JudgeSpec(Strict):
             raise ValueError("judge kind reward_model needs judge.model (a folder, a Hub id or builtin:tiny-reward)")
         if self.enabled and self.kind == "openai" and not self.url:
             raise ValueError("judge kind openai needs judge.url (the endpoint, e.g. http://127.0.0.1:8080/v1)")
+        if self.enabled and self.kind == "openai" and (self.model or "").startswith("builtin:"):
+            raise ValueError(f"judge.model {self.model} is a reward model; kind openai takes the endpoint's model "
+                             "name (or null for the server's default)")
         return self
 
 

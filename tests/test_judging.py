@@ -274,6 +274,8 @@ def test_judge_config_is_checked_when_it_loads(tmp_path):
 
     assert "needs evaluate.judge.enabled" in problems("evaluate.gate.min_lc_win_rate=0.5")
     assert "needs judge.url" in problems("evaluate.judge.enabled=true", "evaluate.judge.kind=openai")
+    assert "is a reward model" in problems("evaluate.judge.enabled=true", "evaluate.judge.kind=openai",
+                                           "evaluate.judge.url=http://x/v1", "evaluate.judge.model=builtin:tiny-reward")
     assert "prompts file not found" in problems("evaluate.judge.enabled=true", "evaluate.judge.model=builtin:tiny-reward",
                                                 "evaluate.judge.prompts_file=missing.jsonl")
     config = load_pipeline("x", tmp_path / "p.yaml", ["evaluate.judge.enabled=true", "evaluate.judge.model=builtin:tiny-reward"])

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.slow
 KEY = "sk-judgekey-7f3a9c21d4e85b60aa17"
 # A small training run is enough: the GGUF only has to serve as a judge.
 QUICK = ["model.source=builtin:tiny-llama-256", "sft.enabled=false", "dpo.max_steps=4", "evaluate.limit=10",
-         "evaluate.gate.mode=warn", "export.gguf_pre_tokenizer=gpt-2"]
+         "evaluate.gate.mode=warn", "export.formats=[adapter,merged,gguf]", "export.gguf_types=[f16]",
+         "export.gguf_pre_tokenizer=gpt-2"]
 # llama.cpp's server constrains the reply to this JSON schema (its response_format), so even a random-weight
 # model answers with a verdict the pipeline can read.
 VERDICT = {"response_format": {"type": "json_object", "schema": {
@@ -58,7 +59,7 @@ def failure_line(stderr: str) -> str:
 @pytest.fixture(scope="module")
 def served_gguf(dpoflow):
     """The pipeline exports an f16 GGUF; llama.cpp's OpenAI-compatible server serves it with an API key."""
-    proc = dpoflow("export.formats=[adapter,merged,gguf]", "export.gguf_types=[f16]", "evaluate.judge.enabled=false")
+    proc = dpoflow("evaluate.judge.enabled=false")
     run_dir = Path(next(line.split(":", 1)[1].strip() for line in proc.stdout.splitlines()
                         if line.startswith("run folder:")))
     gguf = Path(json.loads((run_dir / "summary.json").read_text())["exports"]["gguf_f16"])
@@ -88,6 +89,7 @@ def served_gguf(dpoflow):
 
 def judge_overrides(url: str) -> list[str]:
     return ["evaluate.judge.enabled=true", "evaluate.judge.kind=openai", f"evaluate.judge.url={url}",
+            "evaluate.judge.model=null",
             "evaluate.judge.api_key_env=JUDGE_KEY", "evaluate.judge.limit=6", "evaluate.judge.max_new_tokens=8",
             "evaluate.judge.extra_body=" + json.dumps(VERDICT)]
 
@@ -117,7 +119,10 @@ def test_llama_cpp_server_judges_the_run_and_the_key_stays_out_of_the_records(dp
 
 
 def test_a_refused_key_and_an_unreachable_endpoint_are_one_line(dpoflow, served_gguf):
-    wrong = dpoflow(*judge_overrides(served_gguf), "evaluate.judge.api_key_env=NO_SUCH_VARIABLE", expect=1)
+    # The key is not part of the judge's cache key (the verdicts are the same with any valid key): another
+    # seed makes the stage judge again, now without a key.
+    wrong = dpoflow(*judge_overrides(served_gguf), "evaluate.judge.api_key_env=NO_SUCH_VARIABLE",
+                    "evaluate.judge.seed=1", expect=1)
     last = failure_line(wrong.stderr)
     assert "JudgeUnreachable: judge endpoint" in last and "answered HTTP 401" in last, last
 

@@ -281,3 +281,22 @@ def test_judge_config_is_checked_when_it_loads(tmp_path):
     config = load_pipeline("x", tmp_path / "p.yaml", ["evaluate.judge.enabled=true", "evaluate.judge.model=builtin:tiny-reward"])
     assert config.evaluate.judge.model == "builtin:tiny-reward" and config.evaluate.judge.limit == 64
     assert not load_pipeline("x", tmp_path / "p.yaml").evaluate.judge.enabled  # off by default
+
+
+def test_the_api_key_comes_from_a_secret_block_or_the_variable(monkeypatch):
+    from prefect.blocks.system import Secret
+    from prefect.testing.utilities import prefect_test_harness
+
+    from dpoflow.config import JudgeSpec
+    from dpoflow.tasks.judge import JudgeError, api_key
+
+    key = "sk-fromblock-0123456789abcdef"
+    monkeypatch.setenv("MY_JUDGE_KEY", "sk-fromenv-0123456789abcdef")
+    assert api_key(JudgeSpec(api_key_env="MY_JUDGE_KEY")) == "sk-fromenv-0123456789abcdef"
+    assert api_key(JudgeSpec(api_key_env="NOT_SET_ANYWHERE")) is None
+    with prefect_test_harness(server_startup_timeout=180):  # a loaded 2-core machine starts it slowly
+        Secret(value=key).save("judge-key")
+        assert api_key(JudgeSpec(api_key_secret="judge-key", api_key_env="MY_JUDGE_KEY")) == key
+        with pytest.raises(JudgeError, match="no Prefect Secret block named") as e:
+            api_key(JudgeSpec(api_key_secret=key))  # a key pasted where the block's name goes
+    assert key not in str(e.value)

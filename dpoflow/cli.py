@@ -271,6 +271,11 @@ def run_command(args, call_flow) -> int:
     if summary.get("forgetting"):
         print(f"forgetting:    {'passed' if summary['forgetting']['passed'] else 'FAILED (warn mode)'} "
               f"({len(summary['forgetting']['table'])} tasks, start model vs tuned)")
+    if summary.get("judge"):
+        j = summary["judge"]
+        print(f"judged:        win rate {j['win_rate']:.3f} [{j['win_rate_ci'][0]:.3f}, {j['win_rate_ci'][1]:.3f}], "
+              f"length-controlled {j['lc_win_rate']:.3f}; answers {j['mean_tokens_start']:.1f} -> "
+              f"{j['mean_tokens_tuned']:.1f} tokens (judge.md in the run folder)")
     print(f"run folder:    {summary['run_dir']}")
     for name, path in summary["exports"].items():
         if path:

@@ -237,6 +237,64 @@ class GateSpec(Strict):
     per_task_max_drop: dict[str, float] = Field({}, description="Task name -> its own allowed drop.")
     required_gain: dict[str, float] = Field(
         {}, description="Task name -> least gain the tuned model must show, e.g. {dpoflow_preference: 5}.")
+    min_win_rate: float | None = Field(
+        None, ge=0, le=1, description="Least judged win rate of the tuned model over the start model (0-1, ties "
+                                      "count half); needs evaluate.judge.")
+    min_lc_win_rate: float | None = Field(
+        None, ge=0, le=1, description="Least length-controlled judged win rate (0-1); needs evaluate.judge.")
+    max_length_growth: float | None = Field(
+        None, gt=0, description="Largest mean answer length of the tuned model over the start model's (1.2: at "
+                                "most 20% longer); needs evaluate.judge.")
+
+
+class JudgeSpec(Strict):
+    enabled: bool = Field(
+        False, description="Generate answers from the start and the tuned model and have a judge compare them, "
+                           "each pair in both orders (a win counts only when both orders agree).")
+    kind: Literal["reward_model", "openai"] = Field(
+        "reward_model", description="reward_model: a sequence-classification reward model scores each answer; "
+                                    "openai: a chat model behind an OpenAI-compatible endpoint compares the two.")
+    model: str | None = Field(
+        None, description="reward_model: a local folder, a Hub id, or builtin:tiny-reward (trained in seconds on "
+                          "the run's own pairs, for demos and tests); openai: the model name sent to the endpoint.")
+    url: str | None = Field(None, description="openai: the endpoint's base URL, e.g. http://127.0.0.1:8080/v1.")
+    api_key_env: str | None = Field(
+        "OPENAI_API_KEY", description="openai: the environment variable holding the API key (unset: no key sent).")
+    api_key_secret: str | None = Field(
+        None, description="openai: name of a Prefect Secret block holding the API key (instead of api_key_env).")
+    extra_body: dict[str, Any] = Field(
+        {}, description="openai: more fields sent with every request, e.g. llama.cpp's response_format with a "
+                        "JSON schema, or vLLM's guided_choice.")
+    max_attempts: int = Field(3, ge=1, description="openai: tries per request on connection errors, 429 and 5xx.")
+    timeout_seconds: float = Field(120, gt=0, description="openai: seconds to wait for one answer.")
+    prompts_file: str | None = Field(
+        None, description="A JSONL file of {prompt: ...} rows (plain questions) judged besides the held-out prompts; "
+                          "relative to pipelines.yaml.")
+    limit: int | None = Field(64, ge=1, description="Held-out prompts judged (the first N; None: all).")
+    max_new_tokens: int = Field(128, ge=1, description="Tokens each model may generate per answer.")
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature of the answers (0: greedy).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling share (with temperature > 0).")
+    seed: int = Field(0, description="Seed of the answers' sampling.")
+    batch_size: int = Field(16, ge=1, description="Prompts generated (and answers scored) at once.")
+
+    not_key: ClassVar[dict[str, str]] = {
+        "api_key_env": "where the key comes from, not what the judge says",
+        "api_key_secret": "where the key comes from, not what the judge says",
+        "max_attempts": "how often a dropped request is tried again",
+        "timeout_seconds": "how long one answer is waited for",
+        "batch_size": "how many prompts are generated or scored at once",
+    }
+
+    @model_validator(mode="after")
+    def _judge_named(self):
+        if self.enabled and self.kind == "reward_model" and not self.model:
+            raise ValueError("judge kind reward_model needs judge.model (a folder, a Hub id or builtin:tiny-reward)")
+        if self.enabled and self.kind == "openai" and not self.url:
+            raise ValueError("judge kind openai needs judge.url (the endpoint, e.g. http://127.0.0.1:8080/v1)")
+        if self.enabled and self.kind == "openai" and (self.model or "").startswith("builtin:"):
+            raise ValueError(f"judge.model {self.model} is a reward model; kind openai takes the endpoint's model "
+                             "name (or null for the server's default)")
+        return self
 
 
 class EvaluateSpec(Strict):
@@ -249,10 +307,20 @@ class EvaluateSpec(Strict):
                     "the network.")
     limit: int | None = Field(None, ge=1, description="Items per task (None: all).")
     gate: GateSpec = Field(GateSpec(), description="What the forgetting check lets through to export and publish.")
+    judge: JudgeSpec = Field(JudgeSpec(), description="Answers of the start and tuned model, judged pairwise.")
+
+    @model_validator(mode="after")
+    def _judge_gate_needs_judge(self):
+        wanted = [k for k in ("min_win_rate", "min_lc_win_rate", "max_length_growth")
+                  if getattr(self.gate, k) is not None]
+        if wanted and not self.judge.enabled:
+            raise ValueError(f"evaluate.gate.{wanted[0]} needs evaluate.judge.enabled")
+        return self
 
     not_key: ClassVar[dict[str, str]] = {
         "gate": "a policy applied to the cached scores on every run: a new threshold judges them again without "
                 "scoring anything again",
+        "judge": "scored by its own stages (answers, judge): a generation or judge setting re-runs only those",
     }
 
 
@@ -569,6 +637,10 @@ def _missing(config: PipelineConfig, within: Path | None = None) -> list[tuple[t
                 problems.append((("data", "sources", i), f"{source.path}: data file not found"))
         elif Path(source.hub).is_absolute() and not Path(source.hub).is_dir():
             problems.append((("data", "sources", i), f"{source.hub}: local dataset folder not found"))
+    judge = config.evaluate.judge
+    if judge.enabled and judge.prompts_file and (within is None or Path(judge.prompts_file).is_relative_to(within)) \
+            and not Path(judge.prompts_file).is_file():
+        problems.append((("evaluate", "judge", "prompts_file"), f"{judge.prompts_file}: prompts file not found"))
     model = config.model.source
     if within is not None and not Path(model).is_relative_to(within):
         return problems
@@ -611,6 +683,15 @@ def _resolve_paths(config: PipelineConfig, base: Path) -> PipelineConfig:
     source = config.model.source
     if not source.startswith("builtin:") and (source.startswith((".", "/", "~")) or (base / source).exists()):
         update["model"] = config.model.model_copy(update={"source": absolute(str(Path(source).expanduser()))})
+    judge = config.evaluate.judge
+    judged: dict[str, Any] = {}
+    if judge.prompts_file:
+        judged["prompts_file"] = absolute(str(Path(judge.prompts_file).expanduser()))
+    if judge.kind == "reward_model" and judge.model and not judge.model.startswith("builtin:") and (
+            judge.model.startswith((".", "/", "~")) or (base / judge.model).exists()):  # a local reward model
+        judged["model"] = absolute(str(Path(judge.model).expanduser()))
+    if judged:
+        update["evaluate"] = config.evaluate.model_copy(update={"judge": judge.model_copy(update=judged)})
     return config.model_copy(update=update)
 
 

@@ -26,7 +26,7 @@ def git_commit(folder: Path) -> str:
 
 
 def render(config: dict, base_source: str, data: dict, metrics: dict, forgetting_md: str | None,
-           exports: dict, commit: str, repo_id: str | None) -> str:
+           exports: dict, commit: str, repo_id: str | None, judge_md: str | None = None) -> str:
     """`data`: {"sources": [{label, fingerprint}], "counts": {...}}; `exports`: {"merged": {...},
     "adapter": {...}, "gguf": {type: {...}}} with sizes and checks."""
     front = {"base_model": base_source, "library_name": "transformers", "tags": ["dpo", "trl", "peft", "dpoflow"]}
@@ -48,7 +48,12 @@ def render(config: dict, base_source: str, data: dict, metrics: dict, forgetting
               "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items()) if isinstance(v, (int, float))]
     lines += ["", "## Forgetting check (start model vs tuned, accuracy points)", "",
-              forgetting_md.strip() if forgetting_md else "Not run.", "", "## Files", "",
+              forgetting_md.strip() if forgetting_md else "Not run.", ""]
+    if judge_md:
+        lines += ["## Generated answers judged against the start model", "",
+                  "Each prompt's two answers judged in both orders; a win or loss only when both orders agree. "
+                  "The length-controlled win rate is the win rate at equal answer length.", "", judge_md.strip(), ""]
+    lines += ["## Files", "",
               "| file | size | verification |", "|---|---|---|"]
     for kind in ("adapter", "merged"):
         if kind in exports:

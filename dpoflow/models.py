@@ -49,7 +49,7 @@ def key_inputs(spec: ModelSpec) -> dict[str, Any]:
         if not folder.is_dir():
             raise FileNotFoundError(f"model.source: {folder} is not a folder")
         return {"local_digest": folder_digest(folder)}
-    return {"hub": spec.source, "commit": _hub_commit(spec.source, spec.revision)}
+    return {"hub": spec.source, "commit": hub_commit(spec.source, spec.revision)}
 
 
 def materialize(spec: ModelSpec, out_dir: Path) -> tuple[str, str]:
@@ -142,7 +142,7 @@ def sentencepiece_bpe(unigram):
     return bpe
 
 
-def _hub_commit(repo_id: str, revision: str | None) -> str:
+def hub_commit(repo_id: str, revision: str | None) -> str:
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         return revision or "main"
     try:

@@ -91,3 +91,19 @@ class Published(Artifact):
     url: str
     new_commit: bool
     files: list[str]
+
+
+class Answers(Artifact):
+    """The start model's answers to the judged prompts (answers.jsonl): generated once per start model,
+    data and generation settings, shared by every variant a sweep judges."""
+
+    file: str
+    count: int
+
+
+class JudgeReport(Artifact):
+    """Tuned vs start answers, judged pairwise: `figures` (judging.summarize), the judge's name, and the
+    report files (judge.md, samples.md, pairs.jsonl) in the folder."""
+
+    judge: str
+    figures: dict

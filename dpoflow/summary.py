@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .records import (EvalReport, Exports, ModelRef, PreparedData, Published, ReferenceLogps, TaskScores,
-                      TrainedAdapter)
+from .records import (Answers, EvalReport, Exports, JudgeReport, ModelRef, PreparedData, Published, ReferenceLogps,
+                      TaskScores, TrainedAdapter)
 
 
 @dataclass
@@ -34,6 +34,12 @@ def key_metric(record) -> str:
     if isinstance(record, EvalReport):
         m = record.metrics
         return f"held-out pref. acc {m['start_accuracy']:.3f} -> {m['tuned_accuracy']:.3f}"
+    if isinstance(record, Answers):
+        return f"start model answered {record.count} prompts"
+    if isinstance(record, JudgeReport):
+        f = record.figures
+        return (f"win rate {f['win_rate']:.2f}, length-controlled {f['lc_win_rate']:.2f} "
+                f"(W/T/L {f['wins']}/{f['ties']}/{f['losses']})")
     if isinstance(record, Exports):
         made = [name for name in ("adapter", "merged") if getattr(record, name)]
         return ", ".join(made + [f"gguf {t}" for t in record.gguf])

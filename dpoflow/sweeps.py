@@ -89,6 +89,7 @@ def comparison_row(variant: Variant, summary: dict[str, Any]) -> dict[str, Any]:
     dpo = next((row for row in summary["stages"] if row["stage"] == "dpo"), {})
     metrics, forgetting = summary.get("metrics") or {}, summary.get("forgetting")
     deltas = [row["delta"] for row in forgetting["table"] if row.get("gain") is None] if forgetting else []
+    judge = summary.get("judge") or {}
     return {
         "variant": variant.label,
         "dpo_loss": summary.get("dpo_metrics", {}).get("loss"),
@@ -96,6 +97,8 @@ def comparison_row(variant: Variant, summary: dict[str, Any]) -> dict[str, Any]:
         "heldout_accuracy": metrics.get("tuned_accuracy"),
         "heldout_reward_margin": metrics.get("tuned_reward_margin"),
         "worst_forgetting_points": min(deltas) if deltas else None,
+        "judged_win_rate": judge.get("win_rate"),
+        "judged_lc_win_rate": judge.get("lc_win_rate"),
         "gate": None if forgetting is None else ("passed" if forgetting["passed"] else "FAILED"),
         "dpo_stage": dpo.get("status"),
         "run_dir": summary["run_dir"],
@@ -110,9 +113,9 @@ def comparison_markdown(pipeline: str, rows: list[dict[str, Any]], notes: list[s
         return f"{value:.4g}" if isinstance(value, float) else str(value)
 
     head = ["variant", "dpo loss", "train reward acc", "held-out acc", "held-out margin",
-            "worst forgetting (points)", "gate", "dpo stage"]
+            "worst forgetting (points)", "judged win rate", "length-controlled", "gate", "dpo stage"]
     fields = ["variant", "dpo_loss", "train_reward_accuracy", "heldout_accuracy", "heldout_reward_margin",
-              "worst_forgetting_points", "gate", "dpo_stage"]
+              "worst_forgetting_points", "judged_win_rate", "judged_lc_win_rate", "gate", "dpo_stage"]
     lines = [f"# Sweep of {pipeline}: {len(rows)} variants", "", "| " + " | ".join(head) + " |",
              "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(cell(r["error"] if "error" in r and f == "dpo_loss" else r.get(f)) for f in fields)

@@ -25,7 +25,7 @@ from prefect import Task, flow, get_run_logger
 from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
-from dpoflow import forgetting, modelcard, sources
+from dpoflow import forgetting, judging, modelcard, sources
 from dpoflow.artifacts import is_intact, json_digest
 from dpoflow.backends import activate, choose_backend
 from dpoflow.cache import StageInputs, Workspace
@@ -34,14 +34,15 @@ from dpoflow.errors import Explained
 from dpoflow.hardware import TrainingPlan, plan_stage
 from dpoflow.model_reuse import ModelKeeper
 from dpoflow.redact import redact, redact_flow_parameters, redact_text
-from dpoflow.records import (Artifact, DataSource, EvalReport, Exports, ModelRef, PreparedData, Published,
-                             ReferenceLogps, TrainedAdapter)
+from dpoflow.records import (Artifact, DataSource, EvalReport, Exports, JudgeReport, ModelRef, PreparedData,
+                             Published, ReferenceLogps, TrainedAdapter)
 from dpoflow.runtime import set_cpu_threads
 from dpoflow.summary import StageRow, key_metric, markdown, rows_as_dicts
 from dpoflow.tasks import stage_policy
 from dpoflow.tasks.dpo import dpo_task, reference_spec, reference_task
 from dpoflow.tasks.evaluate import apply_gate, evaluate_task, start_scores_task, write_gate_report
 from dpoflow.tasks.export import export_task
+from dpoflow.tasks.judge import answers_spec, judge_task, start_answers_task
 from dpoflow.tasks.model import model_task
 from dpoflow.tasks.prepare import prepare_task
 from dpoflow.tasks.publish import card_config, card_task, publish_task
@@ -135,6 +136,7 @@ class Outputs(Trained):
     exports: Exports | None = None  # None: the gate stopped the run before export
     card: Artifact | None = None
     published: Published | None = None
+    judged: JudgeReport | None = None  # None: evaluate.judge is off
 
 
 class Runner(Protocol):
@@ -186,7 +188,11 @@ def compose_release(config: PipelineConfig, run: Runner, trained: Trained) -> Ou
         baseline = run(start_scores_task, start=out.start, data=out.data, spec=config.evaluate)
         out.report = run(evaluate_task, base=out.base, adapter=out.adapter, data=out.data, spec=config.evaluate,
                          start_scores=baseline, beta=config.dpo.beta, max_length=config.dpo.max_length)
+        if config.evaluate.judge.enabled:
+            out.judged = compose_judge(config, run, out.start, out.data, out.adapter)
         out.gate = run.derive(apply_gate, out.report, config.evaluate.gate)
+        if out.judged is not None:
+            out.gate = run.derive(with_judge_gate, out.gate, out.judged, config.evaluate.gate)
         if not out.gate.passed and config.evaluate.gate.mode == "enforce":
             raise GateBlocked(out)
     out.exports = run(export_task, adapter=out.adapter, spec=config.export)
@@ -194,13 +200,46 @@ def compose_release(config: PipelineConfig, run: Runner, trained: Trained) -> Ou
     # As the card shows the config (secrets masked, files by name) and the sources by content: a worker's
     # fresh clone of the same commit makes the same card.
     forgetting_md = run.derive(forgetting.report_markdown, out.gate) if out.gate is not None else None
+    judge_md = run.derive(judge_markdown, out.judged) if out.judged is not None else None
     out.card = run(card_task, config=card_config(config), data=out.data, adapter=out.adapter,
                    forgetting_md=forgetting_md, exports=out.exports, commit=modelcard.git_commit(Path.cwd()),
-                   sources=out.sources)
+                   sources=out.sources, judge_md=judge_md)
     if config.publish.enabled and (out.gate is None or out.gate.passed):  # config refuses publish without the check
         out.published = run(publish_task, exports=out.exports, card=out.card, spec=config.publish,
                             message=f"dpoflow: pipeline {config.name}, run {flow_run.get_name() or 'local'}")
     return out
+
+
+# --- The judged comparison (evaluate.judge): generated answers, start model vs tuned ----------------
+
+def compose_judge(config: PipelineConfig, run: Runner, start: ModelRef, data: PreparedData,
+                  adapter: TrainedAdapter) -> JudgeReport:
+    """answers (the start model's, keyed without the adapter or the judge: a sweep generates them once) -> judge."""
+    spec = config.evaluate.judge
+    answers = run(start_answers_task, start=start, data=data, spec=answers_spec(spec))
+    return run(judge_task, adapter=adapter, data=data, answers=answers, spec=spec)
+
+
+def with_judge_gate(gate: forgetting.GateResult, judged: JudgeReport, spec) -> forgetting.GateResult:
+    """The forgetting check's verdict with the judge's thresholds (win rates, length growth) added."""
+    failures = judging.gate_failures(judged.figures, spec.min_win_rate, spec.min_lc_win_rate,
+                                     spec.max_length_growth)
+    return forgetting.GateResult(gate.passed and not failures, gate.rows, gate.failures + failures)
+
+
+def judge_markdown(judged: JudgeReport) -> str:
+    return judging.figures_markdown(judged.figures, judged.judge)
+
+
+def record_judge(judged: JudgeReport, run_dir: Path, key: str) -> None:
+    """judge.md, judge.json and judge_samples.md in the run folder, and a markdown artifact of both."""
+    folder = Path(judged.path)
+    (run_dir / "judge.json").write_bytes((folder / "judge.json").read_bytes())
+    report = (folder / "judge.md").read_text() + "\n" + (folder / "samples.md").read_text()
+    (run_dir / "judge.md").write_text((folder / "judge.md").read_text())
+    (run_dir / "judge_samples.md").write_text((folder / "samples.md").read_text())
+    create_markdown_artifact(redact_text(report), key=key + "-judge",
+                             description="Generated answers judged pairwise: tuned model vs start model")
 
 
 def compose_data(config: PipelineConfig, run: Runner) -> tuple[ModelRef, PreparedData, list[DataSource]]:
@@ -319,6 +358,8 @@ def record_run(config: PipelineConfig, backend, run: StageRunner, out: Outputs, 
         create_table_artifact(out.gate.rows, key=key + "-forgetting",
                               description="Forgetting check: start model vs tuned, accuracy points per task")
         chart_artifact(run_dir / "forgetting.png", key + "-forgetting-chart", "Forgetting check: accuracy per task")
+    if out.judged is not None:
+        record_judge(out.judged, run_dir, key)
     summary, summary_md = summarize(config, backend, run, out, blocked, run_dir, overrides)
     write_run_folder(run_dir, summary, run.outputs, summary_md, latest=latest)
     publish_data_report(config, out.data, run_dir, key)
@@ -354,6 +395,11 @@ def summarize(config: PipelineConfig, backend, run: StageRunner, out: Outputs, b
         verdict = "passed" if gate.passed else f"FAILED ({config.evaluate.gate.mode})"
         notes.append(f"forgetting check {verdict}: forgetting.md"
                      + ("" if gate.passed else "; " + "; ".join(gate.failures)))
+    if out.judged is not None:
+        f = out.judged.figures
+        notes.append(f"judged ({out.judged.judge}): win rate {f['win_rate']:.3f}, length-controlled "
+                     f"{f['lc_win_rate']:.3f}, {f['wins']}/{f['ties']}/{f['losses']} win/tie/loss, answers "
+                     f"{f['mean_tokens_start']:.1f} -> {f['mean_tokens_tuned']:.1f} tokens: judge.md, judge_samples.md")
     if out.card is not None:
         notes.append(f"model card: {in_run_folder(out.card.path)}/README.md")
     if out.published is not None:
@@ -372,6 +418,7 @@ def summarize(config: PipelineConfig, backend, run: StageRunner, out: Outputs, b
         "run_dir": str(run_dir),
         "metrics": out.report.metrics if out.report else {},
         "forgetting": {"passed": gate.passed, "failures": gate.failures, "table": gate.rows} if gate else None,
+        "judge": {"judge": out.judged.judge, **out.judged.figures} if out.judged is not None else None,
         "reference": adapter.reference,
         "backend": {"name": backend.name, "reason": backend.reason},
         "retries": adapter.retries,
@@ -386,6 +433,8 @@ def summarize(config: PipelineConfig, backend, run: StageRunner, out: Outputs, b
     md = markdown(config.name, run.rows, notes)
     if gate is not None:
         md += "\n" + (run_dir / "forgetting.md").read_text()
+    if out.judged is not None:
+        md += "\n## Judged: tuned model vs start model\n\n" + judge_markdown(out.judged)
     return summary, md
 
 

@@ -56,13 +56,15 @@ def card_config(config: PipelineConfig) -> dict:
 
 
 def write_card(shown: dict, data: PreparedData, adapter: TrainedAdapter, forgetting_md: str | None,
-               exports: Exports, commit: str, sources: list[DataSource], out_dir: Path) -> Artifact:
-    """`shown`: the config as the card shows it (`card_config`); `sources`: the data sources, in order."""
+               exports: Exports, commit: str, sources: list[DataSource], out_dir: Path,
+               judge_md: str | None = None) -> Artifact:
+    """`shown`: the config as the card shows it (`card_config`); `sources`: the data sources, in order;
+    `judge_md`: the judged comparison's figures (None: not judged)."""
     fresh_dir(out_dir)
     named = [{"label": public_source(s.spec).label, "fingerprint": s.digest} for s in sources]
     text = modelcard.render(shown, shown["model"]["source"], {"sources": named, "counts": data.counts},
                             adapter.metrics, forgetting_md, export_summary(exports), commit,
-                            shown["publish"]["repo_id"])
+                            shown["publish"]["repo_id"], judge_md)
     (out_dir / "README.md").write_text(redact_text(text))
     return Artifact(path=str(out_dir), digest=seal(out_dir))
 
@@ -87,9 +89,9 @@ def release_files(exports: Exports, card: Artifact, include: list[str]) -> dict[
 
 @stage_task
 def card_task(out_dir: str, config: dict, data: PreparedData, adapter: TrainedAdapter, forgetting_md: str | None,
-              exports: Exports, commit: str, sources: list[DataSource]) -> Artifact:
+              exports: Exports, commit: str, sources: list[DataSource], judge_md: str | None = None) -> Artifact:
     """`config`: the pipeline's config as the card shows it (`card_config`)."""
-    return write_card(config, data, adapter, forgetting_md, exports, commit, sources, Path(out_dir))
+    return write_card(config, data, adapter, forgetting_md, exports, commit, sources, Path(out_dir), judge_md)
 
 
 @stage_task(not_key={"message": "the commit message names the flow run: the same release from another run is "

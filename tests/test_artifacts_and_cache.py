@@ -113,21 +113,58 @@ def test_every_stage_task_names_its_stage_and_leaves_out_only_parameters_it_has_
     from dpoflow.tasks.dpo import dpo_task, reference_task
     from dpoflow.tasks.evaluate import evaluate_task, start_scores_task
     from dpoflow.tasks.export import export_task
+    from dpoflow.tasks.judge import judge_task, start_answers_task
     from dpoflow.tasks.model import model_task
     from dpoflow.tasks.prepare import prepare_task
     from dpoflow.tasks.publish import card_task, publish_task
     from dpoflow.tasks.sft import sft_task
 
     tasks = [model_task, prepare_task, sft_task, reference_task, dpo_task, start_scores_task, evaluate_task,
-             export_task, card_task, publish_task]
+             start_answers_task, judge_task, export_task, card_task, publish_task]
     assert [stage_policy(t).stage for t in tasks] == ["model", "prepare", "sft", "reference", "dpo", "baseline",
-                                                      "evaluate", "export", "card", "publish"]
+                                                      "evaluate", "answers", "judge", "export", "card", "publish"]
     for t in tasks:
         policy, parameters = stage_policy(t), set(inspect.signature(t.fn).parameters)
         assert "out_dir" in parameters
         assert set(policy.not_key) - parameters <= {"checkpoint_dir", "keeper"}  # the run-only ones it lacks
         assert all(len(why) > 10 for why in policy.not_key.values())
     assert set(stage_policy(publish_task).not_key) - set(stage_policy(dpo_task).not_key) == {"message"}
+
+
+def test_judge_keys_answers_by_generation_only_and_the_judge_by_who_judges():
+    """A judge setting re-runs only the judge (the start model's answers are shared); a generation setting
+    re-runs both; where the API key comes from, and evaluate.judge itself in the evaluate key, change nothing."""
+    from dpoflow.config import EvaluateSpec, JudgeSpec
+    from dpoflow.flows.pipeline import stage_key
+    from dpoflow.records import Answers, ModelRef, PreparedData, TrainedAdapter
+    from dpoflow.tasks.evaluate import evaluate_task
+    from dpoflow.tasks.judge import answers_spec, judge_task, start_answers_task
+
+    start = ModelRef(path="/m", digest="m" * 8, source="builtin:tiny-llama", role="base")
+    data = PreparedData(path="/d", digest="d" * 8, train="/d/t", heldout="/d/h", rejected="/d/r", counts={})
+    adapter = TrainedAdapter(path="/a", digest="a" * 8, start=start, reference="", metrics={})
+    answers = Answers(path="/s", digest="s" * 8, file="/s/answers.jsonl", count=1)
+
+    def keys(spec):
+        answer_key = stage_key(start_answers_task, {"start": start, "data": data, "spec": answers_spec(spec)})[1]
+        judge_key = stage_key(judge_task, {"adapter": adapter, "data": data, "answers": answers, "spec": spec})[1]
+        return answer_key, judge_key
+
+    base = JudgeSpec(enabled=True, kind="openai", url="http://127.0.0.1:1/v1", model="a")
+    a0, j0 = keys(base)
+    a1, j1 = keys(base.model_copy(update={"model": "b"}))
+    assert a1 == a0 and j1 != j0
+    a2, j2 = keys(base.model_copy(update={"max_new_tokens": 7}))
+    assert a2 != a0 and j2 != j0
+    assert keys(base.model_copy(update={"api_key_env": "OTHER", "timeout_seconds": 5, "batch_size": 2})) == (a0, j0)
+    material = stage_key(judge_task, {"adapter": adapter, "data": data, "answers": answers, "spec": base})[2]
+    assert material["extra"] == {"judge": {"url": base.url, "model": "a", "extra_body": {}}}  # who judges
+
+    def evaluate_key(ev):
+        return stage_key(evaluate_task, {"base": start, "adapter": adapter, "data": data, "spec": ev,
+                                         "start_scores": answers, "beta": 0.1, "max_length": 64})[1]
+
+    assert evaluate_key(EvaluateSpec(judge=base)) == evaluate_key(EvaluateSpec())
 
 
 def toy_writes(out_dir: str, spec, times: int = 1):

@@ -44,8 +44,9 @@ def test_a_sweep_does_not_publish(repo):
 
 def test_the_comparison_table_shows_a_failed_variant():
     rows = [{"variant": "dpo.beta=0.1", "dpo_loss": 0.1234567, "train_reward_accuracy": 1.0, "heldout_accuracy": 0.9,
-             "heldout_reward_margin": 2.0, "worst_forgetting_points": -1.5, "gate": "passed", "dpo_stage": "ran"},
+             "heldout_reward_margin": 2.0, "worst_forgetting_points": -1.5, "judged_win_rate": 0.75, "judged_lc_win_rate": 0.7,
+             "gate": "passed", "dpo_stage": "ran"},
             {"variant": "dpo.beta=9", "error": "CollapseError: collapse at step 3", "run_dir": None}]
     table = comparison_markdown("demo", rows, ["one note"])
-    assert "| dpo.beta=0.1 | 0.1235 | 1 | 0.9 | 2 | -1.5 | passed | ran |" in table
+    assert "| dpo.beta=0.1 | 0.1235 | 1 | 0.9 | 2 | -1.5 | 0.75 | 0.7 | passed | ran |" in table
     assert "| dpo.beta=9 | CollapseError: collapse at step 3 | - |" in table and "- one note" in table

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 pytestmark = pytest.mark.slow
-STAGES = ["model", "prepare", "sft", "dpo", "baseline", "evaluate", "export", "card"]
+STAGES = ["model", "prepare", "sft", "dpo", "baseline", "evaluate", "answers", "judge", "export", "card"]
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,8 @@ def test_demo_learns_then_caches_then_reruns_only_what_changed(demo):
 
     beta = demo("dpo.beta=0.2")
     assert beta["status"] == {"model": "cached", "prepare": "cached", "sft": "cached", "dpo": "ran",
-                              "baseline": "cached", "evaluate": "ran", "export": "ran", "card": "ran"}
+                              "baseline": "cached", "evaluate": "ran", "answers": "cached", "judge": "ran",
+                              "export": "ran", "card": "ran"}
 
     # An altered artifact behind a cache hit is a miss: the stage runs again and restores it.
     weights = Path(beta["exports"]["merged"]) / "model.safetensors"
@@ -128,6 +129,11 @@ def test_a_sweep_trains_its_variants_on_one_loaded_model_and_each_equals_its_own
     assert "| dpo.beta=0.15 |" in (sweep_dir / "sweep.md").read_text()
     variant = json.loads((sweep_dir / "v2" / "summary.json").read_text())
     assert variant["overrides"][-1] == "dpo.beta=0.25" and variant["exports"]["merged"]
+    # Each variant is judged; the start model's answers are generated once (by the first run of this
+    # module: same start model, data and generation settings).
+    for v in ("v1", "v2"):
+        status = {r["stage"]: r["status"] for r in json.loads((sweep_dir / v / "summary.json").read_text())["stages"]}
+        assert (status["answers"], status["judge"]) == ("cached", "ran"), status
 
     # A variant is the pipeline with its items: run alone, every stage is the sweep's, from the cache.
     alone = demo(*common, "dpo.beta=0.25")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
-STAGES = ["model", "prepare", "sft", "dpo", "baseline", "evaluate", "export", "card"]
+STAGES = ["model", "prepare", "sft", "dpo", "baseline", "evaluate", "answers", "judge", "export", "card"]
 # A 0.5M-parameter model: the merge, probes and reload check take well under a second on the GPU; the
 # bound leaves room for loading and saving, and fails the ~50 s of an export done on the CPU under
 # Unsloth's patches.

@@ -72,8 +72,10 @@ def leaks(data: bytes) -> list[str]:
 
 
 def is_training_text(path: Path, work: Path) -> bool:
-    """The prepared pairs carry the system prompt into training by design: it is data, not a record."""
-    return path.is_relative_to(work / "stages" / "prepare") and path.suffix in (".parquet", ".jsonl")
+    """The prepared pairs carry the system prompt into training by design, and the judged answers keep
+    the prompts they answered: it is data, not a record."""
+    return (any(path.is_relative_to(work / "stages" / stage) for stage in ("prepare", "answers", "judge"))
+            and path.suffix in (".parquet", ".jsonl"))
 
 
 def test_no_planted_secret_is_in_any_file_the_run_wrote_or_in_the_prefect_database(planted_run):

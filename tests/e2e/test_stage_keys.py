@@ -17,10 +17,11 @@ pytestmark = pytest.mark.slow
 # forecast go past the forgetting check whatever the few steps score.
 FAST = ["dpo.precompute_ref_log_probs=true", "sft.max_steps=2", "dpo.max_steps=4", "evaluate.limit=10",
         "evaluate.gate.mode=warn"]
-STAGES = ["model", "prepare", "sft", "reference", "dpo", "baseline", "evaluate", "export", "card"]
+STAGES = ["model", "prepare", "sft", "reference", "dpo", "baseline", "evaluate", "answers", "judge", "export",
+          "card"]
 AFTER_MODEL = set(STAGES) - {"model"}
-AFTER_SFT = AFTER_MODEL - {"prepare"}  # sft, and all that starts from its model
-AFTER_DPO = {"dpo", "evaluate", "export", "card"}
+AFTER_SFT = AFTER_MODEL - {"prepare"}  # sft, and all that starts from its model (its answers too)
+AFTER_DPO = {"dpo", "evaluate", "judge", "export", "card"}  # the start model's answers are kept
 SCORES = {"baseline", "evaluate", "card"}
 
 # (field, new value, the stages that run again)

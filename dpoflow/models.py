@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import json
@@ -182,3 +183,23 @@ def load_model(path: str, dtype: str):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
+
+
+@contextlib.contextmanager
+def plain_float32():
+    """How model work outside training (export, the judged comparison) computes, whatever the process did
+    before it:
+    - float32 matrix products in full precision: a process that trained may have allowed TF32 (about
+      1e-3 relative error), which would blur the export's 1e-4 reload check and the GGUF reference on the GPU;
+    - torch.compile'd code runs eagerly: in a process that imported Unsloth, model code goes through its
+      compiled functions, and a handful of probe forwards in float32 would otherwise pay a fresh
+      compile for shapes and a dtype training never used."""
+    import torch
+
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with torch.compiler.set_stance("force_eager"):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -3,7 +3,9 @@ reward model can be downloaded. A ~0.2M-parameter Llama sequence classifier with
 (a byte-level BPE trained on the pairs, unlike the policy's), trained for a few seconds with the
 Bradley-Terry loss on the run's own training pairs (chosen above rejected, and above an empty answer). It judges only what those
 pairs teach (on the demo data: the correct sentiment label), which is exactly what the demo asks of it.
-Deterministic: the same pairs give the same model."""
+Deterministic: the same pairs on the same device give the same model. It trains where the judge runs (the
+GPU when there is one): in a process that trained through Unsloth, Llama models built on the CPU fail
+(its patched classes keep their rotary caches on cuda:0)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ LEARNING_RATE = 3e-3
 SEED = 0
 
 
-def build_tiny_reward_model(pairs: list[tuple[str, str, str]], out_dir: Path, log=print) -> Path:
+def build_tiny_reward_model(pairs: list[tuple[str, str, str]], out_dir: Path, device: str = "cpu",
+                            log=print) -> Path:
     """Train on (question, chosen, rejected) texts; save model and tokenizer into `out_dir`."""
     import random
 
@@ -45,13 +48,13 @@ def build_tiny_reward_model(pairs: list[tuple[str, str, str]], out_dir: Path, lo
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                          bos_token_id=None, **SHAPE)
     torch.manual_seed(SEED)
-    model = LlamaForSequenceClassification(config).float()
+    model = LlamaForSequenceClassification(config).float().to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
     order = list(range(len(pairs)))
     rng = random.Random(SEED)
 
     def encode(texts):
-        return tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=256)
+        return tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=256).to(device)
 
     model.train()
     for epoch in range(EPOCHS):
@@ -66,7 +69,7 @@ def build_tiny_reward_model(pairs: list[tuple[str, str, str]], out_dir: Path, lo
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            correct += int((chosen > rejected).sum())
+            correct += int((chosen > rejected).sum().item())
         log(f"{NAME}: epoch {epoch + 1}/{EPOCHS}, train pair accuracy {correct / len(pairs):.2f}")
     model.eval()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -4,14 +4,13 @@ reloaded and checked against the merged model in memory, and a failed check fail
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 from pathlib import Path
 
 from dpoflow import ggufexport
 from dpoflow.artifacts import fresh_dir, seal
 from dpoflow.config import ExportSpec
-from dpoflow.models import load_model, load_tokenizer, torch_dtype
+from dpoflow.models import load_model, load_tokenizer, plain_float32, torch_dtype
 from dpoflow.records import Exports, TrainedAdapter
 
 from . import stage_task
@@ -50,25 +49,6 @@ def top1_agreement(a: list, b: list) -> float:
         same += (x.argmax(-1) == y.argmax(-1)).sum().item()
         total += x.shape[0] * x.shape[1]
     return same / total
-
-
-@contextlib.contextmanager
-def plain_float32():
-    """How the export computes, whatever the process did before it:
-    - float32 matrix products in full precision: a process that trained may have allowed TF32 (about
-      1e-3 relative error), which would blur the 1e-4 reload check and the GGUF reference on the GPU;
-    - torch.compile'd code runs eagerly: in a process that imported Unsloth, model code goes through its
-      compiled functions, and a handful of probe forwards in float32 would otherwise pay a fresh
-      compile for shapes and a dtype training never used."""
-    import torch
-
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        with torch.compiler.set_stance("force_eager"):
-            yield
-    finally:
-        torch.set_float32_matmul_precision(before)
 
 
 def export_model(adapter: TrainedAdapter, spec: ExportSpec, out_dir: Path) -> Exports:

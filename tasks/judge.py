@@ -19,7 +19,7 @@ from pathlib import Path
 from dpoflow import generation, judging, tiny_reward
 from dpoflow.artifacts import folder_digest, fresh_dir, read_rows, seal, write_jsonl
 from dpoflow.config import JudgeSpec
-from dpoflow.models import hub_commit, load_model, load_tokenizer
+from dpoflow.models import hub_commit, load_model, load_tokenizer, plain_float32
 from dpoflow.pairs import DataError
 from dpoflow.records import Answers, JudgeReport, ModelRef, PreparedData, TrainedAdapter
 from dpoflow.redact import redact_text
@@ -110,7 +110,7 @@ def make_judge(spec: JudgeSpec, data: PreparedData, start: ModelRef, out_dir: Pa
 
         pairs = [(generation.plain_question(tokenizer, r["prompt"]), plain(r["chosen"]), plain(r["rejected"]))
                  for r in read_rows(data.train)]
-        path = str(tiny_reward.build_tiny_reward_model(pairs, out_dir / "reward_model", log))
+        path = str(tiny_reward.build_tiny_reward_model(pairs, out_dir / "reward_model", generation.device(), log))
     return judging.RewardModelJudge(path, generation.device(), spec.batch_size)
 
 
@@ -180,10 +180,12 @@ def judge_identity(inputs: dict) -> dict:
 
 @stage_task(stage="answers")
 def start_answers_task(out_dir: str, start: ModelRef, data: PreparedData, spec: JudgeSpec) -> Answers:
-    return answer_with_start_model(start, data, spec, Path(out_dir))
+    with plain_float32():
+        return answer_with_start_model(start, data, spec, Path(out_dir))
 
 
 @stage_task(depends_on=judge_identity)
 def judge_task(out_dir: str, adapter: TrainedAdapter, data: PreparedData, answers: Answers,
                spec: JudgeSpec) -> JudgeReport:
-    return judge_tuned_model(adapter, data, answers, spec, Path(out_dir))
+    with plain_float32():
+        return judge_tuned_model(adapter, data, answers, spec, Path(out_dir))

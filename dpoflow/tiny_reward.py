@@ -1,8 +1,9 @@
 """`builtin:tiny-reward`: a small reward model built in code, for the demo and the tests, where no real
 reward model can be downloaded. A ~0.2M-parameter Llama sequence classifier with a tokenizer of its own
 (a byte-level BPE trained on the pairs, unlike the policy's), trained for a few seconds with the
-Bradley-Terry loss on the run's own training pairs (chosen above rejected, and above an empty answer). It judges only what those
-pairs teach (on the demo data: the correct sentiment label), which is exactly what the demo asks of it.
+Bradley-Terry loss on the run's own training pairs (chosen above rejected, and above an empty answer).
+It judges only what those pairs teach (on the demo data: the correct sentiment label), which is exactly
+what the demo asks of it.
 Deterministic: the same pairs on the same device give the same model. It trains where the judge runs (the
 GPU when there is one): in a process that trained through Unsloth, Llama models built on the CPU fail
 (its patched classes keep their rotary caches on cuda:0)."""

@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,6 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
 
 import pytest  # noqa: E402
+from cli_runs import demo_command  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,6 +43,23 @@ def tiny_model(tmp_path_factory) -> Path:
     from dpoflow.tiny import build_tiny_model
 
     return build_tiny_model("tiny-llama", tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def demo_home(tmp_path_factory) -> Path:
+    """One workdir and Prefect home for the end-to-end modules that run the `demo` pipeline through the
+    CLI (test_demo, test_judge): `demo_first_run` trains everything once, and each module's later runs
+    find what they do not change cached, as a user's next run does."""
+    return tmp_path_factory.mktemp("demo")
+
+
+@pytest.fixture(scope="session")
+def demo_first_run(repo, demo_home) -> subprocess.CompletedProcess:
+    """The demo's first run, on a fresh workdir: every stage runs."""
+    cmd, env = demo_command(repo, demo_home)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
 
 
 @pytest.fixture

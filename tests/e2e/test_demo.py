@@ -8,44 +8,42 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from cli_runs import demo_command
 
 pytestmark = pytest.mark.slow
 STAGES = ["model", "prepare", "sft", "dpo", "baseline", "evaluate", "answers", "judge", "export", "card"]
 
 
 @pytest.fixture(scope="module")
-def demo(repo, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("demo")
-    env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect"), "OMP_NUM_THREADS": "1"}
-    env.pop("PREFECT_API_URL", None)
-
+def demo(repo, demo_home):
     def run(*overrides: str, expect: int = 0) -> dict:
         """Runs the demo through the CLI; returns its summary.json, or {"stderr"} when it must fail."""
-        cmd = ["python", "-m", "dpoflow", "run", "demo", "-f", str(repo / "pipelines.yaml"),
-               "--set", f"workdir={tmp / 'work'}"]
-        for item in overrides:
-            cmd += ["--set", item]
+        cmd, env = demo_command(repo, demo_home, *overrides)
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-5000:]
         if expect:
             return {"stderr": proc.stderr, "output": proc.stdout + proc.stderr,
-                    "latest": tmp / "work" / "runs" / "demo" / "latest"}
-        assert "dpoflow: pipeline 'demo' finished" in proc.stdout
-        summary = json.loads((Path(_run_dir(proc.stdout)) / "summary.json").read_text())
-        summary["status"] = {row["stage"]: row["status"] for row in summary["stages"]}
-        summary["output"] = proc.stdout + proc.stderr
-        return summary
+                    "latest": demo_home / "work" / "runs" / "demo" / "latest"}
+        return summary_of(proc)
 
-    run.tmp = tmp
+    run.tmp = demo_home
     return run
+
+
+def summary_of(proc: subprocess.CompletedProcess) -> dict:
+    assert "dpoflow: pipeline 'demo' finished" in proc.stdout
+    summary = json.loads((Path(_run_dir(proc.stdout)) / "summary.json").read_text())
+    summary["status"] = {row["stage"]: row["status"] for row in summary["stages"]}
+    summary["output"] = proc.stdout + proc.stderr
+    return summary
 
 
 def _run_dir(stdout: str) -> str:
     return next(line.split(":", 1)[1].strip() for line in stdout.splitlines() if line.startswith("run folder:"))
 
 
-def test_demo_learns_then_caches_then_reruns_only_what_changed(demo):
-    first = demo()
+def test_demo_learns_then_caches_then_reruns_only_what_changed(demo, demo_first_run):
+    first = summary_of(demo_first_run)
     assert list(first["status"]) == STAGES
     assert first["plans"]["dpo"]["precision"] == "fp32" and first["backend"]["name"] == "trl"
     assert set(first["status"].values()) == {"ran"}

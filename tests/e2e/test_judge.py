@@ -5,31 +5,24 @@ cached; a generation setting re-judges without retraining; the gate can stop the
 figures; a bad prompts file is one line."""
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
+from cli_runs import demo_command
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def demo(repo, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("judge")
-    env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect"), "OMP_NUM_THREADS": "1"}
-    env.pop("PREFECT_API_URL", None)
-
+def demo(repo, demo_home):
     def run(*overrides: str, expect: int = 0):
-        cmd = ["python", "-m", "dpoflow", "run", "demo", "-f", str(repo / "pipelines.yaml"),
-               "--set", f"workdir={tmp / 'work'}"]
-        for item in overrides:
-            cmd += ["--set", item]
+        cmd, env = demo_command(repo, demo_home, *overrides)
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-5000:]
         return proc
 
-    run.tmp = tmp
+    run.tmp = demo_home
     return run
 
 
@@ -46,8 +39,8 @@ def summary_of(proc) -> dict:
     return summary
 
 
-def test_demo_judges_the_tuned_model_against_the_start_model(demo):
-    first = summary_of(demo())
+def test_demo_judges_the_tuned_model_against_the_start_model(demo, demo_first_run):
+    first = summary_of(demo_first_run)
     assert list(first["status"]) == ["model", "prepare", "sft", "dpo", "baseline", "evaluate", "answers", "judge",
                                      "export", "card"]
     j = first["judge"]

@@ -267,7 +267,7 @@ def run_command(args, call_flow) -> int:
     print(f"\ndpoflow: pipeline {config.name!r} finished\n")
     print(text_table(rows))
     print(f"\nbackend:       {summary['backend']['name']} ({summary['backend']['reason']})")
-    print(f"DPO reference: {summary['reference']}")
+    print(f"objective:     {summary.get('method', 'dpo')}; reference: {summary['reference']}")
     if summary.get("forgetting"):
         print(f"forgetting:    {'passed' if summary['forgetting']['passed'] else 'FAILED (warn mode)'} "
               f"({len(summary['forgetting']['table'])} tasks, start model vs tuned)")

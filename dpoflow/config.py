@@ -168,10 +168,35 @@ NEEDS_LABEL_SMOOTHING = {"robust": "the probability that a preference label is f
                          "exo_pair": "EXO's epsilon, e.g. 1e-3"}
 
 
+# The preference objectives the dpo stage trains with. orpo and simpo need no reference model: they
+# score the policy's own log-probs (ORPO with its odds ratio plus the SFT loss, SimPO with the per-token
+# average and a target margin), so no reference pass runs and the DPO-only settings below are refused.
+Method = Literal["dpo", "orpo", "simpo"]
+REFERENCE_FREE = ("orpo", "simpo")
+SIMPO_GAMMA = 0.5  # TRL's default target margin, used when simpo_gamma is not given
+# Settings only DPO reads, each with its default and what it is for: given with orpo or simpo, refused.
+DPO_ONLY = {"loss_type": (["sigmoid"], "TRL's DPO losses"),
+            "loss_weights": (None, "weights of TRL's DPO losses"),
+            "label_smoothing": (0.0, "for DPO's robust and exo_pair losses"),
+            "precompute_ref_log_probs": (False, "the reference pass; there is no reference model")}
+
+
 class DPOSpec(TrainSpec):
     learning_rate: float = Field(5e-6, gt=0, description="Peak learning rate of the optimizer (AdamW).")
-    beta: float = Field(0.1, gt=0, description="DPO beta: how far the policy may move from the reference "
-                                               "(higher: closer to it).")
+    method: Method = Field(
+        "dpo", description="The preference objective. dpo: TRL's DPOTrainer, the start model (adapter off) as the "
+                           "reference. orpo: odds-ratio preference plus the SFT loss on the chosen answers in one "
+                           "step, no reference model (sft.enabled is skipped: ORPO trains that term itself). simpo: "
+                           "the per-token average log-prob margin with a target margin simpo_gamma, no reference "
+                           "model (TRL's CPOTrainer with loss_type simpo, cpo_alpha 0). What beta means depends on it.")
+    beta: float = Field(
+        0.1, gt=0, description="dpo: DPO's beta, how far the policy may move from the reference (higher: closer to "
+                               "it; 0.1 typical). orpo: ORPO's lambda, the weight of the odds-ratio term against the "
+                               "SFT loss (0.1 typical). simpo: SimPO's beta, the scale of the per-token average "
+                               "log-prob margin (2-10 in the SimPO paper).")
+    simpo_gamma: float | None = Field(
+        None, ge=0, description=f"simpo only: SimPO's target margin gamma between chosen and rejected rewards (None: "
+                                f"{SIMPO_GAMMA}). The paper tunes gamma / beta around 0.5.")
     loss_type: list[LossName] = Field(
         ["sigmoid"], min_length=1,
         description="TRL's DPO loss terms, summed with loss_weights: sigmoid (DPO), hinge (SLiC), ipo, robust and "
@@ -189,6 +214,35 @@ class DPOSpec(TrainSpec):
         True, description="Run each pair's prompt once, with chosen and rejected both attending to it, instead of "
                           "once per answer: the same log-probs from fewer tokens (dpoflow/prompt_sharing.py).")
     guards: GuardSpec = Field(GuardSpec(), description="Checkpoints, and what stops or retries a diverging run.")
+
+    @field_validator(*DPO_ONLY)
+    @classmethod
+    def _dpo_only_settings_need_dpo(cls, value, info):
+        default, what = DPO_ONLY[info.field_name]
+        method = info.data.get("method", "dpo")  # absent when method itself was refused
+        if method != "dpo" and value != default:
+            raise ValueError(f"{info.field_name} is DPO only ({what}); method {method} does not read it: remove "
+                             f"it or set dpo.method: dpo")
+        return value
+
+    @field_validator("simpo_gamma")
+    @classmethod
+    def _gamma_needs_simpo(cls, value, info):
+        method = info.data.get("method", "dpo")
+        if value is not None and method != "simpo":
+            raise ValueError(f"simpo_gamma is SimPO's target margin; method {method} does not read it: remove it "
+                             "or set dpo.method: simpo")
+        return value
+
+    @property
+    def reference_free(self) -> bool:
+        return self.method in REFERENCE_FREE
+
+    @property
+    def reward_beta(self) -> float:
+        """The beta of DPO's implicit reward, beta * (log p - log p_start), that evaluation reports: DPO's own;
+        1 for a reference-free method, whose beta is no weight on that log-ratio (the margin is then in nats)."""
+        return 1.0 if self.reference_free else self.beta
 
     @model_validator(mode="after")
     def _weights_match_losses(self):
@@ -405,11 +459,25 @@ class PipelineConfig(Strict):
     train: TrainSetup = Field(TrainSetup(), description="How training runs: backend, precision, quantization, GPUs.")
     data: DataSpec = Field(description="The preference data and how it is cleaned and split.")
     sft: SFTSpec = Field(SFTSpec(), description="Optional LoRA SFT before DPO.")
-    dpo: DPOSpec = Field(DPOSpec(), description="The DPO stage (LoRA; the reference is the start model, adapter off).")
+    dpo: DPOSpec = Field(DPOSpec(), description="The preference stage (LoRA): DPO against the start model with the "
+                                                "adapter off, or a reference-free ORPO or SimPO (dpo.method).")
     evaluate: EvaluateSpec = Field(EvaluateSpec(), description="The forgetting check and its gate.")
     export: ExportSpec = Field(ExportSpec(), description="What the tuned model is exported as.")
     publish: PublishSpec = Field(PublishSpec(), description="Pushing the release to the Hugging Face Hub.")
     deploy: DeploySpec = Field(DeploySpec(), description="The pipeline as a Prefect deployment (dpoflow sync / serve).")
+
+    @property
+    def runs_sft(self) -> bool:
+        """Whether the sft stage runs: sft.enabled, unless the method trains the SFT term itself."""
+        return self.sft.enabled and self.sft_skipped is None
+
+    @property
+    def sft_skipped(self) -> str | None:
+        """Why sft.enabled is not followed, or None."""
+        if self.sft.enabled and self.dpo.method == "orpo":
+            return ("sft skipped although sft.enabled: dpo.method orpo trains the SFT loss on the chosen answers "
+                    "in its own step, so it starts from the base model")
+        return None
 
     @model_validator(mode="after")
     def _publish_only_checked_models(self):

@@ -51,7 +51,9 @@ def doctor(config) -> int:
         return report_problems(config.name, problems)
     # The run plans each training stage when it starts, with plan_stage on the model it trains: the base
     # for SFT, for DPO the SFT model (the base with an adapter merged: the same shape and parameters).
-    stages = {"sft": config.sft, "dpo": config.dpo} if config.sft.enabled else {"dpo": config.dpo}
+    stages = {"sft": config.sft, "dpo": config.dpo} if config.runs_sft else {"dpo": config.dpo}
+    if config.sft_skipped:
+        print(f"sft:      {config.sft_skipped}")
     setup = config.train
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(config.model.source)

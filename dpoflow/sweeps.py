@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from .config import DEFAULT_FILE, ConfigError, PipelineConfig, load_pipeline
+from .config import DEFAULT_FILE, REFERENCE_FREE, ConfigError, PipelineConfig, load_pipeline
 
 MAX_VARIANTS = 64
 
@@ -92,6 +92,7 @@ def comparison_row(variant: Variant, summary: dict[str, Any]) -> dict[str, Any]:
     judge = summary.get("judge") or {}
     return {
         "variant": variant.label,
+        "method": variant.config.dpo.method,
         "dpo_loss": summary.get("dpo_metrics", {}).get("loss"),
         "train_reward_accuracy": summary.get("dpo_metrics", {}).get("rewards/accuracies"),
         "heldout_accuracy": metrics.get("tuned_accuracy"),
@@ -112,14 +113,21 @@ def comparison_markdown(pipeline: str, rows: list[dict[str, Any]], notes: list[s
             return "-"
         return f"{value:.4g}" if isinstance(value, float) else str(value)
 
-    head = ["variant", "dpo loss", "train reward acc", "held-out acc", "held-out margin",
+    head = ["variant", "method", "dpo loss", "train reward acc", "held-out acc", "held-out margin",
             "worst forgetting (points)", "judged win rate", "length-controlled", "gate", "dpo stage"]
-    fields = ["variant", "dpo_loss", "train_reward_accuracy", "heldout_accuracy", "heldout_reward_margin",
+    fields = ["variant", "method", "dpo_loss", "train_reward_accuracy", "heldout_accuracy", "heldout_reward_margin",
               "worst_forgetting_points", "judged_win_rate", "judged_lc_win_rate", "gate", "dpo_stage"]
     lines = [f"# Sweep of {pipeline}: {len(rows)} variants", "", "| " + " | ".join(head) + " |",
              "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(cell(r["error"] if "error" in r and f == "dpo_loss" else r.get(f)) for f in fields)
               + " |" for r in rows]
+    methods = {r.get("method") for r in rows} - {None}
+    if len(methods) > 1:
+        notes = [*notes, "the objectives' losses are on different scales (ORPO's includes the SFT loss): compare "
+                         "the methods by the held-out and judged columns"]
+    if methods & set(REFERENCE_FREE):
+        notes = [*notes, "held-out margin: DPO's implicit reward margin against the start model, beta x log-ratio; "
+                         "for orpo and simpo, whose beta is no such weight, the log-ratio itself (nats)"]
     lines += ["", *[f"- {note}" for note in notes], "", "Each variant's run folder (summary, stage links, forgetting table) is under this folder; "
               "re-run or publish one with `dpoflow run " + pipeline + " --set ...` and its items."]
     return "\n".join(lines) + "\n"

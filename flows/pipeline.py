@@ -1,6 +1,7 @@
 """The pipeline flow: which stages run, in what order, and what feeds what.
 
-model -> prepare -> [sft] -> dpo -> evaluate -> export -> card -> [publish]. Each stage is a Prefect task
+model -> prepare -> [sft] -> dpo -> evaluate -> export -> card -> [publish] (dpo trains with the objective
+`dpo.method` names; ORPO trains the SFT term itself, so sft does not run with it). Each stage is a Prefect task
 cached under a key derived from the arguments it is called with: records by content digest, config
 sections by their fields, plus its code (dpoflow.cache); a cache hit whose output folder is missing or
 altered on disk is refreshed instead of trusted.
@@ -166,13 +167,15 @@ def compose_training(config: PipelineConfig, run: Runner, plan_for: PlanFor,
     base, data, data_sources = compose_data(config, run)
     plans: dict[str, TrainingPlan] = {}
     start = base
-    if config.sft.enabled:
+    if config.sft_skipped:
+        flow_log(config.sft_skipped)
+    if config.runs_sft:
         plans["sft"] = plan = plan_for(config.sft, base)
         start = run(sft_task, base=base, data=data, spec=config.sft, setup=config.train, plan=plan, seed=config.seed,
                     keeper=keeper)
     plans["dpo"] = plan = plan_for(config.dpo, start)
     reference = None
-    if config.dpo.precompute_ref_log_probs:
+    if config.dpo.precompute_ref_log_probs:  # DPO only: the config refuses it with a reference-free method
         reference = run(reference_task, start=start, data=data, spec=reference_spec(config.dpo), setup=config.train,
                         plan=plan, seed=config.seed, keeper=keeper)
     adapter = run(dpo_task, start=start, data=data, spec=config.dpo, setup=config.train, plan=plan, seed=config.seed,
@@ -187,7 +190,7 @@ def compose_release(config: PipelineConfig, run: Runner, trained: Trained) -> Ou
         # The start model's scores depend on neither DPO nor the gate: a sweep scores it once.
         baseline = run(start_scores_task, start=out.start, data=out.data, spec=config.evaluate)
         out.report = run(evaluate_task, base=out.base, adapter=out.adapter, data=out.data, spec=config.evaluate,
-                         start_scores=baseline, beta=config.dpo.beta, max_length=config.dpo.max_length)
+                         start_scores=baseline, beta=config.dpo.reward_beta, max_length=config.dpo.max_length)
         if config.evaluate.judge.enabled:
             out.judged = compose_judge(config, run, out.start, out.data, out.adapter)
         out.gate = run.derive(apply_gate, out.report, config.evaluate.gate)
@@ -240,6 +243,16 @@ def record_judge(judged: JudgeReport, run_dir: Path, key: str) -> None:
     (run_dir / "judge_samples.md").write_text((folder / "samples.md").read_text())
     create_markdown_artifact(redact_text(report), key=key + "-judge",
                              description="Generated answers judged pairwise: tuned model vs start model")
+
+
+def flow_log(text: str) -> None:
+    """An info line in the flow run's log, which the CLI prints; nothing outside a run (`explain`)."""
+    from prefect.exceptions import MissingContextError
+
+    try:
+        get_run_logger().info(text)
+    except MissingContextError:
+        pass
 
 
 def compose_data(config: PipelineConfig, run: Runner) -> tuple[ModelRef, PreparedData, list[DataSource]]:
@@ -388,7 +401,8 @@ def summarize(config: PipelineConfig, backend, run: StageRunner, out: Outputs, b
              *[f"{stage} plan: {p.precision}, 4-bit {'yes' if p.load_in_4bit else 'no'}, per-device batch "
                f"{p.per_device_batch} x accumulation {p.gradient_accumulation_steps}; "
                + "; ".join(p.reasons + [f"WARNING {w}" for w in p.warnings]) for stage, p in out.plans.items()],
-             f"DPO reference: {adapter.reference}",
+             f"objective: {config.dpo.method}; reference: {adapter.reference}",
+             *([config.sft_skipped] if config.sft_skipped else []),
              *[f"collapse guard: attempt {r['attempt']} collapsed at step {r['step']} (lr {r['learning_rate']:g}); "
                f"retried from {r['restart_from']} with lr halved" for r in adapter.retries]]
     if gate is not None:
@@ -419,6 +433,7 @@ def summarize(config: PipelineConfig, backend, run: StageRunner, out: Outputs, b
         "metrics": out.report.metrics if out.report else {},
         "forgetting": {"passed": gate.passed, "failures": gate.failures, "table": gate.rows} if gate else None,
         "judge": {"judge": out.judged.judge, **out.judged.figures} if out.judged is not None else None,
+        "method": config.dpo.method,
         "reference": adapter.reference,
         "backend": {"name": backend.name, "reason": backend.reason},
         "retries": adapter.retries,

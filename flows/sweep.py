@@ -67,7 +67,8 @@ def sweep(variants: list[Variant], overrides: list[str] | None = None) -> dict[s
                 continue
             except Exception as e:  # noqa: BLE001
                 errors[i] = _failure(logger, variant, e)
-        rows.append({"variant": variant.label, "error": errors[i], "run_dir": None})
+        rows.append({"variant": variant.label, "method": variant.config.dpo.method, "error": errors[i],
+                     "run_dir": None})
     sweep_dir.mkdir(parents=True, exist_ok=True)
     rows, overrides = redact(rows), redact(overrides or [])  # the variants' items are in the records
     # How many training-model loads the variants' DPO stages (and reference pass) paid, and how many reused one.

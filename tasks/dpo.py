@@ -1,5 +1,8 @@
-"""dpo: TRL DPOTrainer with a fresh LoRA adapter and `ref_model=None`, so the reference log-probs come
-from the same weights with the adapter switched off: the start model (SFT-merged, or the base).
+"""dpo: the preference stage. A fresh LoRA adapter trained with the objective `dpo.method` names
+(dpoflow.objectives): TRL's DPOTrainer with `ref_model=None`, so the reference log-probs come from the
+same weights with the adapter switched off, the start model (SFT-merged, or the base); or a
+reference-free objective (ORPO, SimPO), which has no reference pass at all. The same data, adapter and
+outputs either way, so the stages after it do not care which.
 
 Guards: a non-finite loss, gradient or log-prob stops the stage (checkpoints are kept); a collapse
 (chosen log-probs falling far below where they started) is retried from the last good checkpoint
@@ -28,6 +31,7 @@ from dpoflow.distributed import run_stage
 from dpoflow.errors import Explained
 from dpoflow.hardware import TrainingPlan
 from dpoflow.model_reuse import ModelKeeper, free_accelerator_memory, training_model
+from dpoflow.objectives import EXTRA_LOGGED, objective_args, reference_text, trainer_classes
 from dpoflow.prompt_sharing import install as share_prompts
 from dpoflow.ranks import is_main_process
 from dpoflow.records import ModelRef, PreparedData, ReferenceLogps, TrainedAdapter
@@ -196,23 +200,29 @@ def _write_pairs(path: Path, dataset, chosen: list[float], rejected: list[float]
         writer.write_table(table)
 
 
-def _dpo_trainer_class():
-    """TRL's DPOTrainer (Unsloth's, once Unsloth is imported), taking rows already tokenized as they are."""
-    from trl import DPOTrainer
+def _trainer_class(method: str):
+    """TRL's trainer for `method` (Unsloth's, once Unsloth is imported: looked up only now), resuming
+    the trained adapter from a checkpoint; DPO's also takes rows already tokenized as they are."""
+    trainer_class, _ = trainer_classes(method)
 
-    class PretokenizedDPOTrainer(DPOTrainer):
+    class ResumableTrainer(trainer_class):
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            # A DPO checkpoint holds the trained adapter at its root and TRL's frozen "ref" copy in ref/.
+            # transformers loads only the subfolders when any exist, so a resume would go on training
+            # the fresh adapter: load the trained one here (the "ref" copy is the start model anyway).
+            # Reference-free trainers have no "ref" copy; the same load serves them.
+            if self.is_fsdp_enabled or not (Path(resume_from_checkpoint) / ADAPTER_FILE).is_file():
+                return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            _load_adapter_weights(model or self.model, Path(resume_from_checkpoint))
+
+    if method != "dpo":
+        return ResumableTrainer  # ORPO and CPO tokenize the text themselves
+
+    class PretokenizedDPOTrainer(ResumableTrainer):
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             if set(TOKENIZED) <= set(dataset.column_names):
                 return dataset
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-
-        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-            # A checkpoint holds the trained adapter at its root and TRL's frozen "ref" copy in ref/.
-            # transformers loads only the subfolders when any exist, so a resume would go on training
-            # the fresh adapter: load the trained one here (the "ref" copy is the start model anyway).
-            if self.is_fsdp_enabled or not (Path(resume_from_checkpoint) / ADAPTER_FILE).is_file():
-                return super()._load_from_checkpoint(resume_from_checkpoint, model)
-            _load_adapter_weights(model or self.model, Path(resume_from_checkpoint))
 
     return PretokenizedDPOTrainer
 
@@ -226,18 +236,20 @@ def _trainer(backend: BackendChoice, start: ModelRef, dataset, spec: DPOSpec, pl
     model, tokenizer, peft_config = training_model(
         keeper, key, lambda: load_for_training(backend, start.path, plan, spec.lora, spec.max_length, seed),
         stage_logger())
-    from trl import DPOConfig
-
+    _, config_class = trainer_classes(spec.method)
     args = trainer_args(spec, output_dir, seed, plan)
     args.update(learning_rate=learning_rate, max_steps=max_steps, save_strategy="steps",
                 save_steps=spec.guards.checkpoint_steps)
-    config = DPOConfig(**args, beta=spec.beta, loss_type=list(spec.loss_type), loss_weights=spec.loss_weights,
-                       label_smoothing=spec.label_smoothing)
-    # ref_model=None: the reference is the start model (see backends.load_for_training).
-    trainer = _dpo_trainer_class()(model=model, ref_model=None, args=config, train_dataset=dataset,
-                                   processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    if spec.reference_free:
+        args["remove_unused_columns"] = False  # their collator reads the text columns; TRL sets it with a warning
+    config = config_class(**args, **objective_args(spec))
+    # DPO: ref_model=None, the reference is the start model (see backends.load_for_training). The
+    # reference-free trainers take no reference argument at all.
+    reference = {} if spec.reference_free else {"ref_model": None}
+    trainer = _trainer_class(spec.method)(model=model, **reference, args=config, train_dataset=dataset,
+                                          processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
     keep_outputs_fp32(trainer)
-    if spec.share_prompt:
+    if spec.share_prompt and spec.method == "dpo":  # it lays out DPOTrainer's batches; ORPO and CPO keep theirs
         stage_logger()(share_prompts(trainer, backend.name))
     return trainer
 
@@ -283,7 +295,7 @@ def train_dpo(start: ModelRef, data: PreparedData, spec: DPOSpec, setup: TrainSe
                            state["max_steps"], list(callbacks), keeper)
         if reference is not None:
             trainer.precompute_ref_logps = True  # use the dataset's ref_* columns (TRL's own switch)
-        tokens = sum(len(ids) for ids in trainer.train_dataset["chosen_ids"]) / len(trainer.train_dataset)
+        tokens = _tokens_per_completion(trainer, spec)
         guard = _guard_callback(spec.guards.max_chosen_logp_drop_per_token, spec.guards.collapse_patience, tokens,
                                 attempt_dir)
         trainer.add_callback(guard)
@@ -328,7 +340,7 @@ def train_dpo(start: ModelRef, data: PreparedData, spec: DPOSpec, setup: TrainSe
     free_accelerator_memory()
     if not is_main_process():
         return None
-    metrics = final_metrics(log, LOGGED)
+    metrics = final_metrics(log, LOGGED + EXTRA_LOGGED.get(spec.method, ()))
     metrics["retries"] = float(len(state["retries"]))
     metrics["final_learning_rate"] = state["learning_rate"]
     metrics.update({f"prompt_sharing/{k}": float(v) for k, v in sharing.items()})
@@ -337,9 +349,18 @@ def train_dpo(start: ModelRef, data: PreparedData, spec: DPOSpec, setup: TrainSe
     (out_dir / "retries.json").write_text(json.dumps(state["retries"], indent=1))
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     how = "precomputed once from" if reference is not None else "computed on the fly from"
-    ref_text = f"{start.role} model ({start.source}) with the DPO adapter disabled [{backend.name}; {how} it]"
+    ref_text = reference_text(spec, f"{start.role} model ({start.source})",
+                              f"with the DPO adapter disabled [{backend.name}; {how} it]")
     return TrainedAdapter(path=str(out_dir / "adapter"), digest=seal(out_dir), start=start, reference=ref_text,
                           metrics=metrics, retries=state["retries"])
+
+
+def _tokens_per_completion(trainer, spec: DPOSpec) -> float:
+    """The mean completion length, in tokens, the collapse guard divides the chosen log-prob by. ORPO and
+    SimPO log the per-token mean log-prob already: 1."""
+    if spec.reference_free:
+        return 1.0
+    return sum(len(ids) for ids in trainer.train_dataset["chosen_ids"]) / len(trainer.train_dataset)
 
 
 def compute_reference_logps(start: ModelRef, data: PreparedData, spec: DPOSpec, setup: TrainSetup,

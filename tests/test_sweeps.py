@@ -43,10 +43,26 @@ def test_a_sweep_does_not_publish(repo):
 
 
 def test_the_comparison_table_shows_a_failed_variant():
-    rows = [{"variant": "dpo.beta=0.1", "dpo_loss": 0.1234567, "train_reward_accuracy": 1.0, "heldout_accuracy": 0.9,
-             "heldout_reward_margin": 2.0, "worst_forgetting_points": -1.5, "judged_win_rate": 0.75, "judged_lc_win_rate": 0.7,
-             "gate": "passed", "dpo_stage": "ran"},
-            {"variant": "dpo.beta=9", "error": "CollapseError: collapse at step 3", "run_dir": None}]
+    rows = [{"variant": "dpo.beta=0.1", "method": "dpo", "dpo_loss": 0.1234567, "train_reward_accuracy": 1.0,
+             "heldout_accuracy": 0.9, "heldout_reward_margin": 2.0, "worst_forgetting_points": -1.5,
+             "judged_win_rate": 0.75, "judged_lc_win_rate": 0.7, "gate": "passed", "dpo_stage": "ran"},
+            {"variant": "dpo.beta=9", "method": "dpo", "error": "CollapseError: collapse at step 3", "run_dir": None}]
     table = comparison_markdown("demo", rows, ["one note"])
-    assert "| dpo.beta=0.1 | 0.1235 | 1 | 0.9 | 2 | -1.5 | 0.75 | 0.7 | passed | ran |" in table
-    assert "| dpo.beta=9 | CollapseError: collapse at step 3 | - |" in table and "- one note" in table
+    assert "| dpo.beta=0.1 | dpo | 0.1235 | 1 | 0.9 | 2 | -1.5 | 0.75 | 0.7 | passed | ran |" in table
+    assert "| dpo.beta=9 | dpo | CollapseError: collapse at step 3 | - |" in table and "- one note" in table
+    assert "different scales" not in table and "nats" not in table  # one method, DPO's margin
+
+
+def test_a_sweep_over_objectives_names_each_variant_s_method(repo):
+    variants = plan_sweep("demo", ["dpo.method=dpo,orpo,simpo"], repo / "pipelines.yaml")
+    assert [v.label for v in variants] == ["dpo.method=dpo", "dpo.method=orpo", "dpo.method=simpo"]
+    assert [v.config.dpo.method for v in variants] == ["dpo", "orpo", "simpo"]
+    assert [v.config.runs_sft for v in variants] == [True, False, True]  # the demo enables SFT; ORPO folds it in
+    with pytest.raises(ConfigError) as e:  # the reference pass is DPO's: named for each variant it cannot serve
+        plan_sweep("demo", ["dpo.method=dpo,orpo,simpo"], repo / "pipelines.yaml", ["dpo.precompute_ref_log_probs=true"])
+    assert [p.split(":")[0] for p in e.value.problems] == ["variant dpo.method=orpo", "variant dpo.method=simpo"]
+
+    rows = [{"variant": v.label, "method": v.config.dpo.method, "dpo_loss": 0.5} for v in variants]
+    table = comparison_markdown("demo", rows)
+    assert "| dpo.method=orpo | orpo | 0.5 |" in table
+    assert "losses are on different scales" in table and "the log-ratio itself (nats)" in table

@@ -104,3 +104,39 @@ def test_a_real_rerun_runs_what_explain_said(cached_demo, field, value, runs):
     status = cached_demo(f"{field}={value}")
     assert {stage for stage, s in status.items() if s == "ran"} == runs, status
     assert {s for stage, s in status.items() if stage not in runs} == {"cached"}
+
+
+# The objective (dpo.method) and its knobs are the dpo stage's. A reference-free method has no reference
+# pass (the precomputed one is DPO's, so it is switched off with it); ORPO trains the SFT term itself, so
+# it starts from the base model, whose scores and answers are new (the cached run started from SFT's).
+NO_REFERENCE = "dpo.precompute_ref_log_probs=false"
+METHOD_CHANGES = [
+    ("dpo.method=simpo", [s for s in STAGES if s != "reference"], AFTER_DPO),
+    ("dpo.method=orpo", [s for s in STAGES if s not in ("sft", "reference")], AFTER_DPO | {"baseline", "answers"}),
+]
+SIMPO_KNOBS = [("dpo.simpo_gamma", "1.0"), ("dpo.beta", "2.0")]
+
+
+@pytest.mark.parametrize(("item", "stages", "runs"), METHOD_CHANGES, ids=[c[0] for c in METHOD_CHANGES])
+def test_a_changed_method_reruns_dpo_and_what_follows_only(repo, cached_demo, item, stages, runs):
+    verdicts = forecast(repo, cached_demo.items, NO_REFERENCE, item)
+    assert list(verdicts) == stages
+    assert {stage for stage, verdict in verdicts.items() if verdict == "runs"} == runs, verdicts
+    assert {verdicts[stage] for stage in set(stages) - runs} == {"cached"}
+
+
+@pytest.fixture(scope="module")
+def cached_simpo(cached_demo):
+    """The short demo trained with SimPO, for real: what explain said about the method change, and the
+    cached run the knobs below are compared with."""
+    status = cached_demo(NO_REFERENCE, "dpo.method=simpo")
+    assert list(status) == METHOD_CHANGES[0][1]
+    assert {stage for stage, s in status.items() if s == "ran"} == AFTER_DPO, status
+    return [*cached_demo.items, NO_REFERENCE, "dpo.method=simpo"]
+
+
+@pytest.mark.parametrize(("field", "value"), SIMPO_KNOBS, ids=[k[0] for k in SIMPO_KNOBS])
+def test_a_changed_method_knob_reruns_dpo_and_what_follows_only(repo, cached_simpo, field, value):
+    verdicts = forecast(repo, cached_simpo, f"{field}={value}")
+    assert {stage for stage, verdict in verdicts.items() if verdict == "runs"} == AFTER_DPO, verdicts
+    assert forecast(repo, cached_simpo) == dict.fromkeys(verdicts, "cached")

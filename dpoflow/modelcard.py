@@ -74,6 +74,12 @@ def render(config: dict, base_source: str, data: dict, metrics: dict, forgetting
         first = Path(next(iter(exports["gguf"].values()))["file"]).name
         lines += ["```sh", f"llama-cli -m gguf/{first} -cnv        # llama.cpp (chat template embedded)",
                   "cd gguf && ollama create my-model -f Modelfile && ollama run my-model", "```", ""]
+    tracking = config.get("tracking") or {}
+    # Which tracker holds the run, never where it is; the run id is in the run folder (a cached card is
+    # shared by runs).
+    if tracking.get("backend", "none") != "none":
+        lines += [f"Tracked: {tracking['backend']}, experiment `{tracking['experiment']}` (the run id is in the run "
+                  "folder's summary.md).", ""]
     lines += ["## Reproduce", "", f"Pipeline commit: `{commit}`", "", "```yaml",
               yaml.safe_dump(config, sort_keys=False).strip(), "```", ""]
     return "\n".join(lines)

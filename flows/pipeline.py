@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from prefect import Task, flow, get_run_logger
-from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (create_image_artifact, create_link_artifact, create_markdown_artifact,
+                               create_table_artifact)
 from prefect.runtime import flow_run
 
 from dpoflow import forgetting, judging, modelcard, sources
@@ -39,6 +40,7 @@ from dpoflow.records import (Artifact, DataSource, EvalReport, Exports, JudgeRep
                              Published, ReferenceLogps, TrainedAdapter)
 from dpoflow.runtime import set_cpu_threads
 from dpoflow.summary import StageRow, key_metric, markdown, rows_as_dicts
+from dpoflow.tracking import TrackedRun, TrackerRef, open_run, replay
 from dpoflow.tasks import stage_policy
 from dpoflow.tasks.dpo import dpo_task, reference_spec, reference_task
 from dpoflow.tasks.evaluate import apply_gate, evaluate_task, start_scores_task, write_gate_report
@@ -152,18 +154,19 @@ class Runner(Protocol):
 PlanFor = Callable[[Any, ModelRef], TrainingPlan | None]
 
 
-def compose(config: PipelineConfig, run: Runner, plan_for: PlanFor) -> Outputs:
+def compose(config: PipelineConfig, run: Runner, plan_for: PlanFor, tracker: TrackerRef | None = None) -> Outputs:
     """The stages, their order and what feeds what: the one place the pipeline is wired. `run` runs
-    (or looks up) a stage; `plan_for(spec, model)` is the hardware plan."""
+    (or looks up) a stage; `plan_for(spec, model)` is the hardware plan; `tracker`: the tracked run the
+    training stages send their curves to."""
     with ModelKeeper() as keeper:  # the reference pass and the dpo stage share one loaded model
-        trained = compose_training(config, run, plan_for, keeper)
+        trained = compose_training(config, run, plan_for, keeper, tracker)
     return compose_release(config, run, trained)
 
 
 def compose_training(config: PipelineConfig, run: Runner, plan_for: PlanFor,
-                     keeper: ModelKeeper | None = None) -> Trained:
+                     keeper: ModelKeeper | None = None, tracker: TrackerRef | None = None) -> Trained:
     """model -> prepare -> [sft] -> [reference] -> dpo. `keeper`: where the training stages keep their
-    loaded model for the next one (None: each loads its own)."""
+    loaded model for the next one (None: each loads its own); `tracker`: where their curves go."""
     base, data, data_sources = compose_data(config, run)
     plans: dict[str, TrainingPlan] = {}
     start = base
@@ -172,14 +175,14 @@ def compose_training(config: PipelineConfig, run: Runner, plan_for: PlanFor,
     if config.runs_sft:
         plans["sft"] = plan = plan_for(config.sft, base)
         start = run(sft_task, base=base, data=data, spec=config.sft, setup=config.train, plan=plan, seed=config.seed,
-                    keeper=keeper)
+                    keeper=keeper, tracker=tracker)
     plans["dpo"] = plan = plan_for(config.dpo, start)
     reference = None
     if config.dpo.precompute_ref_log_probs:  # DPO only: the config refuses it with a reference-free method
         reference = run(reference_task, start=start, data=data, spec=reference_spec(config.dpo), setup=config.train,
                         plan=plan, seed=config.seed, keeper=keeper)
     adapter = run(dpo_task, start=start, data=data, spec=config.dpo, setup=config.train, plan=plan, seed=config.seed,
-                  reference=reference, keeper=keeper)
+                  reference=reference, keeper=keeper, tracker=tracker)
     return Trained(base, data, data_sources, start, reference, adapter, {k: v for k, v in plans.items() if v})
 
 
@@ -334,17 +337,48 @@ def pipeline(config: PipelineConfig, overrides: list[str] | None = None) -> dict
     set_cpu_threads(config.cpu_threads)
     workspace = Workspace(config.workdir)
     run = StageRunner(workspace)
-    backend = start_backend(config)
-    blocked = None
+    tracked = open_run(config, run_folder_name())  # before any stage: an unreachable tracker stops the run now
+    with ending_tracked_run(tracked):
+        backend = start_backend(config)
+        blocked = None
+        try:
+            with keep_failed_data_report(workspace, config, run):
+                out = compose(config, run, hardware_plans(config), tracked.ref if tracked else None)
+        except GateBlocked as e:  # still leave the summary and the score table before failing the run
+            blocked, out = e, e.outputs
+        summary = record_run(config, backend, run, out, blocked, new_run_folder(workspace, config), overrides or [],
+                             tracked=tracked)
+        if blocked:
+            raise blocked
+        return summary
+
+
+@contextmanager
+def ending_tracked_run(tracked: TrackedRun | None):
+    """A tracked run that did not finish is ended: KILLED on Ctrl-C, FAILED with the error as a tag."""
     try:
-        with keep_failed_data_report(workspace, config, run):
-            out = compose(config, run, hardware_plans(config))
-    except GateBlocked as e:  # still leave the summary and the score table before failing the run
-        blocked, out = e, e.outputs
-    summary = record_run(config, backend, run, out, blocked, new_run_folder(workspace, config), overrides or [])
-    if blocked:
-        raise blocked
-    return summary
+        yield
+    except BaseException as e:
+        if tracked is not None and not tracked.ended:
+            try:
+                if isinstance(e, KeyboardInterrupt):
+                    tracked.end("KILLED", f"interrupted {e}".strip())
+                else:
+                    tracked.end("FAILED", f"{type(e).__name__}: {e}")
+            except Exception as err:  # noqa: BLE001 - the run's own error is the one to report
+                get_run_logger().warning("tracking: could not mark the run ended: %s",
+                                         redact_text(f"{type(err).__name__}: {err}"))
+        raise
+
+
+def track_training(tracked: TrackedRun, run: StageRunner) -> None:
+    """The curves of training stages that came from the cache, sent from what they recorded (the stages
+    that ran sent theirs live)."""
+    for row in run.rows:
+        if row.stage in ("sft", "dpo") and row.status == "cached":
+            lines = replay(tracked.ref, row.stage, row.output)
+            get_run_logger().info("tracking: %s came from the cache: sent its recorded curve (%d log lines)",
+                                  row.stage, lines)
 
 
 def start_backend(config: PipelineConfig):
@@ -361,9 +395,9 @@ def hardware_plans(config: PipelineConfig):
 
 def record_run(config: PipelineConfig, backend, run: StageRunner, out: Outputs, blocked: GateBlocked | None,
                run_dir: Path, overrides: list[str], artifact_name: str | None = None,
-               latest: bool = True) -> dict[str, Any]:
-    """The run folder (summary, stage links, forgetting table, data report) and the Prefect artifacts;
-    returns the summary."""
+               latest: bool = True, tracked: TrackedRun | None = None) -> dict[str, Any]:
+    """The run folder (summary, stage links, forgetting table, data report), the Prefect artifacts and
+    the tracked run's results; returns the summary."""
     key = artifact_key(artifact_name or config.name)
     overrides = redact(overrides)  # for the record only: the config already has them applied
     if out.gate is not None:
@@ -373,17 +407,25 @@ def record_run(config: PipelineConfig, backend, run: StageRunner, out: Outputs, 
         chart_artifact(run_dir / "forgetting.png", key + "-forgetting-chart", "Forgetting check: accuracy per task")
     if out.judged is not None:
         record_judge(out.judged, run_dir, key)
-    summary, summary_md = summarize(config, backend, run, out, blocked, run_dir, overrides)
+    summary, summary_md = summarize(config, backend, run, out, blocked, run_dir, overrides, tracked)
     write_run_folder(run_dir, summary, run.outputs, summary_md, latest=latest)
     publish_data_report(config, out.data, run_dir, key)
     create_markdown_artifact(redact_text(summary_md), key=key,
                              description=f"dpoflow summary of {artifact_name or config.name}")
     get_run_logger().info("run folder: %s", run_dir)
+    if tracked is not None:
+        track_training(tracked, run)
+        tracked.finish(redact(summary), run_dir, passed=blocked is None, reason=str(blocked) if blocked else None)
+        location = summary["tracking"]["location"]
+        if location.startswith(("http://", "https://")):
+            create_link_artifact(location, link_text=f"{config.tracking.backend} run", key=key + "-tracking",
+                                 description=f"The tracked run of {artifact_name or config.name}")
+        get_run_logger().info("tracked: %s", tracked.line())
     return redact(summary)  # the flow's result, which Prefect may store too
 
 
 def summarize(config: PipelineConfig, backend, run: StageRunner, out: Outputs, blocked: GateBlocked | None,
-              run_dir: Path, overrides: list[str]) -> tuple[dict[str, Any], str]:
+              run_dir: Path, overrides: list[str], tracked: TrackedRun | None = None) -> tuple[dict[str, Any], str]:
     """The run summary as JSON-able dict and as markdown (notes under the stage table)."""
     adapter, exports, gate = out.adapter, out.exports, out.gate
 
@@ -424,6 +466,8 @@ def summarize(config: PipelineConfig, backend, run: StageRunner, out: Outputs, b
         notes.append("publish skipped: the forgetting check did not pass")
     notes.append(f"exports: {in_run_folder(exports.merged or exports.adapter)}" if exports else
                  f"exports: none: {blocked}")
+    if tracked is not None:
+        notes.append(f"tracked: {tracked.line()}")
     summary = {
         "pipeline": config.name,
         "overrides": overrides,
@@ -444,6 +488,7 @@ def summarize(config: PipelineConfig, backend, run: StageRunner, out: Outputs, b
         "gguf_checks": exports.gguf if exports else {},
         "card": f"{out.card.path}/README.md" if out.card else None,
         "published": out.published.model_dump(exclude={"path", "digest"}) if out.published else None,
+        "tracking": tracked.record() if tracked is not None else None,
     }
     md = markdown(config.name, run.rows, notes)
     if gate is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import traceback
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -22,9 +23,10 @@ from dpoflow.model_reuse import ModelKeeper
 from dpoflow.redact import redact, redact_flow_parameters
 from dpoflow.runtime import set_cpu_threads
 from dpoflow.sweeps import Variant, comparison_markdown, comparison_row
+from dpoflow.tracking import TrackedRun, open_run
 
-from .pipeline import (GateBlocked, StageRunner, artifact_key, compose_release, compose_training, hardware_plans,
-                       new_run_folder, record_run, run_folder_name, start_backend)
+from .pipeline import (GateBlocked, StageRunner, artifact_key, compose_release, compose_training,
+                       ending_tracked_run, hardware_plans, new_run_folder, record_run, run_folder_name, start_backend)
 
 
 class SweepFailed(RuntimeError):
@@ -46,29 +48,37 @@ def sweep(variants: list[Variant], overrides: list[str] | None = None) -> dict[s
         raise ValueError("a sweep's variants are one pipeline in one workdir")
     set_cpu_threads(first.cpu_threads)
     workspace = Workspace(first.workdir)
-    sweep_dir = workspace.runs(first.name) / "sweeps" / run_folder_name()
+    sweep_id = run_folder_name()
+    sweep_dir = workspace.runs(first.name) / "sweeps" / sweep_id
     runs = [StageRunner(workspace) for _ in variants]
-    backends = [start_backend(v.config) for v in variants]
-    trained, errors = {}, {}
-    with ModelKeeper() as kept:
-        for i, (variant, run, backend) in enumerate(zip(variants, runs, backends)):
-            logger.info("sweep variant %d of %d: %s: training", i + 1, len(variants), variant.label)
-            try:
-                trained[i] = compose_training(variant.config, run, hardware_plans(variant.config), kept)
-            except Exception as e:  # noqa: BLE001 - recorded in the table; the other variants go on
-                errors[i] = _failure(logger, variant, e)
-    rows = []
-    for i, variant in enumerate(variants):
-        if i in trained:
-            logger.info("sweep variant %d of %d: %s: evaluation and export", i + 1, len(variants), variant.label)
-            try:
-                rows.append(_release(variant, runs[i], backends[i], trained[i], workspace, sweep_dir / f"v{i + 1}",
-                                     [*(overrides or []), *variant.items], f"{first.name}-sweep-v{i + 1}"))
-                continue
-            except Exception as e:  # noqa: BLE001
-                errors[i] = _failure(logger, variant, e)
-        rows.append({"variant": variant.label, "method": variant.config.dpo.method, "error": errors[i],
-                     "run_dir": None})
+    # Each variant is a tracked run of its own, tagged with the sweep and the variant; all opened before
+    # any training, so an unreachable tracker stops the sweep at once.
+    tracked = [open_run(v.config, f"{sweep_id}-v{i + 1}", {"dpoflow.sweep": sweep_id, "dpoflow.variant": v.label})
+               for i, v in enumerate(variants)]
+    with ending_tracked_runs(tracked):
+        backends = [start_backend(v.config) for v in variants]
+        trained, errors = {}, {}
+        with ModelKeeper() as kept:
+            for i, (variant, run, backend) in enumerate(zip(variants, runs, backends)):
+                logger.info("sweep variant %d of %d: %s: training", i + 1, len(variants), variant.label)
+                try:
+                    trained[i] = compose_training(variant.config, run, hardware_plans(variant.config), kept,
+                                                  tracked[i].ref if tracked[i] else None)
+                except Exception as e:  # noqa: BLE001 - recorded in the table; the other variants go on
+                    errors[i] = _failure(logger, variant, e, tracked[i])
+        rows = []
+        for i, variant in enumerate(variants):
+            if i in trained:
+                logger.info("sweep variant %d of %d: %s: evaluation and export", i + 1, len(variants), variant.label)
+                try:
+                    rows.append(_release(variant, runs[i], backends[i], trained[i], workspace, sweep_dir / f"v{i + 1}",
+                                         [*(overrides or []), *variant.items], f"{first.name}-sweep-v{i + 1}",
+                                         tracked[i]))
+                    continue
+                except Exception as e:  # noqa: BLE001
+                    errors[i] = _failure(logger, variant, e, tracked[i])
+            rows.append({"variant": variant.label, "method": variant.config.dpo.method, "error": errors[i],
+                         "run_dir": None})
     sweep_dir.mkdir(parents=True, exist_ok=True)
     rows, overrides = redact(rows), redact(overrides or [])  # the variants' items are in the records
     # How many training-model loads the variants' DPO stages (and reference pass) paid, and how many reused one.
@@ -91,8 +101,17 @@ def sweep(variants: list[Variant], overrides: list[str] | None = None) -> dict[s
     return {"pipeline": first.name, "sweep_dir": str(sweep_dir), "training_model": loads, "variants": rows}
 
 
+@contextmanager
+def ending_tracked_runs(tracked: list[TrackedRun | None]):
+    """Every variant's tracked run that did not finish is ended (KILLED on Ctrl-C, FAILED on an error)."""
+    with ExitStack() as stack:
+        for run in tracked:
+            stack.enter_context(ending_tracked_run(run))
+        yield
+
+
 def _release(variant: Variant, run: StageRunner, backend, trained, workspace: Workspace, run_dir, overrides,
-             artifact_name) -> dict:
+             artifact_name, tracked: TrackedRun | None) -> dict:
     config = variant.config
     blocked = None
     try:
@@ -100,10 +119,13 @@ def _release(variant: Variant, run: StageRunner, backend, trained, workspace: Wo
     except GateBlocked as e:  # a variant the gate stops is a result of the sweep, not a failure
         blocked, out = e, e.outputs
     new_run_folder(workspace, config, run_dir)
-    summary = record_run(config, backend, run, out, blocked, run_dir, overrides, artifact_name, latest=False)
+    summary = record_run(config, backend, run, out, blocked, run_dir, overrides, artifact_name, latest=False,
+                         tracked=tracked)
     return comparison_row(variant, summary)
 
 
-def _failure(logger, variant: Variant, error: Exception) -> str:
+def _failure(logger, variant: Variant, error: Exception, tracked: TrackedRun | None) -> str:
     logger.error("sweep variant %s failed:\n%s", variant.label, "".join(traceback.format_exception(error)))
+    if tracked is not None and not tracked.ended:
+        tracked.end("FAILED", f"{type(error).__name__}: {error}")
     return f"{type(error).__name__}: {error}"

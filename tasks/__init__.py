@@ -18,6 +18,7 @@ RUN_ONLY = {
     "out_dir": "where this key's outputs go: chosen from the key",
     "checkpoint_dir": "where a run in progress keeps its checkpoints: chosen from the key",
     "keeper": "the flow's keeper of a loaded training model: saves a load, changes nothing trained",
+    "tracker": "the tracked run a training stage sends its curve to: where it is watched, not what is trained",
 }
 
 
@@ -70,6 +71,15 @@ def retry_if_transient(task, task_run, state) -> bool:
 
     error = state.result(raise_on_failure=False)
     return isinstance(error, Exception) and transient(error)[0]
+
+
+def curve_callbacks(tracker, stage: str) -> list:
+    """The Trainer callbacks that send a training stage's curve to its tracked run (none untracked)."""
+    if tracker is None:
+        return []
+    from dpoflow.tracking import curve_callback
+
+    return [curve_callback(tracker, stage)]
 
 
 def stage_logger():

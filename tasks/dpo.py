@@ -36,10 +36,11 @@ from dpoflow.prompt_sharing import install as share_prompts
 from dpoflow.ranks import is_main_process
 from dpoflow.records import ModelRef, PreparedData, ReferenceLogps, TrainedAdapter
 from dpoflow.runtime import StageInterrupted
+from dpoflow.tracking import TrackerRef
 from dpoflow.training import (deterministic_log, final_metrics, keep_outputs_fp32, save_adapter, time_split,
                               trainer_args)
 
-from . import stage_logger, stage_task, training_backend
+from . import curve_callbacks, stage_logger, stage_task, training_backend
 
 LOGGED = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
           "logps/chosen", "logps/rejected")
@@ -272,10 +273,12 @@ def _load_adapter_weights(model, checkpoint: Path) -> None:
 
 def train_dpo(start: ModelRef, data: PreparedData, spec: DPOSpec, setup: TrainSetup, plan: TrainingPlan, seed: int,
               out_dir: Path, checkpoint_dir: Path | None = None, reference: ReferenceLogps | None = None,
-              callbacks: tuple = (), keeper: ModelKeeper | None = None) -> TrainedAdapter | None:
+              callbacks: tuple = (), keeper: ModelKeeper | None = None,
+              tracker: TrackerRef | None = None) -> TrainedAdapter | None:
     """Train the DPO adapter into `out_dir`. Under torchrun every rank calls this; the main process
     writes the outputs and returns the record, the others return None. `keeper`: the flow's keeper of a
-    loaded training model, to take the model from (model_reuse); None: load one and free it after."""
+    loaded training model, to take the model from (model_reuse); None: load one and free it after.
+    `tracker`: the tracked run the curve is sent to as it is logged."""
     began = time.perf_counter()
     backend = choose_backend(setup)
     dataset = _train_rows(data, reference)
@@ -292,7 +295,7 @@ def train_dpo(start: ModelRef, data: PreparedData, spec: DPOSpec, setup: TrainSe
         if is_main_process():
             write_atomically(state_file, json.dumps(state, indent=1))
         trainer = _trainer(backend, start, dataset, spec, plan, seed, attempt_dir, state["learning_rate"],
-                           state["max_steps"], list(callbacks), keeper)
+                           state["max_steps"], [*callbacks, *curve_callbacks(tracker, "dpo")], keeper)
         if reference is not None:
             trainer.precompute_ref_logps = True  # use the dataset's ref_* columns (TRL's own switch)
         tokens = _tokens_per_completion(trainer, spec)
@@ -417,7 +420,8 @@ def reference_task(out_dir: str, start: ModelRef, data: PreparedData, spec: DPOS
 @stage_task(depends_on=training_backend)
 def dpo_task(out_dir: str, checkpoint_dir: str, start: ModelRef, data: PreparedData,
              spec: DPOSpec, setup: TrainSetup, plan: TrainingPlan, seed: int,
-             reference: ReferenceLogps | None = None, keeper: ModelKeeper | None = None) -> TrainedAdapter:
+             reference: ReferenceLogps | None = None, keeper: ModelKeeper | None = None,
+             tracker: TrackerRef | None = None) -> TrainedAdapter:
     return run_stage(train_dpo, plan.num_processes, stage_logger(), start=start, data=data, spec=spec, setup=setup,
                      plan=plan, seed=seed, out_dir=Path(out_dir), checkpoint_dir=Path(checkpoint_dir),
-                     reference=reference, keeper=keeper)
+                     reference=reference, keeper=keeper, tracker=tracker)

@@ -52,6 +52,10 @@ def card_config(config: PipelineConfig) -> dict:
     shown["model"]["source"] = local_name(config.model.source)
     shown["data"]["sources"] = [local_name(s) if isinstance(s, str) else public_source(s).model_dump(mode="json")
                                 for s in config.data.sources]
+    # Which tracker and experiment the run is in, never where that is: the URI may hold a password, and
+    # a changed address or run tag re-makes no card.
+    tracking = config.tracking
+    shown["tracking"] = {"backend": tracking.backend, "experiment": tracking.experiment or config.name}
     return redact(shown)
 
 

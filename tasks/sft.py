@@ -17,16 +17,20 @@ from dpoflow.model_reuse import ModelKeeper
 from dpoflow.models import load_model
 from dpoflow.ranks import is_main_process
 from dpoflow.records import ModelRef, PreparedData
-from dpoflow.training import final_metrics, keep_outputs_fp32, save_adapter, time_split, trainer_args
+from dpoflow.tracking import TrackerRef
+from dpoflow.training import (deterministic_log, final_metrics, keep_outputs_fp32, save_adapter, time_split,
+                              trainer_args)
 
-from . import stage_logger, stage_task, training_backend
+from . import curve_callbacks, stage_logger, stage_task, training_backend
 
 
 def train_sft(base: ModelRef, data: PreparedData, spec: SFTSpec, setup: TrainSetup, plan: TrainingPlan, seed: int,
-              out_dir: Path, keeper: ModelKeeper | None = None) -> ModelRef | None:
+              out_dir: Path, keeper: ModelKeeper | None = None,
+              tracker: TrackerRef | None = None) -> ModelRef | None:
     """Train, merge and save the SFT model into `out_dir`. Under torchrun every rank calls this; the
     main process writes the model and returns the record, the others return None. `keeper`: the flow's
-    keeper of a loaded training model, whose model (a sweep's earlier DPO stage's) is freed first."""
+    keeper of a loaded training model, whose model (a sweep's earlier DPO stage's) is freed first.
+    `tracker`: the tracked run the curve is sent to as it is logged."""
     began = time.perf_counter()
     if plan.load_in_4bit or plan.precision == "fp8":
         raise BackendError("sft: merging an adapter into 4-bit/FP8 weights is not supported; "
@@ -43,7 +47,7 @@ def train_sft(base: ModelRef, data: PreparedData, spec: SFTSpec, setup: TrainSet
     scratch = out_dir.with_name(out_dir.name + "-scratch")  # one folder every rank sees
     args = SFTConfig(**trainer_args(spec, scratch, seed, plan), completion_only_loss=True)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=peft_config)
+                         peft_config=peft_config, callbacks=curve_callbacks(tracker, "sft"))
     trainer.add_callback(time_split("sft", began, stage_logger()))
     keep_outputs_fp32(trainer)
     trainer.train()
@@ -63,13 +67,17 @@ def train_sft(base: ModelRef, data: PreparedData, spec: SFTSpec, setup: TrainSet
     merged.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     shutil.rmtree(scratch, ignore_errors=True)
-    metrics = final_metrics(trainer.state.log_history, ("loss", "mean_token_accuracy"))
+    log = deterministic_log(trainer.state.log_history)
+    metrics = final_metrics(log, ("loss", "mean_token_accuracy"))
     (out_dir / "sft_metrics.json").write_text(json.dumps(metrics, indent=1))
+    # The curve as trained: a tracked run that finds this stage cached sends it from here.
+    (out_dir / "log_history.json").write_text(json.dumps(log, indent=1))
     return ModelRef(path=str(out_dir), digest=seal(out_dir), source=f"sft of {base.source}", role="sft")
 
 
 @stage_task(depends_on=training_backend)
 def sft_task(out_dir: str, base: ModelRef, data: PreparedData, spec: SFTSpec,
-             setup: TrainSetup, plan: TrainingPlan, seed: int, keeper: ModelKeeper | None = None) -> ModelRef:
+             setup: TrainSetup, plan: TrainingPlan, seed: int, keeper: ModelKeeper | None = None,
+             tracker: TrackerRef | None = None) -> ModelRef:
     return run_stage(train_sft, plan.num_processes, stage_logger(), base=base, data=data, spec=spec, setup=setup,
-                     plan=plan, seed=seed, out_dir=Path(out_dir), keeper=keeper)
+                     plan=plan, seed=seed, out_dir=Path(out_dir), keeper=keeper, tracker=tracker)

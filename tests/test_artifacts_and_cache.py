@@ -126,7 +126,7 @@ def test_every_stage_task_names_its_stage_and_leaves_out_only_parameters_it_has_
     for t in tasks:
         policy, parameters = stage_policy(t), set(inspect.signature(t.fn).parameters)
         assert "out_dir" in parameters
-        assert set(policy.not_key) - parameters <= {"checkpoint_dir", "keeper"}  # the run-only ones it lacks
+        assert set(policy.not_key) - parameters <= {"checkpoint_dir", "keeper", "tracker"}  # the run-only ones it lacks
         assert all(len(why) > 10 for why in policy.not_key.values())
     assert set(stage_policy(publish_task).not_key) - set(stage_policy(dpo_task).not_key) == {"message"}
 

@@ -29,7 +29,7 @@ def test_it_installs_the_pyproject_extras_and_the_readme_torch_pin(repo, dockerf
     project = tomllib.loads((repo / "pyproject.toml").read_text())
     extras = set(project["project"]["optional-dependencies"])
     variants = dict(re.findall(r"AS base-(\w+)\s+ENV DPOFLOW_EXTRAS=([\w,]+)", dockerfile))
-    assert variants == {"gpu": "gpu,gguf,workers", "cpu": "gguf,workers"}
+    assert variants == {"gpu": "gpu,gguf,workers,tracking", "cpu": "gguf,workers,tracking"}
     for names in variants.values():
         assert set(names.split(",")) <= extras
     readme_torch = re.search(r"pip install torch==([\d.]+)", (repo / "README.md").read_text()).group(1)

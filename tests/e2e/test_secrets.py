@@ -29,6 +29,8 @@ PLANTED = {
     "deploy.job_variables.api_key": "plain-api-key-value-9913",
     "deploy.job_variables.image": "Zx8Qw3Lp9Vb2Nm7Ks4Jd6Hf1Gt5Ry0UeT",
     "export.gguf_pre_tokenizer": "Bearer plainbearer-6650",
+    "tracking.tags.note": "ghp_" + "TrackTag3Leak" * 3,
+    "tracking.tags.api_token": "plain-tracking-tag-6071",
     "--set description": "hf_" + "SetFlag2Leak" * 3,
     "--set deploy.job_variables.env.EXTRA": "plain-set-env-value-8190",
 }
@@ -43,6 +45,9 @@ def planted_run(repo, tmp_path_factory):
     demo["description"] = PLANTED["description"]
     demo["data"]["system_prompt"] = f"You label sentiment. {PLANTED['data.system_prompt']}"
     demo["export"]["gguf_pre_tokenizer"] = PLANTED["export.gguf_pre_tokenizer"]
+    # Sent to a real MLflow store in the workdir, which is searched with everything else.
+    demo["tracking"] = {"backend": "mlflow", "tags": {"note": f"by {PLANTED['tracking.tags.note']}",
+                                                      "api_token": PLANTED["tracking.tags.api_token"]}}
     demo["deploy"] = {"tags": ["team-a", PLANTED["deploy.tags"]], "work_queue": PLANTED["deploy.work_queue"],
                       "repository": f"https://bot:{PLANTED['deploy.repository']}@git.example.com/org/repo.git",
                       "job_variables": {"image": "registry.example.com/dpoflow:"
@@ -85,6 +90,8 @@ def test_no_planted_secret_is_in_any_file_the_run_wrote_or_in_the_prefect_databa
                 and not is_training_text(p, work)]
     assert any(p.suffix == ".db" for p in searched)  # the Prefect database (sqlite) is among them
     assert {"config.json", "summary.json", "summary.md", "README.md"} <= {p.name for p in searched}
+    assert "mlflow.db" in {p.name for p in searched}  # the tracker's store, and its artifacts below
+    assert any(p.name == "summary.md" and "mlartifacts" in p.parts for p in searched)
     found = {str(p.relative_to(tmp)): leaks(p.read_bytes()) for p in searched}
     assert {p: f for p, f in found.items() if f} == {}
 

@@ -50,6 +50,10 @@ CHANGES = [
     ("publish.max_attempts", "2", {"card"}),
     ("cpu_threads", "2", {"card"}),
     ("description", "another", {"card"}),
+    # The card names the tracker and experiment, never where the tracker is or the run's tags.
+    ("tracking.experiment", "another", {"card"}),
+    ("tracking.uri", "sqlite:///elsewhere.db", set()),
+    ("tracking.tags", "{team: nlp}", set()),
 ]
 REAL = ["dpo.share_prompt", "evaluate.batch_size", "publish.max_attempts"]
 

@@ -107,11 +107,15 @@ def _assert_continues(resumed: dict, uninterrupted: dict, output: str, steps: in
                       adapter_tol: float | None = None, adapter_rel_tol: float | None = None) -> None:
     step = int(output.split("dpo: resuming from ")[1].split("(step ")[1].split(")")[0])
     assert 0 < step < steps
-    # The first step trained after the resume. A fresh adapter (the policy equal to the reference)
-    # would have exactly ln 2 there: the uninterrupted run is more than twice the tolerance away from
-    # it, so a resumed loss within the tolerance of the uninterrupted one cannot be a fresh adapter's.
-    assert resumed["losses"][step + 1] == pytest.approx(uninterrupted["losses"][step + 1], abs=loss_tol)
-    assert abs(uninterrupted["losses"][step + 1] - math.log(2)) > 2 * loss_tol
+    # The first steps trained after the resume. A fresh adapter (the policy equal to the reference) would
+    # have exactly ln 2 at the first and stay near it for the next ones; one of them is well away from
+    # ln 2 in the uninterrupted run (a single batch can land near it by chance), so resumed losses within
+    # the tolerance of the uninterrupted ones cannot be a fresh adapter's.
+    window = range(step + 1, min(step + 4, steps + 1))
+    for k in window:
+        assert resumed["losses"][k] == pytest.approx(uninterrupted["losses"][k], abs=(k - step) * loss_tol), k
+    assert any(abs(uninterrupted["losses"][k] - math.log(2)) > 4 * loss_tol for k in window), \
+        [uninterrupted["losses"][k] for k in window]
     assert list(resumed["losses"]) == list(range(1, steps + 1))
     for later in range(step + 1, steps + 1):  # and every step after it
         assert resumed["losses"][later] == pytest.approx(uninterrupted["losses"][later], abs=5 * loss_tol), later

@@ -4,7 +4,6 @@ interrupted. Ctrl-C stops the command within seconds with one line saying how to
 process of the command (Prefect's temporary server) outlives it either way."""
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -26,8 +25,9 @@ KILL_AFTER = 10  # kill once checkpoint-10 (or later) is sealed
 # there the check is each tensor's relative difference, `adapter_rel_tol` of its norm.
 BACKENDS = {
     "trl": dict(steps=40, lr=2e-3, loss_tol=1e-4, adapter_tol=1e-5),
-    # bf16 moves the tiny model more slowly: a larger rate takes the loss well away from ln 2 by step 10
-    "unsloth": dict(steps=60, lr=1e-2, loss_tol=2e-3, adapter_rel_tol=0.15),
+    # bf16 moves the tiny model more slowly: a larger rate takes the loss well away from ln 2 by step 10.
+    # A warm GPU takes ~0.1 s a step: enough steps that the run is still going when it is stopped.
+    "unsloth": dict(steps=200, lr=1e-2, loss_tol=2e-3, adapter_rel_tol=0.15),
 }
 
 PIPELINE = """
@@ -89,8 +89,10 @@ class Run:
         dpo = Path(run_dir) / "dpo"
         from safetensors.torch import load_file
 
-        losses = {e["step"]: e["loss"] for e in json.loads((dpo / "log_history.json").read_text()) if "loss" in e}
-        return {"losses": losses, "adapter": load_file(dpo / "adapter" / "adapter_model.safetensors")}
+        history = [e for e in json.loads((dpo / "log_history.json").read_text()) if "loss" in e]
+        return {"losses": {e["step"]: e["loss"] for e in history},
+                "rewards": {e["step"]: (e["rewards/chosen"], e["rewards/rejected"]) for e in history},
+                "adapter": load_file(dpo / "adapter" / "adapter_model.safetensors")}
 
     def sealed_checkpoints(self) -> list[int]:
         found = self.work.glob("checkpoints/dpo/*/attempt-0/checkpoint-*/manifest.json")
@@ -107,15 +109,15 @@ def _assert_continues(resumed: dict, uninterrupted: dict, output: str, steps: in
                       adapter_tol: float | None = None, adapter_rel_tol: float | None = None) -> None:
     step = int(output.split("dpo: resuming from ")[1].split("(step ")[1].split(")")[0])
     assert 0 < step < steps
-    # The first steps trained after the resume. A fresh adapter (the policy equal to the reference) would
-    # have exactly ln 2 at the first and stay near it for the next ones; one of them is well away from
-    # ln 2 in the uninterrupted run (a single batch can land near it by chance), so resumed losses within
-    # the tolerance of the uninterrupted ones cannot be a fresh adapter's.
-    window = range(step + 1, min(step + 4, steps + 1))
-    for k in window:
+    # The first step trained after the resume. A fresh adapter (the policy equal to the reference) would
+    # give both rewards exactly 0 there; the uninterrupted run's are well away from 0, so resumed rewards
+    # within the tolerance of the uninterrupted ones cannot be a fresh adapter's. (The loss is no such
+    # witness: on the GPU the tiny model's loss stays within 0.01 of ln 2 for dozens of steps.)
+    first = step + 1
+    assert sum(map(abs, uninterrupted["rewards"][first])) > 10 * loss_tol, uninterrupted["rewards"][first]
+    assert resumed["rewards"][first] == pytest.approx(uninterrupted["rewards"][first], abs=loss_tol)
+    for k in range(first, min(step + 4, steps + 1)):
         assert resumed["losses"][k] == pytest.approx(uninterrupted["losses"][k], abs=(k - step) * loss_tol), k
-    assert any(abs(uninterrupted["losses"][k] - math.log(2)) > 4 * loss_tol for k in window), \
-        [uninterrupted["losses"][k] for k in window]
     assert list(resumed["losses"]) == list(range(1, steps + 1))
     for later in range(step + 1, steps + 1):  # and every step after it
         assert resumed["losses"][later] == pytest.approx(uninterrupted["losses"][later], abs=5 * loss_tol), later
@@ -151,7 +153,7 @@ def test_a_run_killed_or_interrupted_mid_dpo_resumes_exactly_where_it_stopped(re
             run.stopped = time.time()
         time.sleep(0.02)
 
-    interrupted.finish(expect=130)
+    interrupted.finish(expect=130)  # the output's tail says how far it got if it did not stop
     took = time.time() - interrupted.stopped
     assert not still_alive_after(children[interrupted], 1), f"left behind after Ctrl-C: {children[interrupted]}"
     killed.proc.wait()

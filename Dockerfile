@@ -66,7 +66,7 @@ USER 1000
 # The Hugging Face cache (models, datasets) lives on a volume so it survives the container.
 VOLUME ["/data"]
 HEALTHCHECK --interval=60s --timeout=20s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import dpoflow.cli, prefect, llama_cpp"]
+    CMD ["python", "-c", "import dpoflow.app.cli, prefect, llama_cpp"]
 # dpoflow's commands go to dpoflow (`docker run IMAGE run demo`); anything else runs as given, such as
 # the `prefect flow-run execute` that Prefect's Docker and Kubernetes workers start a run's container with.
 ENTRYPOINT ["dpoflow-entrypoint"]

@@ -63,7 +63,7 @@ def worker(pipeline: str, workdir: Path) -> dict:
     import functools
 
     sys.path.insert(0, str(REPO))
-    from dpoflow import cli
+    from dpoflow.app import cli
     from dpoflow.flows import pipeline as flow_module
 
     work: dict[str, float] = {}

@@ -60,7 +60,7 @@ def main() -> None:
     from common import report, run_worker, scratch
     from gpu_dpo import build_model, make_pairs
 
-    from dpoflow.models import load_tokenizer
+    from dpoflow.engine.models import load_tokenizer
 
     work = scratch()
     build_model(args.shape, work / "model")
@@ -95,7 +95,7 @@ def run_config(config: str, work: Path, steps: int) -> dict:
     import torch
     import trl  # noqa: F401
 
-    from dpoflow.training import step_clock
+    from dpoflow.engine.training import step_clock
 
     imported = time.perf_counter()
     clock = step_clock(work / f"clock-{config}.json")
@@ -136,7 +136,7 @@ def run_config(config: str, work: Path, steps: int) -> dict:
 def _dataset(work: Path):
     from datasets import Dataset
 
-    from dpoflow.artifacts import read_jsonl_rows
+    from dpoflow.base.artifacts import read_jsonl_rows
 
     return Dataset.from_list(read_jsonl_rows(work / "train.jsonl"))
 
@@ -185,8 +185,8 @@ def _dpoflow(work: Path, steps: int, clock, precompute: bool = False, share_prom
     own)."""
     import torch
 
-    from dpoflow.config import DPOSpec, LoraSpec, TrainSetup
-    from dpoflow.hardware import plan_stage
+    from dpoflow.base.config import DPOSpec, LoraSpec, TrainSetup
+    from dpoflow.base.hardware import plan_stage
     from dpoflow.tasks.dpo import compute_reference_logps, train_dpo
     from gpu_dpo import bench_records
 

@@ -34,7 +34,7 @@ def build_model(shape: str, out: Path) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dpoflow.tiny import build_tokenizer
+    from dpoflow.engine.tiny import build_tokenizer
 
     tok = build_tokenizer()
     config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
@@ -50,7 +50,7 @@ def build_model(shape: str, out: Path) -> None:
 
 def bench_records(work: Path, source: str):
     """(start model, prepared data) records for the model and pairs built in `work`."""
-    from dpoflow.records import ModelRef, PreparedData
+    from dpoflow.base.records import ModelRef, PreparedData
 
     data = PreparedData(path=str(work), digest="bench", train=str(work / "train.jsonl"), heldout="", rejected="",
                         counts={})
@@ -58,7 +58,7 @@ def bench_records(work: Path, source: str):
 
 
 def make_pairs(tok, n_pairs: int, prompt_tokens: int, completion_tokens: int, out: Path) -> None:
-    from dpoflow.artifacts import write_jsonl
+    from dpoflow.base.artifacts import write_jsonl
 
     words = (REPO / "dpoflow" / "builtin" / "tiny_corpus.txt").read_text().split()
     rng = random.Random(0)
@@ -86,18 +86,18 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="append the JSON lines to this file too")
     args = parser.parse_args()
 
-    from dpoflow.backends import activate, choose_backend
-    from dpoflow.config import DPOSpec, LoraSpec, TrainSetup
+    from dpoflow.engine.backends import activate, choose_backend
+    from dpoflow.base.config import DPOSpec, LoraSpec, TrainSetup
 
     # Unsloth before transformers, peft, trl (and with its compile off when FP8 is measured)
     activate(choose_backend(TrainSetup(backend="unsloth")),
              TrainSetup(backend="unsloth", precision="fp8" if "fp8" in args.modes else "bf16"))
     import torch
 
-    from dpoflow.hardware import plan_stage
-    from dpoflow.models import load_tokenizer
+    from dpoflow.base.hardware import plan_stage
+    from dpoflow.engine.models import load_tokenizer
     from dpoflow.tasks import dpo
-    from dpoflow.training import step_clock
+    from dpoflow.engine.training import step_clock
     from common import scratch
 
     work = scratch()

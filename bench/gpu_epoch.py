@@ -55,7 +55,7 @@ def main() -> None:
         import torch  # noqa: F401
 
         import dpoflow.tasks.dpo  # noqa: F401
-        from dpoflow.runtime import freeze_imports
+        from dpoflow.base.runtime import freeze_imports
 
         freeze_imports()  # as the CLI does once its imports are done (cli.flow_caller)
         run = {"one-run": one_run, "one-run-noshare": one_run, "sweep": sweep, "sweep-reload": sweep,
@@ -68,7 +68,7 @@ def main() -> None:
     from common import report, run_worker, scratch
     from gpu_dpo import build_model, make_pairs
 
-    from dpoflow.models import load_tokenizer
+    from dpoflow.engine.models import load_tokenizer
 
     work = Path(args.keep) if args.keep else scratch()
     work.mkdir(parents=True, exist_ok=True)
@@ -90,8 +90,8 @@ def main() -> None:
 
 def _inputs(work: Path, pairs: int, batch: int, share: bool, beta: float = 0.1, lr: float = 5e-6,
             precompute: bool = False):
-    from dpoflow.config import DPOSpec, LoraSpec, TrainSetup
-    from dpoflow.hardware import plan_stage
+    from dpoflow.base.config import DPOSpec, LoraSpec, TrainSetup
+    from dpoflow.base.hardware import plan_stage
     from gpu_dpo import bench_records
 
     setup = TrainSetup()
@@ -188,7 +188,7 @@ def _train(work, pairs, batch, share, name, **variant):
 
 def _import_unsloth() -> None:
     """As the stage does (backends.activate), timed apart from the stage."""
-    from dpoflow.backends import keep_compile_caches
+    from dpoflow.engine.backends import keep_compile_caches
 
     keep_compile_caches()
     import unsloth  # noqa: F401
@@ -196,7 +196,7 @@ def _import_unsloth() -> None:
 
 def one_run(work: Path, pairs: int, batch: int, share: bool) -> dict:
     _import_unsloth()
-    from dpoflow.model_reuse import ModelKeeper
+    from dpoflow.engine.model_reuse import ModelKeeper
 
     inputs = _inputs(work, pairs, batch, share)
     with ModelKeeper() as keeper:
@@ -229,7 +229,7 @@ def sweep(work: Path, pairs: int, batch: int, share: bool, keep: bool = True) ->
 
     import torch
 
-    from dpoflow.model_reuse import ModelKeeper
+    from dpoflow.engine.model_reuse import ModelKeeper
     from dpoflow.tasks.dpo import compute_reference_logps
 
     load_seconds = _timed_loads()
@@ -262,7 +262,7 @@ def reuse_check(work: Path, pairs: int, batch: int, share: bool) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    from dpoflow.model_reuse import ModelKeeper
+    from dpoflow.engine.model_reuse import ModelKeeper
 
     def variant(name, beta, lr, keeper=None):
         inputs = _inputs(work, pairs, batch, share, beta=beta, lr=lr)

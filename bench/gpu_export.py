@@ -20,16 +20,16 @@ from pathlib import Path
 def main() -> None:
     import torch
 
-    from dpoflow.backends import BackendChoice, activate
+    from dpoflow.engine.backends import BackendChoice, activate
 
     started = time.perf_counter()
     activate(BackendChoice("unsloth", "bench"))
     print(f"import unsloth: {time.perf_counter() - started:.1f} s")
     from torch._dynamo.utils import counters
 
-    from dpoflow.models import load_model, load_tokenizer
+    from dpoflow.engine.models import load_model, load_tokenizer
     from dpoflow.tasks.export import probe_logits
-    from dpoflow.tiny import build_tiny_model
+    from dpoflow.engine.tiny import build_tiny_model
 
     path = str(build_tiny_model("tiny-llama", Path(tempfile.mkdtemp()) / "model"))
     tokenizer = load_tokenizer(path)

@@ -1,5 +1,5 @@
 """Data-parallel DPO on several GPUs vs one: dpoflow's `dpo` stage (tasks/dpo.train_dpo, TRL + PEFT,
-`ref_model=None`) launched through torchrun by `dpoflow.distributed.launch`, exactly as the pipeline
+`ref_model=None`) launched through torchrun by `dpoflow.engine.distributed.launch`, exactly as the pipeline
 launches it. Random-weight Llama shape, 8 pairs x 2 x 512 tokens per optimizer step (the effective
 batch) whatever the process count: 1 process accumulates 2 micro-batches of 4 pairs, 2 processes
 take one each. Prints one JSON line per run: tokens/s over the steady steps, peak GPU memory of
@@ -40,10 +40,10 @@ def main() -> None:
 
     import torch
 
-    from dpoflow.config import DistributedSpec, DPOSpec, LoraSpec, SFTSpec, TrainSetup
-    from dpoflow.distributed import launch
-    from dpoflow.hardware import plan_stage
-    from dpoflow.models import load_tokenizer
+    from dpoflow.base.config import DistributedSpec, DPOSpec, LoraSpec, SFTSpec, TrainSetup
+    from dpoflow.engine.distributed import launch
+    from dpoflow.base.hardware import plan_stage
+    from dpoflow.engine.models import load_tokenizer
     from dpoflow.tasks.dpo import train_dpo
     from dpoflow.tasks.sft import train_sft
 

@@ -36,12 +36,12 @@ def main() -> None:
     from common import scratch
     from gpu_dpo import bench_records, build_model, make_pairs
 
-    from dpoflow.backends import activate, choose_backend, load_for_training
-    from dpoflow.config import DPOSpec, LoraSpec, SFTSpec, TrainSetup
-    from dpoflow.hardware import plan_stage
-    from dpoflow.model_reuse import free_accelerator_memory
-    from dpoflow.models import load_tokenizer
-    from dpoflow.runtime import freeze_imports
+    from dpoflow.engine.backends import activate, choose_backend, load_for_training
+    from dpoflow.base.config import DPOSpec, LoraSpec, SFTSpec, TrainSetup
+    from dpoflow.base.hardware import plan_stage
+    from dpoflow.engine.model_reuse import free_accelerator_memory
+    from dpoflow.engine.models import load_tokenizer
+    from dpoflow.base.runtime import freeze_imports
 
     work = scratch()
     build_model(args.shape, work / "model")

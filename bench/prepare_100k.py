@@ -68,10 +68,10 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=1024)
     args = parser.parse_args()
 
-    from dpoflow.config import DataSpec
-    from dpoflow.records import ModelRef
+    from dpoflow.base.config import DataSpec
+    from dpoflow.base.records import ModelRef
     from dpoflow.tasks.prepare import prepare_data
-    from dpoflow.tiny import build_tiny_model
+    from dpoflow.engine.tiny import build_tiny_model
 
     from common import scratch
 

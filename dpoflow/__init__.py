@@ -1,10 +1,11 @@
-"""dpoflow: preference alignment (SFT + DPO) for LLMs as cached Prefect flows."""
+"""dpoflow: preference alignment (SFT + DPO) for LLMs as cached Prefect flows.
 
-from pathlib import Path
+Layers, top first; a module imports its own layer and those below it, never one above
+(tests/test_imports.py checks it):
 
-# Installed, flows/ and tasks/ are the subpackages dpoflow.flows and dpoflow.tasks (pyproject.toml maps
-# them). From a bare source checkout that was never pip-installed (a GPU box running bench/), the same
-# names resolve through the checkout's root.
-_root = Path(__file__).resolve().parent.parent
-if (_root / "pyproject.toml").is_file() and (_root / "tasks" / "__init__.py").is_file():
-    __path__.append(str(_root))
+- `dpoflow.app`: the command line and what only it uses.
+- `dpoflow.flows`: the Prefect flows that compose the stages (the repository's flows/).
+- `dpoflow.tasks`: one Prefect task per stage, thin (the repository's tasks/).
+- `dpoflow.engine`: the work itself, plain functions: data, models, training, evaluation, release.
+- `dpoflow.base`: config schema, records, cache keys, artifacts, errors, redaction, runtime facts.
+"""

@@ -1,7 +1,7 @@
 import sys
 
 try:
-    from .cli import main
+    from .app.cli import main
 except KeyboardInterrupt:  # Ctrl-C before the command has even started: no traceback either
     print("\ndpoflow: interrupted while starting; run the command again", file=sys.stderr)
     sys.exit(130)

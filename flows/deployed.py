@@ -16,9 +16,9 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from dpoflow.config import ConfigError, PipelineConfig, load_pipeline
-from dpoflow.overrides import PipelineOverrides, as_set_items
-from dpoflow.runtime import cache_root, configure_environment
+from dpoflow.base.config import ConfigError, PipelineConfig, load_pipeline
+from dpoflow.base.overrides import PipelineOverrides, as_set_items
+from dpoflow.base.runtime import cache_root, configure_environment
 
 from dpoflow.flows.pipeline import pipeline
 

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dpoflow.artifacts import is_intact
-from dpoflow.backends import BackendError, choose_backend
-from dpoflow.cache import Workspace
-from dpoflow.config import PipelineConfig
-from dpoflow.hardware import TrainingPlan, describe, plan_stage
-from dpoflow.models import BUILTIN, source_kind
-from dpoflow.redact import redact
+from dpoflow.base.artifacts import is_intact
+from dpoflow.engine.backends import BackendError, choose_backend
+from dpoflow.base.cache import Workspace
+from dpoflow.base.config import PipelineConfig
+from dpoflow.base.hardware import TrainingPlan, describe, plan_stage
+from dpoflow.engine.models import BUILTIN, source_kind
+from dpoflow.base.redact import redact
 from dpoflow.tasks import stage_policy
 
 from .pipeline import GateBlocked, compose, stage_key
@@ -162,7 +162,7 @@ def _model_for_planning(config: PipelineConfig, tmp: Path, memo: dict) -> Path |
         if kind == "local":
             memo["folder"] = Path(config.model.source)
         elif kind == "builtin":
-            from dpoflow.tiny import build_tiny_model
+            from dpoflow.engine.tiny import build_tiny_model
 
             memo["folder"] = build_tiny_model(config.model.source[len(BUILTIN):], tmp / "model")
         else:

@@ -3,7 +3,7 @@
 model -> prepare -> [sft] -> dpo -> evaluate -> export -> card -> [publish] (dpo trains with the objective
 `dpo.method` names; ORPO trains the SFT term itself, so sft does not run with it). Each stage is a Prefect task
 cached under a key derived from the arguments it is called with: records by content digest, config
-sections by their fields, plus its code (dpoflow.cache); a cache hit whose output folder is missing or
+sections by their fields, plus its code (dpoflow.base.cache); a cache hit whose output folder is missing or
 altered on disk is refreshed instead of trusted.
 """
 
@@ -27,20 +27,20 @@ from prefect.artifacts import (create_image_artifact, create_link_artifact, crea
                                create_table_artifact)
 from prefect.runtime import flow_run
 
-from dpoflow import forgetting, judging, modelcard, sources
-from dpoflow.artifacts import is_intact, json_digest
-from dpoflow.backends import activate, choose_backend
-from dpoflow.cache import StageInputs, Workspace
-from dpoflow.config import PipelineConfig
-from dpoflow.errors import Explained
-from dpoflow.hardware import TrainingPlan, plan_stage
-from dpoflow.model_reuse import ModelKeeper
-from dpoflow.redact import redact, redact_flow_parameters, redact_text
-from dpoflow.records import (Artifact, DataSource, EvalReport, Exports, JudgeReport, ModelRef, PreparedData,
+from dpoflow.engine import forgetting, judging, modelcard, sources
+from dpoflow.base.artifacts import is_intact, json_digest
+from dpoflow.engine.backends import activate, choose_backend
+from dpoflow.base.cache import StageInputs, Workspace
+from dpoflow.base.config import PipelineConfig
+from dpoflow.base.errors import Explained
+from dpoflow.base.hardware import TrainingPlan, plan_stage
+from dpoflow.engine.model_reuse import ModelKeeper
+from dpoflow.base.redact import redact, redact_flow_parameters, redact_text
+from dpoflow.base.records import (Artifact, DataSource, EvalReport, Exports, JudgeReport, ModelRef, PreparedData,
                              Published, ReferenceLogps, TrainedAdapter)
-from dpoflow.runtime import set_cpu_threads
-from dpoflow.summary import StageRow, key_metric, markdown, rows_as_dicts
-from dpoflow.tracking import TrackedRun, TrackerRef, open_run, replay
+from dpoflow.base.runtime import set_cpu_threads
+from dpoflow.base.summary import StageRow, key_metric, markdown, rows_as_dicts
+from dpoflow.engine.tracking import TrackedRun, TrackerRef, open_run, replay
 from dpoflow.tasks import stage_policy
 from dpoflow.tasks.dpo import dpo_task, reference_spec, reference_task
 from dpoflow.tasks.evaluate import apply_gate, evaluate_task, start_scores_task, write_gate_report
@@ -59,7 +59,7 @@ class StageRunner:
     """Runs stage tasks and records what ran, what came from cache, and how long.
 
     A stage's key is derived from the arguments it is called with (its task's cache policy,
-    dpoflow.cache.StageInputs); the runner asks that policy for the key first, because the key names
+    dpoflow.base.cache.StageInputs); the runner asks that policy for the key first, because the key names
     the stage's output folder and its lock, and a cache hit whose folder is missing or altered on disk
     is run again (`refresh_cache`) instead of trusted."""
 

@@ -1,7 +1,7 @@
-"""The sweep flow: several variants of one pipeline (dpoflow.sweeps) in one flow run.
+"""The sweep flow: several variants of one pipeline (dpoflow.base.sweeps) in one flow run.
 
 The variants' training halves run first, back to back: they share the model, prepare, sft and reference
-stages through the cache, and their DPO stages share one loaded model (a dpoflow.model_reuse.ModelKeeper
+stages through the cache, and their DPO stages share one loaded model (a dpoflow.engine.model_reuse.ModelKeeper
 this flow holds), so a variant costs its training steps and not a model load. Then each variant is evaluated, exported and
 recorded as its own pipeline run would be, and a table compares them. A variant that fails does not
 stop the others; the sweep fails at the end if any did.
@@ -17,13 +17,13 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from dpoflow.cache import Workspace
-from dpoflow.config import PipelineConfig
-from dpoflow.model_reuse import ModelKeeper
-from dpoflow.redact import redact, redact_flow_parameters
-from dpoflow.runtime import set_cpu_threads
-from dpoflow.sweeps import Variant, comparison_markdown, comparison_row
-from dpoflow.tracking import TrackedRun, open_run
+from dpoflow.base.cache import Workspace
+from dpoflow.base.config import PipelineConfig
+from dpoflow.engine.model_reuse import ModelKeeper
+from dpoflow.base.redact import redact, redact_flow_parameters
+from dpoflow.base.runtime import set_cpu_threads
+from dpoflow.base.sweeps import Variant, comparison_markdown, comparison_row
+from dpoflow.engine.tracking import TrackedRun, open_run
 
 from .pipeline import (GateBlocked, StageRunner, artifact_key, compose_release, compose_training,
                        ending_tracked_run, hardware_plans, new_run_folder, record_run, run_folder_name, start_backend)

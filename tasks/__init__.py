@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import functools
 
-from dpoflow.cache import StageInputs
-from dpoflow.runtime import StageInterrupted
+from dpoflow.base.cache import StageInputs
+from dpoflow.base.runtime import StageInterrupted
 
 try:
     from prefect import task
@@ -25,11 +25,11 @@ RUN_ONLY = {
 def stage_task(fn=None, *, stage: str | None = None, not_key: dict[str, str] | None = None, depends_on=None,
                **options):
     """A stage's Prefect task (named `stage`, default the function's name less `_task`): its result is
-    cached under a key derived from its arguments (dpoflow.cache.StageInputs) and persisted as JSON, so
+    cached under a key derived from its arguments (dpoflow.base.cache.StageInputs) and persisted as JSON, so
     a later run (any process) reuses it. `not_key`: more parameters (beyond RUN_ONLY) that do not change
     what the stage makes, with why; `depends_on(arguments)`: what it depends on that is not an argument.
     `options` are more of Prefect's task options (retries for a stage that talks to the network). Ctrl-C
-    inside it is reported with the stage's name (dpoflow.runtime.StageInterrupted)."""
+    inside it is reported with the stage's name (dpoflow.base.runtime.StageInterrupted)."""
     if fn is None:
         return lambda f: stage_task(f, stage=stage, not_key=not_key, depends_on=depends_on, **options)
     name = stage or fn.__name__.removesuffix("_task")
@@ -59,7 +59,7 @@ def stage_policy(stage_task) -> StageInputs:
 def training_backend(inputs: dict) -> dict:
     """What a training stage depends on beyond its arguments: the backend its `setup` resolves to on this
     machine (Unsloth or TRL + PEFT train the same spec differently)."""
-    from dpoflow.backends import choose_backend
+    from dpoflow.engine.backends import choose_backend
 
     return {"backend": choose_backend(inputs["setup"]).name}
 
@@ -67,7 +67,7 @@ def training_backend(inputs: dict) -> dict:
 def retry_if_transient(task, task_run, state) -> bool:
     """Prefect's retry condition for network stages: retry a dropped connection, a timeout or a Hub 5xx,
     never an error that another try cannot fix (a missing repo, a bad token, a bad config)."""
-    from dpoflow.hub import transient
+    from dpoflow.engine.hub import transient
 
     error = state.result(raise_on_failure=False)
     return isinstance(error, Exception) and transient(error)[0]
@@ -77,7 +77,7 @@ def curve_callbacks(tracker, stage: str) -> list:
     """The Trainer callbacks that send a training stage's curve to its tracked run (none untracked)."""
     if tracker is None:
         return []
-    from dpoflow.tracking import curve_callback
+    from dpoflow.engine.tracking import curve_callback
 
     return [curve_callback(tracker, stage)]
 

@@ -1,5 +1,5 @@
 """dpo: the preference stage. A fresh LoRA adapter trained with the objective `dpo.method` names
-(dpoflow.objectives): TRL's DPOTrainer with `ref_model=None`, so the reference log-probs come from the
+(dpoflow.engine.objectives): TRL's DPOTrainer with `ref_model=None`, so the reference log-probs come from the
 same weights with the adapter switched off, the start model (SFT-merged, or the base); or a
 reference-free objective (ORPO, SimPO), which has no reference pass at all. The same data, adapter and
 outputs either way, so the stages after it do not care which.
@@ -23,21 +23,21 @@ import tempfile
 import time
 from pathlib import Path
 
-from dpoflow.artifacts import (MANIFEST, fresh_dir, is_intact, read_jsonl_rows, read_rows, seal, write_atomically,
+from dpoflow.base.artifacts import (MANIFEST, fresh_dir, is_intact, read_jsonl_rows, read_rows, seal, write_atomically,
                                write_jsonl)
-from dpoflow.backends import BackendChoice, choose_backend, load_for_training
-from dpoflow.config import DPOSpec, TrainSetup
-from dpoflow.distributed import run_stage
-from dpoflow.errors import Explained
-from dpoflow.hardware import TrainingPlan
-from dpoflow.model_reuse import ModelKeeper, free_accelerator_memory, training_model
-from dpoflow.objectives import EXTRA_LOGGED, objective_args, reference_text, trainer_classes
-from dpoflow.prompt_sharing import install as share_prompts
-from dpoflow.ranks import is_main_process
-from dpoflow.records import ModelRef, PreparedData, ReferenceLogps, TrainedAdapter
-from dpoflow.runtime import StageInterrupted
-from dpoflow.tracking import TrackerRef
-from dpoflow.training import (deterministic_log, final_metrics, keep_outputs_fp32, save_adapter, time_split,
+from dpoflow.engine.backends import BackendChoice, choose_backend, load_for_training
+from dpoflow.base.config import DPOSpec, TrainSetup
+from dpoflow.engine.distributed import run_stage
+from dpoflow.base.errors import Explained
+from dpoflow.base.hardware import TrainingPlan
+from dpoflow.engine.model_reuse import ModelKeeper, free_accelerator_memory, training_model
+from dpoflow.engine.objectives import EXTRA_LOGGED, objective_args, reference_text, trainer_classes
+from dpoflow.engine.prompt_sharing import install as share_prompts
+from dpoflow.base.ranks import is_main_process
+from dpoflow.base.records import ModelRef, PreparedData, ReferenceLogps, TrainedAdapter
+from dpoflow.base.runtime import StageInterrupted
+from dpoflow.engine.tracking import TrackerRef
+from dpoflow.engine.training import (deterministic_log, final_metrics, keep_outputs_fp32, save_adapter, time_split,
                               trainer_args)
 
 from . import curve_callbacks, stage_logger, stage_task, training_backend

@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dpoflow import forgetting
-from dpoflow.artifacts import fresh_dir, read_rows, seal
-from dpoflow.config import EvaluateSpec, GateSpec
-from dpoflow.models import load_model, load_tokenizer
-from dpoflow.records import EvalReport, ModelRef, PreparedData, TaskScores, TrainedAdapter
-from dpoflow.scoring import completion_logps
+from dpoflow.engine import forgetting
+from dpoflow.base.artifacts import fresh_dir, read_rows, seal
+from dpoflow.base.config import EvaluateSpec, GateSpec
+from dpoflow.engine.models import load_model, load_tokenizer
+from dpoflow.base.records import EvalReport, ModelRef, PreparedData, TaskScores, TrainedAdapter
+from dpoflow.engine.scoring import completion_logps
 
 from . import stage_task
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from dpoflow import ggufexport
-from dpoflow.artifacts import fresh_dir, seal
-from dpoflow.config import ExportSpec
-from dpoflow.models import load_model, load_tokenizer, plain_float32, torch_dtype
-from dpoflow.records import Exports, TrainedAdapter
+from dpoflow.engine import ggufexport
+from dpoflow.base.artifacts import fresh_dir, seal
+from dpoflow.base.config import ExportSpec
+from dpoflow.engine.models import load_model, load_tokenizer, plain_float32, torch_dtype
+from dpoflow.base.records import Exports, TrainedAdapter
 
 from . import stage_task
 

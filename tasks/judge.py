@@ -4,7 +4,7 @@
    optional prompts file). Keyed by the start model, the data and the generation settings only, so a
    sweep generates them once.
 2. `judge`: the tuned model (start + adapter) answers the same prompts with the same settings, and the
-   judge compares each pair in both orders (dpoflow.judging). Writes pairs.jsonl (every answer and
+   judge compares each pair in both orders (dpoflow.engine.judging). Writes pairs.jsonl (every answer and
    verdict), judge.json (the figures), judge.md and samples.md (best wins, worst losses).
 The gate's judge thresholds are applied by the flow to the cached figures, so changing them re-judges
 nothing.
@@ -16,13 +16,13 @@ import json
 import os
 from pathlib import Path
 
-from dpoflow import generation, judging, tiny_reward
-from dpoflow.artifacts import folder_digest, fresh_dir, read_rows, seal, write_jsonl
-from dpoflow.config import JudgeSpec
-from dpoflow.models import hub_commit, load_model, load_tokenizer, plain_float32
-from dpoflow.pairs import DataError
-from dpoflow.records import Answers, JudgeReport, ModelRef, PreparedData, TrainedAdapter
-from dpoflow.redact import redact_text
+from dpoflow.engine import generation, judging, tiny_reward
+from dpoflow.base.artifacts import folder_digest, fresh_dir, read_rows, seal, write_jsonl
+from dpoflow.base.config import JudgeSpec
+from dpoflow.engine.models import hub_commit, load_model, load_tokenizer, plain_float32
+from dpoflow.engine.pairs import DataError
+from dpoflow.base.records import Answers, JudgeReport, ModelRef, PreparedData, TrainedAdapter
+from dpoflow.base.redact import redact_text
 
 from . import stage_logger, stage_task
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dpoflow.artifacts import fresh_dir
-from dpoflow.config import ModelSpec
-from dpoflow.models import key_inputs, materialize
-from dpoflow.records import ModelRef
+from dpoflow.base.artifacts import fresh_dir
+from dpoflow.base.config import ModelSpec
+from dpoflow.engine.models import key_inputs, materialize
+from dpoflow.base.records import ModelRef
 
 from . import retry_if_transient, stage_task
 

@@ -18,17 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dpoflow import forgetting
-from dpoflow.artifacts import fresh_dir, seal
-from dpoflow.cleaning import NgramIndex, eval_texts, length_problem, sample_rank, token_lengths, unit_hash
-from dpoflow.config import DataSpec, SourceSpec
-from dpoflow.datareport import CLEANING_RULES, Tally, build_report, length_histograms, report_markdown
-from dpoflow.models import load_tokenizer
-from dpoflow.layouts import grouped_by_prompt
-from dpoflow.pairs import DataError, Pair, Rejection, dedup_key, pairs_of
-from dpoflow.records import DataSource, ModelRef, PreparedData
-from dpoflow.redact import redact
-from dpoflow.sources import read_source
+from dpoflow.engine import forgetting
+from dpoflow.base.artifacts import fresh_dir, seal
+from dpoflow.engine.cleaning import NgramIndex, eval_texts, length_problem, sample_rank, token_lengths, unit_hash
+from dpoflow.base.config import DataSpec, SourceSpec
+from dpoflow.engine.datareport import CLEANING_RULES, Tally, build_report, length_histograms, report_markdown
+from dpoflow.engine.models import load_tokenizer
+from dpoflow.base.layouts import grouped_by_prompt
+from dpoflow.engine.pairs import DataError, Pair, Rejection, dedup_key, pairs_of
+from dpoflow.base.records import DataSource, ModelRef, PreparedData
+from dpoflow.base.redact import redact
+from dpoflow.engine.sources import read_source
 
 from . import stage_task
 

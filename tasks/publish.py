@@ -1,5 +1,5 @@
 """card + publish: the model card of the release, then one Hub commit of the exports and the card.
-The flow calls publish only after the forgetting check passed (dpoflow.config refuses publish without
+The flow calls publish only after the forgetting check passed (dpoflow.base.config refuses publish without
 the check), and its cache key leaves out the run's name (the commit message), so a re-run with nothing
 changed pushes nothing."""
 
@@ -8,11 +8,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dpoflow import hub, modelcard
-from dpoflow.artifacts import MANIFEST, NotIntact, fresh_dir, json_digest, seal, sealed_files
-from dpoflow.config import PipelineConfig, PublishSpec, SourceSpec
-from dpoflow.redact import redact, redact_text
-from dpoflow.records import Artifact, DataSource, Exports, PreparedData, Published, TrainedAdapter
+from dpoflow.engine import hub, modelcard
+from dpoflow.base.artifacts import MANIFEST, NotIntact, fresh_dir, json_digest, seal, sealed_files
+from dpoflow.base.config import PipelineConfig, PublishSpec, SourceSpec
+from dpoflow.base.redact import redact, redact_text
+from dpoflow.base.records import Artifact, DataSource, Exports, PreparedData, Published, TrainedAdapter
 
 from . import stage_logger, stage_task
 

@@ -8,17 +8,17 @@ import shutil
 import time
 from pathlib import Path
 
-from dpoflow.artifacts import fresh_dir, read_rows, seal
-from dpoflow.backends import BackendError, choose_backend, load_for_training
-from dpoflow.config import SFTSpec, TrainSetup
-from dpoflow.distributed import run_stage
-from dpoflow.hardware import TrainingPlan
-from dpoflow.model_reuse import ModelKeeper
-from dpoflow.models import load_model
-from dpoflow.ranks import is_main_process
-from dpoflow.records import ModelRef, PreparedData
-from dpoflow.tracking import TrackerRef
-from dpoflow.training import (deterministic_log, final_metrics, keep_outputs_fp32, save_adapter, time_split,
+from dpoflow.base.artifacts import fresh_dir, read_rows, seal
+from dpoflow.engine.backends import BackendError, choose_backend, load_for_training
+from dpoflow.base.config import SFTSpec, TrainSetup
+from dpoflow.engine.distributed import run_stage
+from dpoflow.base.hardware import TrainingPlan
+from dpoflow.engine.model_reuse import ModelKeeper
+from dpoflow.engine.models import load_model
+from dpoflow.base.ranks import is_main_process
+from dpoflow.base.records import ModelRef, PreparedData
+from dpoflow.engine.tracking import TrackerRef
+from dpoflow.engine.training import (deterministic_log, final_metrics, keep_outputs_fp32, save_adapter, time_split,
                               trainer_args)
 
 from . import curve_callbacks, stage_logger, stage_task, training_backend

@@ -40,7 +40,7 @@ def repo() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from dpoflow.tiny import build_tiny_model
+    from dpoflow.engine.tiny import build_tiny_model
 
     return build_tiny_model("tiny-llama", tmp_path_factory.mktemp("tiny") / "model")
 
@@ -70,8 +70,8 @@ def python() -> str:
 @pytest.fixture
 def yes_no_pairs(tiny_model, tmp_path):
     """(start model record, prepared-data record) for 16 rendered yes/no pairs: enough for a few steps."""
-    from dpoflow.artifacts import write_jsonl
-    from dpoflow.records import ModelRef, PreparedData
+    from dpoflow.base.artifacts import write_jsonl
+    from dpoflow.base.records import ModelRef, PreparedData
 
     rows = [{"prompt": f"<|begin|><|user|>\nquestion {i}<|end|>\n<|assistant|>\n", "chosen": "yes<|end|>",
              "rejected": "no<|end|>"} for i in range(16)]

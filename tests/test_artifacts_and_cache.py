@@ -2,8 +2,8 @@ import sys
 
 import pytest
 
-from dpoflow.artifacts import folder_digest, is_intact, json_digest, seal
-from dpoflow.cache import StageInputs, code_digest, key_value
+from dpoflow.base.artifacts import folder_digest, is_intact, json_digest, seal
+from dpoflow.base.cache import StageInputs, code_digest, key_value
 
 
 def make(folder, **files):
@@ -45,8 +45,8 @@ def test_sealed_folder_detects_changed_and_missing_files_and_ignores_stray_ones(
 
 
 def test_stage_key_changes_with_arguments_and_stage_not_with_their_order_or_run_only_ones():
-    from dpoflow.config import DPOSpec
-    from dpoflow.records import ModelRef
+    from dpoflow.base.config import DPOSpec
+    from dpoflow.base.records import ModelRef
 
     def key(stage="dpo", **arguments):
         policy = StageInputs(stage=stage, module=__name__, not_key={"out_dir": "where"},
@@ -63,9 +63,9 @@ def test_stage_key_changes_with_arguments_and_stage_not_with_their_order_or_run_
 
 
 def test_key_value_takes_records_by_digest_and_leaves_out_what_the_schema_marks():
-    from dpoflow.config import EvaluateSpec, GateSpec, PublishSpec
-    from dpoflow.hardware import TrainingPlan
-    from dpoflow.records import ModelRef, TrainedAdapter
+    from dpoflow.base.config import EvaluateSpec, GateSpec, PublishSpec
+    from dpoflow.base.hardware import TrainingPlan
+    from dpoflow.base.records import ModelRef, TrainedAdapter
 
     start = ModelRef(path="/x", digest="s", source="builtin:x", role="base")
     adapter = TrainedAdapter(path="/y", digest="a", start=start, reference="r", metrics={})
@@ -84,7 +84,7 @@ def test_every_field_left_out_of_keys_is_a_real_field_and_says_why():
     import dataclasses
     import inspect
 
-    from dpoflow import config, hardware
+    from dpoflow.base import config, hardware
 
     classes = [c for _, c in inspect.getmembers(config, inspect.isclass) if issubclass(c, config.Strict)]
     for cls in [*classes, hardware.TrainingPlan]:
@@ -134,9 +134,9 @@ def test_every_stage_task_names_its_stage_and_leaves_out_only_parameters_it_has_
 def test_judge_keys_answers_by_generation_only_and_the_judge_by_who_judges():
     """A judge setting re-runs only the judge (the start model's answers are shared); a generation setting
     re-runs both; where the API key comes from, and evaluate.judge itself in the evaluate key, change nothing."""
-    from dpoflow.config import EvaluateSpec, JudgeSpec
+    from dpoflow.base.config import EvaluateSpec, JudgeSpec
     from dpoflow.flows.pipeline import stage_key
-    from dpoflow.records import Answers, ModelRef, PreparedData, TrainedAdapter
+    from dpoflow.base.records import Answers, ModelRef, PreparedData, TrainedAdapter
     from dpoflow.tasks.evaluate import evaluate_task
     from dpoflow.tasks.judge import answers_spec, judge_task, start_answers_task
 
@@ -170,7 +170,7 @@ def test_judge_keys_answers_by_generation_only_and_the_judge_by_who_judges():
 def toy_writes(out_dir: str, spec, times: int = 1):
     from pathlib import Path
 
-    from dpoflow.records import Artifact
+    from dpoflow.base.records import Artifact
 
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -184,8 +184,8 @@ def test_prefect_caches_a_stage_under_the_key_the_flow_derives_from_its_argument
     that key, and another value re-runs the stage."""
     from prefect import flow
 
-    from dpoflow.cache import Workspace
-    from dpoflow.config import DPOSpec
+    from dpoflow.base.cache import Workspace
+    from dpoflow.base.config import DPOSpec
     from dpoflow.flows.pipeline import StageRunner, stage_key
     from dpoflow.tasks import stage_task
 
@@ -213,19 +213,26 @@ def test_prefect_caches_a_stage_under_the_key_the_flow_derives_from_its_argument
 def test_code_digest_follows_only_the_dpoflow_modules_a_stage_imports(tmp_path):
     from pathlib import Path
 
-    from dpoflow.cache import PACKAGE, _dpoflow_imports
+    from dpoflow.base.cache import PACKAGE, _dpoflow_imports
 
     stage = tmp_path / "stage.py"
-    stage.write_text("from dpoflow.records import ModelRef\n\ndef f():\n    from dpoflow.models import load_model\n")
+    stage.write_text("from dpoflow.base.records import ModelRef\n\ndef f():\n    from dpoflow.engine.models import load_model\n")
     found = {p.relative_to(PACKAGE).as_posix() for p in _dpoflow_imports(stage)}
-    assert {"records.py", "models.py", "config.py", "artifacts.py", "tiny.py"} <= found  # transitive too
-    assert "cli.py" not in found and "wizard.py" not in found
+    assert {"base/records.py", "engine/models.py", "base/config.py", "base/artifacts.py", "engine/tiny.py"} <= found
+    assert "app/cli.py" not in found and "app/wizard.py" not in found
     assert all(Path(PACKAGE / f).is_file() for f in found)
+    # A stage of tasks/ (imported through the dpoflow/tasks link or from the folder itself): its relative
+    # imports resolve inside dpoflow.tasks.
+    for source in (PACKAGE / "tasks" / "dpo.py", PACKAGE.parent / "tasks" / "dpo.py"):
+        found = {p.relative_to(PACKAGE).as_posix() for p in _dpoflow_imports(source)}
+        assert {"tasks/__init__.py", "engine/training.py", "base/config.py"} <= found
+        assert not any(f.startswith(("flows/", "app/")) or f.startswith("tasks/") and f != "tasks/__init__.py"
+                       for f in found), found
 
 
 def test_code_digest_sees_an_edit_to_a_shared_module_after_parsing_it(tmp_path, monkeypatch):
     """Each dpoflow module's imports are parsed once per version of the file, not once per process."""
-    from dpoflow import cache
+    from dpoflow.base import cache
 
     package = tmp_path / "dpoflow"
     package.mkdir()

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from dpoflow.backends import BackendError, choose_backend, load_for_training
-from dpoflow.config import LoraSpec, PipelineConfig, TrainSetup
-from dpoflow.hardware import TrainingPlan
+from dpoflow.engine.backends import BackendError, choose_backend, load_for_training
+from dpoflow.base.config import LoraSpec, PipelineConfig, TrainSetup
+from dpoflow.base.hardware import TrainingPlan
 
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
 
@@ -60,8 +60,8 @@ def test_unsloth_dpo_on_gpu_starts_at_ln2(tmp_path, yes_no_pairs):
     import json
     import math
 
-    from dpoflow.config import DPOSpec
-    from dpoflow.hardware import plan_stage
+    from dpoflow.base.config import DPOSpec
+    from dpoflow.base.hardware import plan_stage
     from dpoflow.tasks.dpo import train_dpo
 
     start, data, _ = yes_no_pairs
@@ -79,11 +79,11 @@ def test_unsloth_reference_logps_equal_the_start_model(tmp_path, yes_no_pairs, t
     model with the frozen fresh "ref" adapter) equal the start model's own, computed by plain
     transformers in float32, within bf16 rounding."""
     pytest.importorskip("unsloth")
-    from dpoflow.artifacts import read_jsonl_rows
-    from dpoflow.config import DPOSpec
-    from dpoflow.hardware import plan_stage
-    from dpoflow.models import load_model, load_tokenizer
-    from dpoflow.scoring import completion_logps
+    from dpoflow.base.artifacts import read_jsonl_rows
+    from dpoflow.base.config import DPOSpec
+    from dpoflow.base.hardware import plan_stage
+    from dpoflow.engine.models import load_model, load_tokenizer
+    from dpoflow.engine.scoring import completion_logps
     from dpoflow.tasks.dpo import compute_reference_logps
 
     start, data, rows = yes_no_pairs
@@ -110,7 +110,7 @@ def test_several_processes_train_through_trl_and_unsloth_is_refused_there():
 
 
 def test_compile_caches_go_to_the_dpoflow_cache_unless_set(monkeypatch, tmp_path):
-    from dpoflow.backends import keep_compile_caches
+    from dpoflow.engine.backends import keep_compile_caches
 
     monkeypatch.setenv("DPOFLOW_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)

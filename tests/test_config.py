@@ -5,8 +5,8 @@ import textwrap
 
 import pytest
 
-from dpoflow.cli import main
-from dpoflow.config import ConfigError, PipelineConfig, load_pipeline, parse_override, validate_file
+from dpoflow.app.cli import main
+from dpoflow.base.config import ConfigError, PipelineConfig, load_pipeline, parse_override, validate_file
 
 
 def write(tmp_path, text: str):

@@ -1,7 +1,7 @@
 """What `dpoflow sync` asks for, from a pipelines file (the server side is tests/e2e/test_deployments.py)."""
 
-from dpoflow.deploy import ENTRYPOINT, MANAGED_TAG, wanted_deployments
-from dpoflow.overrides import PipelineOverrides, as_set_items
+from dpoflow.app.deploy import ENTRYPOINT, MANAGED_TAG, wanted_deployments
+from dpoflow.base.overrides import PipelineOverrides, as_set_items
 
 
 def test_deployments_pull_the_code_at_the_pinned_commit(tmp_path):
@@ -48,7 +48,7 @@ def test_a_run_without_overrides_sets_nothing():
 def test_only_pool_pipelines_are_synced_and_ci_needs_a_repository(tmp_path, monkeypatch):
     import pytest
 
-    from dpoflow.deploy import DeployError, deployed_configs
+    from dpoflow.app.deploy import DeployError, deployed_configs
 
     (tmp_path / "d.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')  # validated to exist
     (tmp_path / "pipelines.yaml").write_text(
@@ -71,7 +71,7 @@ def test_sync_checks_data_in_the_repository_not_on_the_workers_disk(tmp_path, mo
     it checks only the paths inside the repository it syncs."""
     import pytest
 
-    from dpoflow.config import ConfigError
+    from dpoflow.base.config import ConfigError
 
     monkeypatch.delenv("CI", raising=False)
     (tmp_path / "pipelines.yaml").write_text(

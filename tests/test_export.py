@@ -7,9 +7,9 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from dpoflow.config import ExportSpec
-from dpoflow.models import load_model
-from dpoflow.records import ModelRef, TrainedAdapter
+from dpoflow.base.config import ExportSpec
+from dpoflow.engine.models import load_model
+from dpoflow.base.records import ModelRef, TrainedAdapter
 from dpoflow.tasks.export import export_model
 
 

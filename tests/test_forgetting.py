@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dpoflow import forgetting
-from dpoflow.forgetting import LOCAL_TASKS, PREFERENCE_TASK, gate, report_chart, report_markdown
+from dpoflow.engine import forgetting
+from dpoflow.engine.forgetting import LOCAL_TASKS, PREFERENCE_TASK, gate, report_chart, report_markdown
 
 ALL_TASKS = LOCAL_TASKS + [PREFERENCE_TASK]
 
@@ -18,7 +18,7 @@ def pairs(tiny_model, tmp_path_factory) -> Path:
     """Held-out pairs rendered with the tiny model's chat template. Some chosen answers are long (a
     random model gives them the lower log-prob), so the accuracy is far from 50% and a swapped
     target would show."""
-    from dpoflow.models import load_tokenizer
+    from dpoflow.engine.models import load_tokenizer
 
     tok = load_tokenizer(str(tiny_model))
     rows = []
@@ -41,7 +41,7 @@ def include_path(pairs, tmp_path_factory) -> Path:
 
 def scoring_accuracy(model, tokenizer, pairs: Path) -> float:
     """The independent computation: share of pairs where log p(chosen) > log p(rejected), in %."""
-    from dpoflow.scoring import completion_logps
+    from dpoflow.engine.scoring import completion_logps
 
     rows = [json.loads(line) for line in pairs.read_text().splitlines()]
     prompts = [r["prompt"] for r in rows]
@@ -90,12 +90,12 @@ def test_run_tasks_scores_every_local_task(tiny_model, include_path):
 def test_preference_task_matches_dpoflow_scoring(tiny_model, include_path, pairs):
     """lm-eval scores the prompt's trailing "\\n" as part of each choice (it moves trailing whitespace
     from the context to the continuation), so each log-prob is off by the same amount for both choices;
-    the chosen-minus-rejected margin, and so the accuracy, must match dpoflow.scoring exactly."""
+    the chosen-minus-rejected margin, and so the accuracy, must match dpoflow.engine.scoring exactly."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from dpoflow.models import load_model, load_tokenizer
-    from dpoflow.scoring import completion_logps
+    from dpoflow.engine.models import load_model, load_tokenizer
+    from dpoflow.engine.scoring import completion_logps
 
     model, tok = load_model(str(tiny_model), "float32"), load_tokenizer(str(tiny_model))
     expected = scoring_accuracy(model, tok, pairs)
@@ -119,7 +119,7 @@ def test_adapter_path_is_applied(tiny_model, include_path, pairs, tmp_path):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from dpoflow.models import load_model, load_tokenizer
+    from dpoflow.engine.models import load_model, load_tokenizer
 
     torch.manual_seed(0)
     # init_lora_weights=False: random A and B, so the adapter changes the outputs (B starts at 0 otherwise).

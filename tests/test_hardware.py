@@ -1,6 +1,6 @@
 import pytest
 
-from dpoflow.hardware import (GiB, GpuFacts, count_parameters, describe, estimate_training_bytes, model_shape,
+from dpoflow.base.hardware import (GiB, GpuFacts, count_parameters, describe, estimate_training_bytes, model_shape,
                               plan_training)
 
 # Llama-3.1-8B: the shape the seed recipe targets.
@@ -101,7 +101,7 @@ def test_describe_lists_decisions():
 
 
 def test_doctor_prints_backend_and_plan(repo, capsys):
-    from dpoflow.cli import main
+    from dpoflow.app.cli import main
 
     assert main(["doctor", "demo", "-f", str(repo / "pipelines.yaml")]) == 0
     out = capsys.readouterr().out
@@ -117,12 +117,12 @@ def test_doctor_prints_the_plans_the_pipeline_trains_with(repo, capsys, monkeypa
     printed plans are the pipeline's own plan function's, for sft and dpo."""
     from textwrap import indent
 
-    from dpoflow.cli import main
-    from dpoflow.config import load_pipeline
+    from dpoflow.app.cli import main
+    from dpoflow.base.config import load_pipeline
     from dpoflow.flows.pipeline import hardware_plans
-    from dpoflow.records import ModelRef
+    from dpoflow.base.records import ModelRef
 
-    monkeypatch.setattr("dpoflow.hardware.detect_gpu", lambda: gpu)
+    monkeypatch.setattr("dpoflow.base.hardware.detect_gpu", lambda: gpu)
     overrides = ["train.distributed.num_processes=2", "train.grow_batch=false"]
     assert main(["doctor", "demo", "-f", str(repo / "pipelines.yaml"),
                  *[arg for item in overrides for arg in ("--set", item)]]) == 0
@@ -137,7 +137,7 @@ def test_doctor_prints_the_plans_the_pipeline_trains_with(repo, capsys, monkeypa
 
 def test_doctor_skips_the_plan_of_a_model_only_the_run_converts_and_names_a_folder_that_is_no_model(
         repo, capsys, tmp_path):
-    from dpoflow.cli import main
+    from dpoflow.app.cli import main
 
     assert main(["doctor", "demo-real", "-f", str(repo / "pipelines.yaml")]) == 0  # model: pypi:gemma3-270m
     assert "plan:     skipped: pypi:gemma3-270m is a package the model stage converts" in capsys.readouterr().out
@@ -148,8 +148,8 @@ def test_doctor_skips_the_plan_of_a_model_only_the_run_converts_and_names_a_fold
 def test_doctor_names_what_would_fail_a_run_before_it_starts(repo, capsys, monkeypatch, tmp_path):
     """Problems a run would hit only after training (GGUF tools missing for the export), or at its first
     step (no bf16 for precision bf16, an unwritable compile cache): doctor names each and exits 1."""
-    from dpoflow import ggufexport
-    from dpoflow.cli import main
+    from dpoflow.engine import ggufexport
+    from dpoflow.app.cli import main
 
     demo = ["doctor", "demo", "-f", str(repo / "pipelines.yaml")]
     monkeypatch.setattr(ggufexport, "missing_tools", lambda: ["llama-cpp-python"])
@@ -160,14 +160,14 @@ def test_doctor_names_what_would_fail_a_run_before_it_starts(repo, capsys, monke
     capsys.readouterr()
 
     t4 = GpuFacts("Tesla T4", (7, 5), 15 * GiB, 14 * GiB, False)
-    monkeypatch.setattr("dpoflow.hardware.detect_gpu", lambda: t4)
+    monkeypatch.setattr("dpoflow.base.hardware.detect_gpu", lambda: t4)
     assert main([*demo, "--set", "train.precision=bf16"]) == 1
     assert "! training plan: precision bf16: Tesla T4 (compute capability 7.5) has no bf16" in capsys.readouterr().out
     assert main(demo) == 0  # auto: fp16 with a warning, which is not a failure
     assert "warning:  Tesla T4 has no bf16" in capsys.readouterr().out
 
-    from dpoflow.doctor import preflight_problems
-    from dpoflow.config import load_pipeline
+    from dpoflow.app.doctor import preflight_problems
+    from dpoflow.base.config import load_pipeline
 
     blocked = tmp_path / "a-file"
     blocked.write_text("")

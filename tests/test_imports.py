@@ -1,36 +1,42 @@
 """Imports go one way, with no cycles: app (the CLI and what only it uses) -> flows -> tasks -> engine
-(everything else in dpoflow/: training, data, models, config and the other base modules). Read from
-the source with `ast`, every import counted, also those inside functions (a lazy import is still a
-dependency, and a cycle through one breaks as soon as someone moves it to the top)."""
+(the work: data, models, training, evaluation, release) -> base (config, records, cache keys and the
+other plumbing), each a subpackage of dpoflow named after its layer. Read from the source with `ast`,
+every import counted, also those inside functions (a lazy import is still a dependency, and a cycle
+through one breaks as soon as someone moves it to the top). The tree is what the package is: every
+dpoflow import names a file in it (flows/ and tasks/ through the dpoflow/flows and dpoflow/tasks links),
+so tools that read the tree resolve them as Python does."""
 
 import ast
+import os
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
-# Where each package's source lives (pyproject.toml's package-dir).
-PACKAGE_DIRS = {"dpoflow": "dpoflow", "dpoflow.flows": "flows", "dpoflow.tasks": "tasks"}
+import pytest
 
 # Layers, top first: a module may import its own layer and the ones below it, never one above.
-LAYERS = ("app", "flows", "tasks", "engine")
-APP = {"dpoflow.__main__", "dpoflow.cli", "dpoflow.doctor", "dpoflow.deploy", "dpoflow.wizard", "dpoflow.schema"}
+LAYERS = ("app", "flows", "tasks", "engine", "base")
 
 
 def layer(module: str) -> str:
-    if module in APP:
+    if module == "dpoflow.__main__":
         return "app"
-    for package in ("dpoflow.flows", "dpoflow.tasks"):
-        if module == package or module.startswith(package + "."):
-            return package.split(".")[1]
-    return "engine"
+    parts = module.split(".")
+    if len(parts) > 1 and parts[1] in LAYERS:
+        return parts[1]
+    return "base" if module == "dpoflow" else "engine"  # the package itself; its data folders' helpers
 
 
 def modules(root: Path) -> dict[str, Path]:
+    """Every module of the dpoflow package in the tree at `root`, by dotted name, reached as Python
+    reaches it: through dpoflow/ and the links in it."""
     found = {}
-    for package, folder in PACKAGE_DIRS.items():
-        for file in (root / folder).rglob("*.py"):
-            parts = file.relative_to(root / folder).with_suffix("").parts
-            if parts[-1] == "__init__":
-                parts = parts[:-1]
-            found[".".join((package, *parts))] = file
+    for folder, _, names in os.walk(root / "dpoflow", followlinks=True):
+        for name in names:
+            if name.endswith(".py"):
+                parts = Path(folder, name).relative_to(root).with_suffix("").parts
+                found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = Path(folder, name)
     return found
 
 
@@ -95,9 +101,9 @@ def upward_imports(graph: dict[str, set[str]]) -> list[str]:
 def test_the_package_imports_one_way_without_cycles(repo):
     graph = import_graph(repo)
     # The walk sees the package: its stages, flows and CLI, and what they import.
-    assert {"dpoflow.cli", "dpoflow.flows.pipeline", "dpoflow.tasks.dpo", "dpoflow.training"} <= set(graph)
-    assert {"dpoflow.training", "dpoflow.distributed", "dpoflow.tasks"} <= graph["dpoflow.tasks.dpo"]
-    assert "dpoflow.flows.explain" in graph["dpoflow.cli"]
+    assert {"dpoflow.app.cli", "dpoflow.flows.pipeline", "dpoflow.tasks.dpo", "dpoflow.engine.training"} <= set(graph)
+    assert {"dpoflow.engine.training", "dpoflow.engine.distributed", "dpoflow.tasks"} <= graph["dpoflow.tasks.dpo"]
+    assert "dpoflow.flows.explain" in graph["dpoflow.app.cli"]
     assert cycles(graph) == []
     assert upward_imports(graph) == []
 
@@ -109,17 +115,54 @@ def test_a_stage_never_imports_another_stage(repo):
     assert {m: graph[m] & stages for m in stages if graph[m] & stages} == {}
 
 
+def test_every_dpoflow_import_names_a_module_or_a_name_in_the_tree(repo):
+    files = modules(repo)
+    unresolved = []
+    for module, file in files.items():
+        package = module if file.name == "__init__.py" else module.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(file.read_text(), str(file))):
+            if isinstance(node, ast.Import):
+                unresolved += [f"{module}: import {a.name}" for a in node.names
+                               if a.name.split(".")[0] == "dpoflow" and a.name not in files]
+            elif isinstance(node, ast.ImportFrom):
+                target = (".".join(package.split(".")[:len(package.split(".")) - node.level + 1]
+                                   + ([node.module] if node.module else [])) if node.level else node.module or "")
+                if target.split(".")[0] == "dpoflow" and target not in files:
+                    unresolved.append(f"{module}: from {target} import ...")
+    assert unresolved == []
+    # No remapping of folders to package names that a reader of the tree would have to know about.
+    assert "package-dir" not in (repo / "pyproject.toml").read_text()
+    assert {"dpoflow.flows.pipeline", "dpoflow.tasks.dpo"} <= set(files)
+
+
+@pytest.mark.slow
+def test_the_built_wheel_holds_every_layer_and_the_linked_flows_and_tasks(repo, tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path), str(repo)], check=True, capture_output=True, timeout=300)
+    wheel = next(tmp_path.glob("dpoflow-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    expected = {file.relative_to(repo).as_posix() for module, file in modules(repo).items()
+                if not module.startswith("dpoflow.evals.")}  # evals/ ships its data, not its generator
+    expected |= {"dpoflow/builtin/tiny_corpus.txt"}
+    assert expected - names == set()
+    assert any(n.startswith("dpoflow/evals/") and n.endswith(".jsonl") for n in names)
+
+
 def test_the_checks_find_a_cycle_and_an_upward_import(tmp_path):
-    for folder in PACKAGE_DIRS.values():
+    for folder in ("dpoflow", "dpoflow/engine", "dpoflow/base", "flows", "tasks"):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "__init__.py").write_text("")
-    (tmp_path / "dpoflow" / "training.py").write_text("def f():\n    from .distributed import world_size\n")
-    (tmp_path / "dpoflow" / "distributed.py").write_text("from dpoflow import training\n")
+    for linked in ("flows", "tasks"):
+        (tmp_path / "dpoflow" / linked).symlink_to(Path("..") / linked)
+    (tmp_path / "dpoflow" / "engine" / "training.py").write_text("def f():\n    from .distributed import world_size\n")
+    (tmp_path / "dpoflow" / "engine" / "distributed.py").write_text("from dpoflow.engine import training\n")
+    (tmp_path / "dpoflow" / "base" / "config.py").write_text("from dpoflow.engine.training import f\n")
     (tmp_path / "tasks" / "dpo.py").write_text("from . import stage_task\nfrom dpoflow.flows.pipeline import x\n")
     (tmp_path / "flows" / "pipeline.py").write_text("import dpoflow.tasks.dpo\n")
     graph = import_graph(tmp_path)
-    assert graph["dpoflow.distributed"] == {"dpoflow.training"}
+    assert graph["dpoflow.engine.distributed"] == {"dpoflow.engine.training"}
     assert graph["dpoflow.tasks.dpo"] == {"dpoflow.tasks", "dpoflow.flows.pipeline"}
-    assert sorted(cycles(graph)) == [["dpoflow.distributed", "dpoflow.training", "dpoflow.distributed"],
+    assert sorted(cycles(graph)) == [["dpoflow.engine.training", "dpoflow.engine.distributed", "dpoflow.engine.training"],
                                      ["dpoflow.flows.pipeline", "dpoflow.tasks.dpo", "dpoflow.flows.pipeline"]]
-    assert upward_imports(graph) == ["dpoflow.tasks.dpo (tasks) imports dpoflow.flows.pipeline (flows)"]
+    assert upward_imports(graph) == ["dpoflow.base.config (base) imports dpoflow.engine.training (engine)",
+                                     "dpoflow.tasks.dpo (tasks) imports dpoflow.flows.pipeline (flows)"]

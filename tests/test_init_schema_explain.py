@@ -5,10 +5,10 @@ import jsonschema
 import pytest
 import yaml
 
-from dpoflow.cli import main
-from dpoflow.config import load_pipeline, validate_file
-from dpoflow.schema import SCHEMA_PATH, pipelines_schema, schema_text
-from dpoflow.wizard import insert_entry
+from dpoflow.app.cli import main
+from dpoflow.base.config import load_pipeline, validate_file
+from dpoflow.app.schema import SCHEMA_PATH, pipelines_schema, schema_text
+from dpoflow.app.wizard import insert_entry
 
 EXISTING = textwrap.dedent("""\
     # my pipelines (this comment must survive)

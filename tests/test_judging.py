@@ -9,8 +9,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from dpoflow import generation, judging
-from dpoflow.judging import START, TIE, TUNED, Judged
+from dpoflow.engine import generation, judging
+from dpoflow.engine.judging import START, TIE, TUNED, Judged
 
 
 class Positional:
@@ -202,7 +202,7 @@ def test_endpoint_judge_does_not_retry_a_refused_key():
 
 @pytest.fixture(scope="module")
 def reward_model(tmp_path_factory):
-    from dpoflow.tiny_reward import build_tiny_reward_model
+    from dpoflow.engine.tiny_reward import build_tiny_reward_model
 
     rows = [json.loads(line) for line in open("data/demo/sentiment.jsonl")][:400]
     pairs = [(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
@@ -222,7 +222,7 @@ def test_builtin_reward_model_learns_the_pairs_and_reads_text_with_its_own_token
 
 
 def test_generation_is_batched_without_changing_greedy_answers(tiny_model):
-    from dpoflow.models import load_model, load_tokenizer
+    from dpoflow.engine.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model), padding_side="left")
     model = load_model(str(tiny_model), "float32")
@@ -262,7 +262,7 @@ def test_an_unreadable_endpoint_reply_is_a_tie_and_is_counted():
 
 
 def test_judge_config_is_checked_when_it_loads(tmp_path):
-    from dpoflow.config import ConfigError, load_pipeline
+    from dpoflow.base.config import ConfigError, load_pipeline
 
     (tmp_path / "d.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
     (tmp_path / "p.yaml").write_text("pipelines:\n  x:\n    data: {sources: [d.jsonl]}\n")
@@ -287,7 +287,7 @@ def test_the_api_key_comes_from_a_secret_block_or_the_variable(monkeypatch):
     from prefect.blocks.system import Secret
     from prefect.testing.utilities import prefect_test_harness
 
-    from dpoflow.config import JudgeSpec
+    from dpoflow.base.config import JudgeSpec
     from dpoflow.tasks.judge import JudgeError, api_key
 
     key = "sk-fromblock-0123456789abcdef"

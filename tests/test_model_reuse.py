@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dpoflow import model_reuse
-from dpoflow.config import DPOSpec, TrainSetup
-from dpoflow.hardware import plan_stage
+from dpoflow.engine import model_reuse
+from dpoflow.base.config import DPOSpec, TrainSetup
+from dpoflow.base.hardware import plan_stage
 from dpoflow.tasks.dpo import compute_reference_logps, train_dpo
 
 TRL = TrainSetup(backend="trl")
@@ -76,7 +76,7 @@ def test_another_model_or_seed_replaces_the_kept_one_and_leaving_frees_it(tmp_pa
 
 
 def test_an_sft_stage_frees_the_kept_dpo_model_before_loading_its_own(tmp_path, yes_no_pairs):
-    from dpoflow.config import SFTSpec
+    from dpoflow.base.config import SFTSpec
     from dpoflow.tasks.sft import train_sft
 
     start, data, _ = yes_no_pairs
@@ -118,7 +118,7 @@ def test_a_stage_given_no_keeper_keeps_nothing_in_another_flows_keeper(tmp_path,
 
 def test_restore_undoes_what_training_adds(yes_no_pairs):
     """Adapters, weights, requires_grad, instance forwards and hooks come back as loaded."""
-    from dpoflow.backends import choose_backend, load_for_training
+    from dpoflow.engine.backends import choose_backend, load_for_training
 
     start, _, _ = yes_no_pairs
     dpo = spec()

@@ -1,7 +1,7 @@
 import pytest
 
-from dpoflow.config import ModelSpec
-from dpoflow.models import DEFAULT_CHAT_TEMPLATE, default_chat_template, key_inputs, source_kind
+from dpoflow.base.config import ModelSpec
+from dpoflow.engine.models import DEFAULT_CHAT_TEMPLATE, default_chat_template, key_inputs, source_kind
 
 
 def test_source_kinds():
@@ -46,7 +46,7 @@ def test_the_model_stage_retries_a_dropped_connection_but_not_a_missing_model(mo
     from prefect import flow
 
     import dpoflow.tasks.model as model_stage
-    from dpoflow.config import ModelSpec
+    from dpoflow.base.config import ModelSpec
 
     calls = []
 

@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from dpoflow.config import ConfigError, DPOSpec, GuardSpec, TrainSetup, load_pipeline
-from dpoflow.hardware import plan_stage
-from dpoflow.objectives import objective_args, trainer_classes
+from dpoflow.base.config import ConfigError, DPOSpec, GuardSpec, TrainSetup, load_pipeline
+from dpoflow.base.hardware import plan_stage
+from dpoflow.engine.objectives import objective_args, trainer_classes
 from dpoflow.tasks.dpo import _trainer_class, train_dpo
 
 TRL = TrainSetup(backend="trl")

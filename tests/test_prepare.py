@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from dpoflow.artifacts import is_intact, read_jsonl_rows, read_rows
-from dpoflow.config import DataSpec
-from dpoflow.records import ModelRef
+from dpoflow.base.artifacts import is_intact, read_jsonl_rows, read_rows
+from dpoflow.base.config import DataSpec
+from dpoflow.base.records import ModelRef
 from dpoflow.tasks.prepare import DataError, is_heldout, prepare_data
 
 GOOD = {"prompt": "Is the sky blue?", "chosen": "yes", "rejected": "no"}

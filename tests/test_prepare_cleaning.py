@@ -7,11 +7,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dpoflow.artifacts import read_jsonl_rows, read_rows
-from dpoflow.config import DataSpec, DecontaminationSpec
-from dpoflow.forgetting import EVALS_DIR
-from dpoflow.pairs import DataError, to_pairs
-from dpoflow.records import ModelRef
+from dpoflow.base.artifacts import read_jsonl_rows, read_rows
+from dpoflow.base.config import DataSpec, DecontaminationSpec
+from dpoflow.engine.forgetting import EVALS_DIR
+from dpoflow.engine.pairs import DataError, to_pairs
+from dpoflow.base.records import ModelRef
 from dpoflow.tasks.prepare import prepare_data
 
 
@@ -227,8 +227,8 @@ def test_json_lists_and_excel_csv_files_meet_the_same_checks(tmp_path, base):
 def test_prompt_and_answer_must_tokenize_at_a_clean_seam(tiny_model):
     """A prompt cut mid-word merges with its answer's first tokens: the trainer would move the prompt's
     end. Such a pair is set aside; a clean boundary (the template's turn end) passes."""
-    from dpoflow.cleaning import token_lengths
-    from dpoflow.models import load_tokenizer
+    from dpoflow.engine.cleaning import token_lengths
+    from dpoflow.engine.models import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model))
     (_, cut), (lengths, clean) = token_lengths(tokenizer, [
@@ -244,8 +244,8 @@ def test_a_template_that_renders_the_answered_conversation_differently_is_caught
     import json
     import shutil
 
-    from dpoflow.config import DataSpec
-    from dpoflow.records import ModelRef
+    from dpoflow.base.config import DataSpec
+    from dpoflow.base.records import ModelRef
     from dpoflow.tasks.prepare import prepare_data
 
     model = tmp_path / "model"

@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from dpoflow.artifacts import read_jsonl_rows, read_rows
-from dpoflow.config import DataSpec
-from dpoflow.records import ModelRef
-from dpoflow.pairs import Pair, Rejection, detect_format, to_pair
+from dpoflow.base.artifacts import read_jsonl_rows, read_rows
+from dpoflow.base.config import DataSpec
+from dpoflow.base.records import ModelRef
+from dpoflow.engine.pairs import Pair, Rejection, detect_format, to_pair
 from dpoflow.tasks.prepare import prepare_data
 
 USER, ASSISTANT, SYSTEM = "user", "assistant", "system"
@@ -95,7 +95,7 @@ def test_mixed_formats_in_one_file_prepare_together(tiny_model, tmp_path):
 
 
 def test_text_is_normalized_and_duplicates_are_counted_and_kept_aside(tiny_model, tmp_path):
-    from dpoflow.pairs import normalize_text
+    from dpoflow.engine.pairs import normalize_text
 
     assert normalize_text("  Cafe\u0301  is\t\tnice \r\nline two  \n") == "Caf\u00e9 is nice\nline two"
     rows = [{"prompt": f"Question {i}?", "chosen": "Yes", "rejected": "No"} for i in range(20)]

@@ -4,8 +4,8 @@ column map, and each can be named explicitly."""
 
 import pytest
 
-from dpoflow.config import DataSpec
-from dpoflow.pairs import Pair, Rejection, pairs_of, to_pairs
+from dpoflow.base.config import DataSpec
+from dpoflow.engine.pairs import Pair, Rejection, pairs_of, to_pairs
 
 
 def msg(role, content):
@@ -207,7 +207,7 @@ def test_a_named_format_reads_its_rows_and_names_what_is_missing(fmt, row):
 def _prepare(tiny_model, tmp_path, files: dict[str, list[dict]], **spec):
     import json
 
-    from dpoflow.records import ModelRef
+    from dpoflow.base.records import ModelRef
     from dpoflow.tasks.prepare import prepare_data
 
     paths = []
@@ -241,7 +241,7 @@ def test_each_source_reports_the_layout_that_read_it(tiny_model, tmp_path):
 def test_a_source_that_keeps_nothing_says_why_and_how_to_map_it(tiny_model, tmp_path):
     import json
 
-    from dpoflow.pairs import DataError
+    from dpoflow.engine.pairs import DataError
 
     good = [{"prompt": f"q{i}?", "chosen": "yes", "rejected": "no"} for i in range(20)]
     alpaca_like = [{"instruction": f"Do {i}.", "chosen": "done", "rejected": "no", "id": i} for i in range(9)]

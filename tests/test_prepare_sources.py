@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from dpoflow.artifacts import read_jsonl_rows, read_rows
-from dpoflow.config import DataSpec, SourceSpec
-from dpoflow.pairs import DataError
-from dpoflow.records import ModelRef
+from dpoflow.base.artifacts import read_jsonl_rows, read_rows
+from dpoflow.base.config import DataSpec, SourceSpec
+from dpoflow.engine.pairs import DataError
+from dpoflow.base.records import ModelRef
 from dpoflow.tasks.prepare import prepare_data
 
 

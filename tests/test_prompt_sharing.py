@@ -1,11 +1,11 @@
-"""Prompt sharing (dpoflow/prompt_sharing.py) gives TRL's own numbers from fewer tokens."""
+"""Prompt sharing (dpoflow/engine/prompt_sharing.py) gives TRL's own numbers from fewer tokens."""
 
 import math
 
 import pytest
 import torch
 
-from dpoflow.prompt_sharing import IGNORE, attention_mask_4d, plan_layout, to_trl_layout
+from dpoflow.engine.prompt_sharing import IGNORE, attention_mask_4d, plan_layout, to_trl_layout
 
 
 def _batch(prompts, chosen, rejected, pad=0):
@@ -78,7 +78,7 @@ def test_batches_it_cannot_represent_take_trl_s_path(case):
 def test_models_whose_attention_the_layout_cannot_reproduce_keep_trl_s_path(fields, reason):
     from types import SimpleNamespace
 
-    from dpoflow.prompt_sharing import supported_engine
+    from dpoflow.engine.prompt_sharing import supported_engine
 
     model = SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa", **fields))
     for backend in ("trl", "unsloth"):
@@ -99,9 +99,9 @@ def test_to_trl_layout_is_differentiable():
 
 
 def _trainer_for(start, data, share, backend, scratch):
-    from dpoflow.backends import choose_backend
-    from dpoflow.config import DPOSpec, TrainSetup
-    from dpoflow.hardware import plan_stage
+    from dpoflow.engine.backends import choose_backend
+    from dpoflow.base.config import DPOSpec, TrainSetup
+    from dpoflow.base.hardware import plan_stage
     from dpoflow.tasks.dpo import _train_rows, _trainer
 
     setup = TrainSetup(backend=backend, **({"precision": "bf16", "quantize": "none"} if backend == "unsloth" else {}))
@@ -128,8 +128,8 @@ def test_shared_prompt_step_equals_trl_s_layout(tiny_model, tmp_path, backend):
     if backend == "unsloth":
         pytest.importorskip("unsloth")
     tol = TOLERANCE[backend]
-    from dpoflow.artifacts import write_jsonl
-    from dpoflow.records import ModelRef, PreparedData
+    from dpoflow.base.artifacts import write_jsonl
+    from dpoflow.base.records import ModelRef, PreparedData
 
     rows = [{"prompt": f"<|begin|><|user|>\n{'word ' * (3 + 2 * i)}question {i}<|end|>\n<|assistant|>\n",
              "chosen": "yes " * (1 + i % 3) + "<|end|>", "rejected": "no " * (3 - i % 3) + "<|end|>"}
@@ -178,8 +178,8 @@ def test_shared_prompt_step_equals_trl_s_layout(tiny_model, tmp_path, backend):
 def test_the_stage_reports_what_prompt_sharing_did(tmp_path, yes_no_pairs):
     import json
 
-    from dpoflow.config import DPOSpec, TrainSetup
-    from dpoflow.hardware import plan_stage
+    from dpoflow.base.config import DPOSpec, TrainSetup
+    from dpoflow.base.hardware import plan_stage
     from dpoflow.tasks.dpo import train_dpo
 
     start, data, _ = yes_no_pairs

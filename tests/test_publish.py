@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dpoflow.config import PublishSpec
-from dpoflow.hub import PublishError, push, resolve_token
+from dpoflow.base.config import PublishSpec
+from dpoflow.engine.hub import PublishError, push, resolve_token
 
 from hubserver import HubServer
 
@@ -109,7 +109,7 @@ def test_a_429_is_retried_after_the_wait_the_hub_asks_for(hub, release, monkeypa
 def test_a_retry_after_beyond_the_cap_is_capped(hub, release, monkeypatch):
     import time
 
-    from dpoflow.hub import MAX_RETRY_AFTER
+    from dpoflow.engine.hub import MAX_RETRY_AFTER
 
     waits = []
     monkeypatch.setattr(time, "sleep", waits.append)
@@ -132,7 +132,7 @@ def test_offline_mode_fails_at_once_with_one_clear_line(hub, release, monkeypatc
 def test_an_offline_error_from_the_client_is_not_retried():
     from huggingface_hub.errors import OfflineModeIsEnabled
 
-    from dpoflow.hub import with_retries
+    from dpoflow.engine.hub import with_retries
 
     calls = []
 
@@ -157,8 +157,8 @@ def test_a_token_pasted_as_the_secret_block_name_is_not_shown():
 @pytest.fixture
 def export(tmp_path):
     """(Exports record, card record) as the export and card stages leave them: sealed folders."""
-    from dpoflow.artifacts import seal
-    from dpoflow.records import Artifact, Exports
+    from dpoflow.base.artifacts import seal
+    from dpoflow.base.records import Artifact, Exports
 
     root = tmp_path / "export"
     (root / "adapter").mkdir(parents=True)
@@ -194,7 +194,7 @@ def test_a_stray_file_in_the_export_folder_is_never_pushed(hub, export):
 
 @pytest.mark.parametrize("damage", ["missing", "changed", "resealed"])
 def test_an_export_missing_or_changed_since_the_stage_fails_the_push_in_one_line(hub, export, damage):
-    from dpoflow.artifacts import seal
+    from dpoflow.base.artifacts import seal
     from dpoflow.tasks.publish import release_files
 
     exports, card = export

@@ -1,7 +1,7 @@
-"""What counts as a secret in what a run records (dpoflow/redact.py), and that the records keep what
+"""What counts as a secret in what a run records (dpoflow/base/redact.py), and that the records keep what
 is not one: digests, paths, names, numbers."""
 
-from dpoflow.redact import MASK, redact, redact_flow_parameters, redact_text, secret_key
+from dpoflow.base.redact import MASK, redact, redact_flow_parameters, redact_text, secret_key
 
 HF = "hf_" + "Ab3dE" * 7
 RANDOM = "Zx8Qw3Lp9Vb2Nm7Ks4Jd6Hf1Gt5Ry0UeT"

@@ -8,7 +8,7 @@ def test_exit_freeze_runs_after_the_other_exit_handlers(repo):
     server's stop (registered later) still run, and see a collector that is not frozen yet."""
     script = textwrap.dedent("""
         import atexit, gc
-        from dpoflow.runtime import skip_exit_collection
+        from dpoflow.base.runtime import skip_exit_collection
         skip_exit_collection()
         skip_exit_collection()  # once per process
         atexit.register(lambda: print("later handler, frozen:", gc.get_freeze_count() > 0))

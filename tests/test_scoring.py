@@ -1,7 +1,7 @@
 import torch
 
-from dpoflow.models import load_model, load_tokenizer
-from dpoflow.scoring import completion_logps
+from dpoflow.engine.models import load_model, load_tokenizer
+from dpoflow.engine.scoring import completion_logps
 
 
 def test_batched_logps_equal_one_by_one_manual_sums(tiny_model):

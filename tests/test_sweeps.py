@@ -1,7 +1,7 @@
 import pytest
 
-from dpoflow.config import ConfigError
-from dpoflow.sweeps import comparison_markdown, parse_vary, plan_sweep
+from dpoflow.base.config import ConfigError
+from dpoflow.base.sweeps import comparison_markdown, parse_vary, plan_sweep
 
 
 def test_vary_values_are_a_yaml_sequence():

@@ -1,4 +1,4 @@
-"""Prefect's temporary server started at the top of a command (dpoflow/tempserver.py): it boots in a
+"""Prefect's temporary server started at the top of a command (dpoflow/app/tempserver.py): it boots in a
 background thread, the flow run is recorded in it, Prefect starts no second one, it stops with the
 process, and with an API configured nothing is started."""
 
@@ -12,12 +12,12 @@ import textwrap
 
 import pytest
 
-from dpoflow import tempserver
-from dpoflow.runtime import PREFECT_DEFAULTS  # as the CLI sets them: a loaded machine boots the server slowly
+from dpoflow.app import tempserver
+from dpoflow.base.runtime import PREFECT_DEFAULTS  # as the CLI sets them: a loaded machine boots the server slowly
 
 SCRIPT = textwrap.dedent("""
     import json, os, sys
-    from dpoflow import tempserver
+    from dpoflow.app import tempserver
 
     boot = tempserver.start()          # before the flow's imports, as `dpoflow run` does
     assert tempserver.start() is boot  # once per process
@@ -99,7 +99,7 @@ def test_run_records_in_the_background_started_server_which_stops_with_the_proce
 def test_a_startup_error_is_raised_at_the_flow_call_and_nothing_is_left_running(tmp_path, repo):
     script = textwrap.dedent("""
         import os
-        from dpoflow import tempserver
+        from dpoflow.app import tempserver
         from prefect.server.api.server import SubprocessASGIServer
 
         def fail(self, timeout=None):
@@ -125,7 +125,7 @@ def test_a_command_that_fails_before_the_flow_stops_the_server(tmp_path, repo):
     """The boot is still underway when the command exits: the server is stopped all the same."""
     script = textwrap.dedent("""
         import os
-        from dpoflow import tempserver
+        from dpoflow.app import tempserver
         tempserver.start()
         raise SystemExit(3)
     """)
@@ -177,7 +177,7 @@ def test_with_an_api_in_the_env_or_the_profile_nothing_is_started(tmp_path, repo
                                             'PREFECT_API_URL = "http://127.0.0.1:9/api"\n')
     script = textwrap.dedent("""
         import os, sys, threading
-        from dpoflow import tempserver
+        from dpoflow.app import tempserver
         boot = tempserver.start()
         with tempserver.serving(boot):
             pass

@@ -1,4 +1,4 @@
-"""dpoflow.tethered: a child runs its module as `python -m` would, and stops once the process that
+"""dpoflow.base.tethered: a child runs its module as `python -m` would, and stops once the process that
 started it is gone, even when that process was killed with SIGKILL and ran no cleanup."""
 
 import os
@@ -18,7 +18,7 @@ def test_a_tethered_child_runs_its_module_and_stops_when_its_parent_is_killed(re
     # parent process, not the thread that started it (what PR_SET_PDEATHSIG would do).
     parent = textwrap.dedent("""
         import subprocess, sys, threading, time
-        from dpoflow import tethered
+        from dpoflow.base import tethered
 
         def start():
             child = subprocess.Popen(tethered.command("http.server", "0", "--bind", "127.0.0.1"),

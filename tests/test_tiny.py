@@ -1,6 +1,6 @@
-from dpoflow.artifacts import folder_digest
-from dpoflow.models import load_model, load_tokenizer
-from dpoflow.tiny import build_tiny_model
+from dpoflow.base.artifacts import folder_digest
+from dpoflow.engine.models import load_model, load_tokenizer
+from dpoflow.engine.tiny import build_tiny_model
 
 
 def test_builtin_model_is_deterministic(tmp_path, tiny_model):

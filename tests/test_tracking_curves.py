@@ -1,12 +1,12 @@
-"""dpoflow.tracking without a pipeline: the training-curve callback (live lines, and a resumed run's
+"""dpoflow.engine.tracking without a pipeline: the training-curve callback (live lines, and a resumed run's
 checkpoint history sent first, each step once), and what reaches the tracker is redacted."""
 
 import json
 
 import pytest
 
-from dpoflow.config import PipelineConfig
-from dpoflow.tracking import (TrackingError, TrackerRef, curve_callback, flat_params, open_run, replay,
+from dpoflow.base.config import PipelineConfig
+from dpoflow.engine.tracking import (TrackingError, TrackerRef, curve_callback, flat_params, open_run, replay,
                               result_metrics, send, shown_uri)
 
 SECRET = "hf_" + "Zq8xK2mP4vN7wR1tY6uB3cD9eF0gH5jL"  # a Hub token's shape: redact.py must catch it
@@ -126,7 +126,7 @@ def test_a_run_stopped_by_ctrl_c_is_killed_and_one_that_raised_is_failed_with_th
     from mlflow import MlflowClient
 
     from dpoflow.flows.pipeline import ending_tracked_run
-    from dpoflow.runtime import StageInterrupted
+    from dpoflow.base.runtime import StageInterrupted
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = PipelineConfig.model_validate({"name": "t", "data": {"sources": ["x.jsonl"]}, "workdir": str(tmp_path),
@@ -146,8 +146,8 @@ def test_a_run_stopped_by_ctrl_c_is_killed_and_one_that_raised_is_failed_with_th
 def test_doctor_names_a_missing_tracking_client(repo, monkeypatch):
     import importlib.util
 
-    from dpoflow.config import load_pipeline
-    from dpoflow.doctor import preflight_problems
+    from dpoflow.base.config import load_pipeline
+    from dpoflow.app.doctor import preflight_problems
 
     config = load_pipeline("demo", repo / "pipelines.yaml", ["tracking.backend=mlflow"])
     assert preflight_problems(config, "trl", None) == []  # installed here (the dev extra)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dpoflow.artifacts import is_intact
+from dpoflow.base.artifacts import is_intact
 
 pytestmark = pytest.mark.slow
 

@@ -188,7 +188,7 @@ def test_sft_and_dpo_run_data_parallel_on_two_processes_launched_from_the_tasks(
     # `dpoflow doctor` with the same settings prints exactly the plans the run recorded.
     from textwrap import indent
 
-    from dpoflow.hardware import TrainingPlan, describe
+    from dpoflow.base.hardware import TrainingPlan, describe
 
     cmd = ["python", "-m", "dpoflow", "doctor", "demo", "-f", str(repo / "pipelines.yaml")]
     proc = subprocess.run(cmd + [arg for item in settings for arg in ("--set", item)], capture_output=True,

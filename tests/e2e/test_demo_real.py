@@ -44,7 +44,7 @@ def test_real_model_scores_above_chance_and_the_check_sees_real_deltas(repo, tmp
     assert judged["wins"] + judged["ties"] + judged["losses"] == 8 and 0 <= judged["win_rate"] <= 1, judged
 
     # The converted tokenizer segments words as Gemma was trained on them (not near-character-level).
-    from dpoflow.models import load_model, load_tokenizer
+    from dpoflow.engine.models import load_model, load_tokenizer
 
     model_dir = Path(real["run_dir"]) / "model"
     tok = load_tokenizer(str(model_dir))

@@ -81,7 +81,7 @@ def test_torchrun_and_its_ranks_stop_when_the_command_is_killed_or_interrupted(r
             lines = list(children[name].values())
             torchrun = [c for c in lines if "torch.distributed.run" in c]
             assert len(torchrun) == 1, lines
-            assert sum("dpoflow.distributed" in c and c not in torchrun for c in lines) == 2, lines  # the ranks
+            assert sum("dpoflow.engine.distributed" in c and c not in torchrun for c in lines) == 2, lines  # the ranks
             assert any("uvicorn" in c for c in lines), lines
 
         killed, interrupted = runs["killed"], runs["interrupted"]

@@ -58,8 +58,8 @@ def stage_record(workdir: Path, summary: dict, stage: str) -> dict:
 CPU_EXPORT = """
 import json, sys
 from pathlib import Path
-from dpoflow.config import ExportSpec
-from dpoflow.records import TrainedAdapter
+from dpoflow.base.config import ExportSpec
+from dpoflow.base.records import TrainedAdapter
 from dpoflow.tasks.export import export_model
 assert "unsloth" not in sys.modules
 adapter = TrainedAdapter.model_validate(json.loads(sys.argv[1]))
@@ -140,7 +140,7 @@ def build_1b_llama(folder: Path) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dpoflow.tiny import build_tokenizer
+    from dpoflow.engine.tiny import build_tokenizer
 
     tokenizer = build_tokenizer()
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -157,7 +157,7 @@ def build_1b_llama(folder: Path) -> Path:
 
 def test_a_1b_model_from_a_local_folder_trains_evaluates_and_exports_merged_and_gguf(dpoflow, tmp_path):
     pytest.importorskip("unsloth")
-    from dpoflow.ggufexport import missing_tools
+    from dpoflow.engine.ggufexport import missing_tools
 
     model = build_1b_llama(tmp_path / "llama-1b")
     # GGUF where the gguf extra is installed (`dpoflow doctor` names what is missing): f16, checked in

@@ -121,7 +121,7 @@ def test_nothing_secret_and_no_local_path_is_in_the_pushed_commit_or_the_output(
 def test_the_run_used_the_real_values(planted_run):
     import pandas as pd
 
-    from dpoflow.config import load_pipeline
+    from dpoflow.base.config import load_pipeline
 
     tmp, file, _, _ = planted_run
     train = next((tmp / "work" / "stages" / "prepare").rglob("train.parquet"))

@@ -84,7 +84,7 @@ def cached_demo(repo, tmp_path_factory):
 
 
 def forecast(repo, base: list[str], *items: str) -> dict[str, str]:
-    from dpoflow.config import load_pipeline
+    from dpoflow.base.config import load_pipeline
     from dpoflow.flows.explain import explain
 
     result = explain(load_pipeline("demo", repo / "pipelines.yaml", [*base, *items]))

@@ -1,0 +1,311 @@
+"""The seed recipe's hardware decision tree: which precision, whether to load 4-bit weights, and what
+per-device batch and gradient accumulation to train DPO with on a given GPU.
+
+Everything but `detect_gpu` is a pure function of facts passed in, so tests can ask about an H100 or a
+24 GiB card on a machine without one. `dpoflow doctor` prints the result for a pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+GiB = 2**30
+FP8_MIN_CC = (8, 9)  # Ada / Hopper: the first GPUs with FP8 tensor cores
+FIT_FRACTION = 0.9  # the estimate is rough and the allocator fragments: keep 10% of free memory spare
+FOUR_BIT_BYTES_PER_PARAM = 0.56  # NF4 is 0.5 bytes; block scales and the layers bitsandbytes skips add ~0.06
+LORA_RANK = 16  # the LoraSpec default; the adapter is small next to the weights, so its exact r barely matters
+# Larger micro-batches ran faster at the same effective batch (8B shape on an H100: 4 pairs 8,609 tok/s,
+# 8 pairs 10,242; docs/benchmarks.md); growing stops here, where it was measured.
+MAX_GROWN_BATCH = 8
+WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0}
+PRECISIONS = ("auto", "bf16", "fp16", "fp8")
+QUANTIZE = ("auto", "none", "4bit")
+
+
+@dataclass
+class GpuFacts:
+    name: str
+    compute_capability: tuple[int, int]
+    total_bytes: int
+    free_bytes: int
+    bf16_supported: bool
+    count: int = 1  # GPUs visible to this process (all the same model, as on one host)
+
+
+@dataclass
+class TrainingPlan:
+    precision: str  # "fp32" | "bf16" | "fp16" | "fp8"
+    load_in_4bit: bool
+    per_device_batch: int
+    gradient_accumulation_steps: int
+    warnings: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+    num_processes: int = 1  # data-parallel training processes (torchrun), one per GPU
+    strategy: str = "ddp"  # "ddp" | "fsdp"
+
+    # Left out of a training stage's cache key (dpoflow.base.cache.key_value): they explain the plan, and quote
+    # the free memory at planning time, which does not change what training makes.
+    not_key: ClassVar[dict[str, str]] = {"warnings": "explains the plan", "reasons": "explains the plan"}
+
+
+def detect_gpu() -> GpuFacts | None:
+    """Facts about CUDA device 0, or None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    free, total = torch.cuda.mem_get_info(0)  # free is what this process can still get, not total minus ours
+    return GpuFacts(props.name, (props.major, props.minor), total, free, torch.cuda.is_bf16_supported(),
+                    torch.cuda.device_count())
+
+
+def count_parameters(model_dir: str | Path) -> int:
+    """Parameters in a model folder's safetensors files, read from the headers only (no weights loaded)."""
+    from safetensors import safe_open
+
+    folder = Path(model_dir)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():  # a sharded checkpoint: count only the shards it names (some repos also ship a
+        # consolidated copy of the same weights next to them)
+        files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no *.safetensors files")
+    total = 0
+    for path in files:
+        with safe_open(str(path), "pt") as f:
+            for name in f.keys():
+                total += math.prod(f.get_slice(name).get_shape())
+    return total
+
+
+def model_shape(model_dir: str | Path) -> dict:
+    """hidden_size, num_hidden_layers and vocab_size from the folder's config.json."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    config = config.get("text_config", config)  # multimodal configs nest the language model's fields
+    return {k: int(config[k]) for k in ("hidden_size", "num_hidden_layers", "vocab_size")}
+
+
+def estimate_training_bytes(n_params: int, hidden_size: int, num_layers: int, vocab_size: int,
+                            per_device_batch: int, seq_len: int, weight_bytes_per_param: float,
+                            gradient_checkpointing: bool = True) -> int:
+    """Peak GPU memory of one LoRA DPO step, a deliberately rough estimate. The parts:
+
+    - base weights (frozen): n_params x weight_bytes_per_param (2 bf16/fp16, 1 FP8, ~0.56 4-bit);
+    - LoRA adapter: rank 16 on the seven Llama projections is ~20 x r x hidden parameters a layer, each
+      with an fp32 weight, gradient and two Adam moments (16 bytes);
+    - activations: DPO runs chosen and rejected through the model, so 2 x batch x seq_len tokens. With
+      gradient checkpointing each layer keeps only its 16-bit input (2 x hidden bytes a token) and one
+      layer at a time is recomputed in full (~34 x hidden bytes a token; Korthikanti et al. 2022, with
+      flash/SDPA attention so no seq_len^2 term); without it every layer keeps the full 34;
+    - logits: tokens x vocab in fp32, x2 for the log-softmax and its gradient. This dominates at 128k
+      vocabularies.
+
+    Against the measured peaks at 4 pairs x 512 tokens (8B shape: 17.8 GiB bf16 TRL, 7.2 GiB Unsloth
+    4-bit, ../shared/gpu/README.md; 1B shape: 3.1 GiB Unsloth bf16, docs/benchmarks.md) this gives ~21,
+    ~10 and ~7 GiB: it errs high (mostly the logits, which Unsloth chunks), the safe side for planning.
+    """
+    tokens = 2 * per_device_batch * seq_len
+    weights = n_params * weight_bytes_per_param
+    lora = 20 * LORA_RANK * hidden_size * num_layers * 16
+    per_layer = 34 * hidden_size * tokens
+    if gradient_checkpointing:
+        activations = num_layers * 2 * hidden_size * tokens + per_layer
+    else:
+        activations = num_layers * per_layer
+    logits = tokens * vocab_size * 4 * 2
+    return int(weights + lora + activations + logits)
+
+
+def plan_training(gpu: GpuFacts | None, precision: str, quantize: str, n_params: int, shape: dict, seq_len: int,
+                  per_device_batch: int, effective_batch: int, num_processes: int = 1,
+                  strategy: str = "ddp", grow_batch: bool = True) -> TrainingPlan:
+    """The decision tree. `precision` is auto|bf16|fp16|fp8, `quantize` auto|none|4bit; an explicit
+    request the hardware cannot meet raises ValueError rather than silently training something else."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize {quantize!r}: choose one of {', '.join(QUANTIZE)}")
+    plan = TrainingPlan("fp32", False, max(1, per_device_batch), 1, num_processes=num_processes, strategy=strategy)
+    _check_processes(gpu, plan)
+    if gpu is None:
+        if precision == "fp8" or quantize == "4bit":
+            raise ValueError(f"{'precision fp8' if precision == 'fp8' else 'quantize 4bit'} needs a CUDA GPU "
+                             "and none is visible")
+        if precision != "auto":
+            plan.warnings.append(f"precision {precision} ignored: no CUDA GPU, training in fp32")
+        plan.reasons.append("no CUDA GPU: training on CPU in fp32, no 4-bit (4-bit and FP8 weights need CUDA)")
+    else:
+        plan.precision = _choose_precision(gpu, precision, plan)
+        if plan.precision == "fp8" and quantize == "4bit":
+            raise ValueError("precision fp8 and quantize 4bit exclude each other: pick one weight format")
+        grow_to = _growth_limit(plan.per_device_batch, effective_batch, num_processes) if grow_batch else 0
+        _fit_memory(gpu, quantize, n_params, shape, seq_len, plan, grow_to)
+
+    # The effective batch is the config's, however many processes share it.
+    if num_processes > 1 and plan.per_device_batch * num_processes > effective_batch:
+        plan.per_device_batch = max(1, effective_batch // num_processes)
+        plan.reasons.append(f"effective batch {effective_batch} over {num_processes} processes: per-device batch "
+                            f"{plan.per_device_batch}")
+    per_step = plan.per_device_batch * num_processes
+    plan.gradient_accumulation_steps = max(1, math.ceil(effective_batch / per_step))
+    processes = f" x {num_processes} processes" if num_processes > 1 else ""
+    plan.reasons.append(f"per-device batch {plan.per_device_batch}{processes}, effective batch {effective_batch}: "
+                        f"gradient accumulation {plan.gradient_accumulation_steps}")
+    actual = per_step * plan.gradient_accumulation_steps
+    if actual != effective_batch:
+        plan.warnings.append(f"effective batch is {actual}, not {effective_batch} "
+                             f"({effective_batch} is not a multiple of {per_step})")
+    return plan
+
+
+def _check_processes(gpu: GpuFacts | None, plan: TrainingPlan) -> None:
+    n = plan.num_processes
+    if n == 1:
+        return
+    if gpu is None:
+        plan.reasons.append(f"{n} processes on CPU (gloo): data-parallel, for testing the multi-GPU path")
+        if plan.strategy == "fsdp":
+            raise ValueError("distributed.strategy fsdp needs CUDA GPUs; use ddp to test on CPU")
+        return
+    if n > gpu.count:
+        raise ValueError(f"distributed.num_processes {n} needs {n} GPUs; {gpu.count} visible")
+    plan.reasons.append(f"{n} of {gpu.count} GPUs, {plan.strategy.upper()} through torchrun"
+                        + (": weights sharded across GPUs" if plan.strategy == "fsdp" else
+                           ": every GPU holds the model, LoRA gradients all-reduced"))
+
+
+def _choose_precision(gpu: GpuFacts, precision: str, plan: TrainingPlan) -> str:
+    cc = f"{gpu.compute_capability[0]}.{gpu.compute_capability[1]}"
+    fp8_ok = tuple(gpu.compute_capability) >= FP8_MIN_CC
+    if precision == "fp8":
+        if not fp8_ok:
+            raise ValueError(f"precision fp8 needs compute capability >= 8.9; {gpu.name} has {cc}")
+        plan.reasons.append(f"compute capability {cc} >= 8.9 and train.precision fp8 asked: FP8 weights")
+        # docs/benchmarks.md: with Unsloth's compile the first FP8 step never finished; without it FP8 ran
+        # at about half of bf16's tokens/s.
+        plan.warnings.append("FP8 needs UNSLOTH_COMPILE_DISABLE=1 (Unsloth's compile stalls on FP8 layers) "
+                             "and was measured slower than bf16 here")
+        return "fp8"
+    if precision == "bf16" and not gpu.bf16_supported:
+        raise ValueError(f"precision bf16: {gpu.name} (compute capability {cc}) has no bf16; use auto or fp16")
+    if precision == "auto":
+        chosen = "bf16" if gpu.bf16_supported else "fp16"
+        plan.reasons.append(f"{gpu.name} (compute capability {cc}) supports bf16: bf16" if gpu.bf16_supported
+                            else f"{gpu.name} (compute capability {cc}) has no bf16: fp16")
+        if fp8_ok and chosen == "bf16":
+            plan.reasons.append(f"compute capability {cc} >= 8.9: FP8 offered via train.precision: fp8, "
+                                "but bf16 is chosen: FP8 DPO measured slower here and its compile stalls")
+    else:
+        chosen = precision
+        plan.reasons.append(f"precision {precision} asked")
+    if chosen == "fp16":
+        # fp16's 5-bit exponent overflows in the policy/reference log-ratios; bf16 has fp32's range.
+        plan.warnings.append("fp16 DPO is a known source of NaN losses; prefer a GPU with bf16")
+    return chosen
+
+
+def _growth_limit(batch: int, effective_batch: int, num_processes: int) -> int:
+    """The largest doubling of `batch`, up to MAX_GROWN_BATCH, that still divides the effective batch
+    evenly over the processes (so gradient accumulation keeps it exactly)."""
+    while batch * 2 <= MAX_GROWN_BATCH and effective_batch % (batch * 2 * num_processes) == 0:
+        batch *= 2
+    return batch
+
+
+def _fit_memory(gpu: GpuFacts, quantize: str, n_params: int, shape: dict, seq_len: int,
+                plan: TrainingPlan, grow_to: int = 0) -> None:
+    """Pick 16-bit (or FP8) vs 4-bit weights and the largest per-device batch (halving down to 1) whose
+    estimate fits in FIT_FRACTION of free memory; 4-bit only when the wider weights don't fit. A batch
+    that fits as asked is doubled up to `grow_to` while the estimate still fits."""
+    budget = gpu.free_bytes * FIT_FRACTION
+    free = f"{gpu.free_bytes / GiB:.1f} GiB free"
+    wide = (f"{plan.precision} weights", WEIGHT_BYTES[plan.precision], False)
+    four = ("4-bit weights", FOUR_BIT_BYTES_PER_PARAM, True)
+    if quantize == "4bit":
+        options = [four]
+    elif quantize == "none" or plan.precision == "fp8":  # FP8 is already a compressed weight format
+        options = [wide]
+    else:
+        options = [wide, four]
+
+    def need(bytes_per_param: float, batch: int) -> int:
+        return estimate_training_bytes(n_params, shape["hidden_size"], shape["num_hidden_layers"],
+                                       shape["vocab_size"], batch, seq_len, bytes_per_param)
+
+    start = batch = plan.per_device_batch
+    while True:
+        fitting = [o for o in options if need(o[1], batch) <= budget]
+        if fitting or batch == 1:
+            break
+        batch //= 2  # a smaller batch with more accumulation steps trains the same effective batch
+    label, bytes_per_param, is_4bit = fitting[0] if fitting else options[-1]
+    if fitting and batch == start:
+        while batch * 2 <= grow_to and need(bytes_per_param, batch * 2) <= budget:
+            batch *= 2
+        if batch > start:
+            plan.reasons.append(f"estimated {_gib(need(bytes_per_param, batch))} at per-device batch {batch} fits "
+                                f"in {free}: batch raised from {start}, fewer accumulation steps, same effective "
+                                "batch (larger micro-batches ran faster; train.grow_batch false keeps it)")
+            start = batch
+    plan.load_in_4bit, plan.per_device_batch = is_4bit, batch
+    if not fitting:
+        plan.warnings.append(f"estimated {_gib(need(bytes_per_param, 1))} with {label} at per-device batch 1 "
+                             f"exceeds 90% of {free}: expect out-of-memory (shorter max_length or a bigger GPU)")
+        return
+    if batch < start:
+        plan.reasons.append(f"estimated {_gib(need(options[-1][1], start))} with {options[-1][0]} at per-device "
+                            f"batch {start} exceeds 90% of {free}: per-device batch halved down to {batch}")
+    if is_4bit and quantize == "auto":
+        plan.reasons.append(f"estimated {_gib(need(wide[1], batch))} for {wide[0]} + activations exceeds 90% of "
+                            f"{free}, {_gib(need(four[1], batch))} with 4-bit weights fits: 4-bit "
+                            "(QLoRA, unsloth backend)")
+    elif is_4bit:
+        plan.reasons.append(f"quantize 4bit asked: estimated {_gib(need(four[1], batch))} with 4-bit weights "
+                            f"fits in {free}")
+    else:
+        why = " (quantize none)" if quantize == "none" else ""
+        plan.reasons.append(f"estimated {_gib(need(wide[1], batch))} for {wide[0]} + activations fits in "
+                            f"{free}: no 4-bit{why}")
+
+
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp8": "bfloat16"}
+
+
+def weights_dtype(plan: TrainingPlan) -> str:
+    """The torch dtype name to load weights in (FP8 loads bf16 and lets Unsloth quantize)."""
+    return TORCH_DTYPES[plan.precision]
+
+
+def plan_stage(setup, spec, model_dir: str | Path, gpu: GpuFacts | None = None) -> TrainingPlan:
+    """The plan for one training stage (its TrainSpec's batch and max_length) on this machine."""
+    gpu = gpu if gpu is not None else detect_gpu()
+    return plan_training(gpu, setup.precision, setup.quantize, count_parameters(model_dir), model_shape(model_dir),
+                         spec.max_length, spec.per_device_batch_size,
+                         spec.per_device_batch_size * spec.gradient_accumulation_steps,
+                         setup.distributed.num_processes, setup.distributed.strategy, setup.grow_batch)
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.1f} GiB"
+
+
+def describe(plan: TrainingPlan) -> str:
+    lines = [
+        f"precision:          {plan.precision}",
+        f"4-bit weights:      {'yes' if plan.load_in_4bit else 'no'}",
+        f"per-device batch:   {plan.per_device_batch}",
+        f"grad accumulation:  {plan.gradient_accumulation_steps}",
+        f"processes:          {plan.num_processes} ({plan.strategy})" if plan.num_processes > 1 else "processes:          1",
+        "why:",
+        *(f"  - {r}" for r in plan.reasons),
+    ]
+    if plan.warnings:
+        lines += ["warnings:", *(f"  ! {w}" for w in plan.warnings)]
+    return "\n".join(lines)

@@ -36,11 +36,18 @@ class ModelRef(Artifact):
 
 
 class PreparedData(Artifact):
-    train: str
+    train: str  # the pairs (Parquet; empty when the data is all unpaired)
     heldout: str
     rejected: str
     counts: dict[str, int]
     report: str = ""  # data_report.json
+    # Unpaired examples {prompt, completion, label} (Parquet), for dpo.method kto; "" when the data has none.
+    train_unpaired: str = ""
+    heldout_unpaired: str = ""
+
+    @property
+    def heldout_pairs(self) -> int:
+        return self.counts.get("heldout", 0) - self.counts.get("heldout_unpaired", 0)
 
 
 class ReferenceLogps(Artifact):

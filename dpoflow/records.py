@@ -78,6 +78,7 @@ class TaskScores(Artifact):
 
 class EvalReport(Artifact):
     metrics: dict[str, float]
+    notes: list[str] = []  # what could not be measured and why (no held-out pairs, say)
     base_scores: dict[str, float] = {}  # lm-eval accuracy points per task, the start model
     tuned_scores: dict[str, float] = {}
 

@@ -217,8 +217,10 @@ LAYOUTS: tuple[Layout, ...] = (
     Layout("distilabel-orca", "conversational", ("input", "chosen", "rejected"), _is(str, "chosen", "rejected"),
            _one_answer("input"), "argilla/distilabel-intel-orca-dpo-pairs: system, input, chosen, rejected (status: "
                                  "tie set aside)"),
-    # Not a pair: one answer and its thumbs-up/down (dpoflow.unpaired; dpoflow.examples reads it).
+    # Not a pair: one answer and its thumbs-up/down (dpoflow.unpaired; dpoflow.examples reads it). A row that
+    # also has chosen or rejected is read as a pair (a label column beside a pair is just an extra column).
     Layout("unpaired", "unpaired", ("prompt", "completion", "label"),
+           lambda row: not {"chosen", "rejected"} & row.keys(),
            about="unpaired feedback: prompt, completion, label (true/false, 1/0, thumbs_up/thumbs_down): for "
                  "dpo.method kto"),
     Layout("conversational", "conversational", ("chosen", "rejected"),

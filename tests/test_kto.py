@@ -119,3 +119,14 @@ def test_kto_and_its_weights_are_accepted_and_keep_the_reference(tmp_path, repo)
     config = _load(tmp_path, repo, "{method: kto, beta: 0.2, desirable_weight: 1.33, undesirable_weight: 1.0}")
     assert config.dpo.method == "kto" and not config.dpo.reference_free and config.dpo.reward_beta == 0.2
     assert config.runs_sft is False and config.sft_skipped is None
+
+
+def test_the_sweep_table_names_kto_and_what_its_columns_mean_for_it():
+    from dpoflow.sweeps import comparison_markdown
+
+    rows = [{"variant": "dpo.method=dpo", "method": "dpo", "heldout_accuracy": 1.0},
+            {"variant": "dpo.method=kto", "method": "kto", "train_reward_accuracy": None, "heldout_accuracy": None}]
+    table = comparison_markdown("demo", rows)
+    assert "| dpo.method=kto | kto | - | - | - |" in table
+    assert "kto: TRL's KTO logs no train reward accuracy; with unpaired held-out data there is no held-out pair " \
+           "accuracy" in table

@@ -447,6 +447,8 @@ def summarize(config: PipelineConfig, backend, run: StageRunner, out: Outputs, b
              *([config.sft_skipped] if config.sft_skipped else []),
              *[f"collapse guard: attempt {r['attempt']} collapsed at step {r['step']} (lr {r['learning_rate']:g}); "
                f"retried from {r['restart_from']} with lr halved" for r in adapter.retries]]
+    if out.report is not None:
+        notes += out.report.notes
     if gate is not None:
         verdict = "passed" if gate.passed else f"FAILED ({config.evaluate.gate.mode})"
         notes.append(f"forgetting check {verdict}: forgetting.md"
@@ -475,6 +477,7 @@ def summarize(config: PipelineConfig, backend, run: StageRunner, out: Outputs, b
         "stages": rows_as_dicts(run.rows),
         "run_dir": str(run_dir),
         "metrics": out.report.metrics if out.report else {},
+        "evaluation_notes": out.report.notes if out.report else [],
         "forgetting": {"passed": gate.passed, "failures": gate.failures, "table": gate.rows} if gate else None,
         "judge": {"judge": out.judged.judge, **out.judged.figures} if out.judged is not None else None,
         "method": config.dpo.method,

@@ -1,8 +1,9 @@
 """dpo: the preference stage. A fresh LoRA adapter trained with the objective `dpo.method` names
 (dpoflow.engine.objectives): TRL's DPOTrainer with `ref_model=None`, so the reference log-probs come from the
 same weights with the adapter switched off, the start model (SFT-merged, or the base); or a
-reference-free objective (ORPO, SimPO), which has no reference pass at all. The same data, adapter and
-outputs either way, so the stages after it do not care which.
+reference-free objective (ORPO, SimPO), which has no reference pass at all; or KTO on unpaired examples
+(the prepared unpaired rows, and each pair split into a desirable and an undesirable one), against the
+start model as DPO. The same adapter and outputs either way, so the stages after it do not care which.
 
 Guards: a non-finite loss, gradient or log-prob stops the stage (checkpoints are kept); a collapse
 (chosen log-probs falling far below where they started) is retried from the last good checkpoint
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import shutil
 import tempfile
 import time
@@ -32,6 +34,7 @@ from dpoflow.base.errors import Explained
 from dpoflow.base.hardware import TrainingPlan
 from dpoflow.engine.model_reuse import ModelKeeper, free_accelerator_memory, training_model
 from dpoflow.engine.objectives import EXTRA_LOGGED, objective_args, reference_text, trainer_classes
+from dpoflow.engine.pairs import DataError
 from dpoflow.engine.prompt_sharing import install as share_prompts
 from dpoflow.base.ranks import is_main_process
 from dpoflow.base.records import ModelRef, PreparedData, ReferenceLogps, TrainedAdapter
@@ -39,6 +42,7 @@ from dpoflow.base.runtime import StageInterrupted
 from dpoflow.engine.tracking import TrackerRef
 from dpoflow.engine.training import (deterministic_log, final_metrics, keep_outputs_fp32, save_adapter, time_split,
                               trainer_args)
+from dpoflow.engine.unpaired import unpair
 
 from . import curve_callbacks, stage_logger, stage_task, training_backend
 
@@ -169,6 +173,32 @@ TOKENIZED = ("prompt_ids", "chosen_ids", "rejected_ids")
 PAIRS_FILE = "train_pairs.arrow"
 
 
+def _kto_rows(data: PreparedData, seed: int):
+    """KTO's training examples: the unpaired ones, and each pair as a desirable and an undesirable one,
+    shuffled (seeded). TRL's KTO reads them in order (it estimates the KL term from each micro-batch's
+    neighbours), so without the shuffle a micro-batch would hold one prompt's two answers, or one label only."""
+    from datasets import Dataset
+
+    rows = unpair(read_rows(data.train)) + (read_rows(data.train_unpaired) if data.train_unpaired else [])
+    rows = [{"prompt": r["prompt"], "completion": r["completion"], "label": bool(r["label"])} for r in rows]
+    random.Random(seed).shuffle(rows)
+    return Dataset.from_list(rows)
+
+
+def _pairs_needed(data: PreparedData, spec: DPOSpec, log) -> None:
+    """Every method but KTO trains on pairs: with none, one line says what the data holds instead; unpaired
+    examples beside pairs are left out, and said so."""
+    unpaired = data.counts.get("train_unpaired", 0)
+    if not unpaired or not is_main_process():
+        return
+    if data.counts.get("train", 0) == unpaired:
+        raise DataError(f"dpo.method {spec.method} trains on preference pairs, and the prepared data has none: its "
+                        f"{unpaired} train examples are unpaired (prompt/completion/label). Set dpo.method: kto, or "
+                        "give pairs (prompt/chosen/rejected)")
+    log(f"dpo: {unpaired} unpaired train examples left out: dpo.method {spec.method} trains on pairs only "
+        "(dpo.method kto trains on both)")
+
+
 def _train_rows(data: PreparedData, reference: ReferenceLogps | None):
     from datasets import Dataset
 
@@ -211,13 +241,14 @@ def _trainer_class(method: str):
             # A DPO checkpoint holds the trained adapter at its root and TRL's frozen "ref" copy in ref/.
             # transformers loads only the subfolders when any exist, so a resume would go on training
             # the fresh adapter: load the trained one here (the "ref" copy is the start model anyway).
-            # Reference-free trainers have no "ref" copy; the same load serves them.
+            # KTO's checkpoints are laid out the same way; reference-free trainers have no "ref" copy, and
+            # the same load serves them.
             if self.is_fsdp_enabled or not (Path(resume_from_checkpoint) / ADAPTER_FILE).is_file():
                 return super()._load_from_checkpoint(resume_from_checkpoint, model)
             _load_adapter_weights(model or self.model, Path(resume_from_checkpoint))
 
     if method != "dpo":
-        return ResumableTrainer  # ORPO and CPO tokenize the text themselves
+        return ResumableTrainer  # ORPO, CPO and KTO tokenize the text themselves
 
     class PretokenizedDPOTrainer(ResumableTrainer):
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -281,7 +312,15 @@ def train_dpo(start: ModelRef, data: PreparedData, spec: DPOSpec, setup: TrainSe
     `tracker`: the tracked run the curve is sent to as it is logged."""
     began = time.perf_counter()
     backend = choose_backend(setup)
-    dataset = _train_rows(data, reference)
+    if spec.method == "kto":
+        if plan.per_device_batch < 2:  # the hardware plan may halve the configured batch to fit memory
+            raise DataError(f"kto estimates its KL term from the other examples of a micro-batch, and the "
+                            f"hardware plan left {plan.per_device_batch}; give more GPU memory or a shorter "
+                            "dpo.max_length")
+        dataset = _kto_rows(data, seed)
+    else:
+        _pairs_needed(data, spec, stage_logger())
+        dataset = _train_rows(data, reference)
     # Beside out_dir rather than in a per-process temp folder: all ranks must see the same checkpoints.
     checkpoint_dir = checkpoint_dir or out_dir.with_name(out_dir.name + "-checkpoints")
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -346,6 +385,9 @@ def train_dpo(start: ModelRef, data: PreparedData, spec: DPOSpec, setup: TrainSe
     metrics = final_metrics(log, LOGGED + EXTRA_LOGGED.get(spec.method, ()))
     metrics["retries"] = float(len(state["retries"]))
     metrics["final_learning_rate"] = state["learning_rate"]
+    if spec.method == "kto":  # what it trained on, pairs split: the summary's desirable/undesirable counts
+        liked = sum(dataset["label"])
+        metrics.update({"kto/desirable": float(liked), "kto/undesirable": float(len(dataset) - liked)})
     metrics.update({f"prompt_sharing/{k}": float(v) for k, v in sharing.items()})
     (out_dir / "dpo_metrics.json").write_text(json.dumps(metrics, indent=1))
     (out_dir / "log_history.json").write_text(json.dumps(log, indent=1))
@@ -359,10 +401,14 @@ def train_dpo(start: ModelRef, data: PreparedData, spec: DPOSpec, setup: TrainSe
 
 
 def _tokens_per_completion(trainer, spec: DPOSpec) -> float:
-    """The mean completion length, in tokens, the collapse guard divides the chosen log-prob by. ORPO and
-    SimPO log the per-token mean log-prob already: 1."""
+    """The mean completion length, in tokens, the collapse guard divides the chosen log-prob by (KTO's
+    "chosen": its desirable examples). ORPO and SimPO log the per-token mean log-prob already: 1."""
     if spec.reference_free:
         return 1.0
+    if spec.method == "kto":
+        dataset = trainer.train_dataset
+        liked = [len(ids) for ids, label in zip(dataset["completion_ids"], dataset["label"]) if label]
+        return sum(liked) / max(len(liked), 1) or 1.0
     return sum(len(ids) for ids in trainer.train_dataset["chosen_ids"]) / len(trainer.train_dataset)
 
 

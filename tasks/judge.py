@@ -57,13 +57,40 @@ def read_prompts_file(path: str) -> list[str]:
 
 def judged_prompts(data: PreparedData, spec: JudgeSpec, tokenizer) -> list[dict]:
     """[{question (plain text, for the judge), prompt (rendered, for the models), source}]."""
-    rows = read_rows(data.heldout)[:spec.limit] if spec.limit else read_rows(data.heldout)
-    items = [{"question": generation.plain_question(tokenizer, r["prompt"]), "prompt": r["prompt"],
-              "source": "held-out"} for r in rows]
+    prompts = heldout_prompts(data)
+    prompts = prompts[:spec.limit] if spec.limit else prompts
+    items = [{"question": generation.plain_question(tokenizer, prompt), "prompt": prompt, "source": "held-out"}
+             for prompt in prompts]
     if spec.prompts_file:
         items += [{"question": q, "prompt": generation.render_question(tokenizer, q),
                    "source": Path(spec.prompts_file).name} for q in read_prompts_file(spec.prompts_file)]
     return items
+
+
+def heldout_prompts(data: PreparedData) -> list[str]:
+    """The held-out pairs' prompts (one per pair), then the held-out unpaired examples' prompts not among them
+    (once each: several feedback rows may share a prompt)."""
+    prompts = [r["prompt"] for r in read_rows(data.heldout)]
+    if data.heldout_unpaired:
+        seen = set(prompts)
+        prompts += [p for p in dict.fromkeys(r["prompt"] for r in read_rows(data.heldout_unpaired)) if p not in seen]
+    return prompts
+
+
+def reward_pairs(data: PreparedData) -> list[tuple[str, str, str]]:
+    """(prompt, better, worse) texts the built-in reward model learns from: the train pairs, and for unpaired
+    data, a desirable and an undesirable completion of the same prompt (the first of each)."""
+    pairs = [(r["prompt"], r["chosen"], r["rejected"]) for r in read_rows(data.train)]
+    if data.train_unpaired:
+        by_prompt: dict[str, dict[bool, str]] = {}
+        for r in read_rows(data.train_unpaired):
+            by_prompt.setdefault(r["prompt"], {}).setdefault(bool(r["label"]), r["completion"])
+        pairs += [(prompt, found[True], found[False]) for prompt, found in by_prompt.items() if len(found) == 2]
+    if not pairs:
+        raise JudgeError(f"evaluate.judge.model {tiny_reward.NAME} learns from pairs, and the training data has "
+                         "none: its unpaired examples never answer one prompt both ways. Name another reward model "
+                         "or endpoint, or set evaluate.judge.enabled: false")
+    return pairs
 
 
 def answer_with_start_model(start: ModelRef, data: PreparedData, spec: JudgeSpec, out_dir: Path) -> Answers:
@@ -108,8 +135,8 @@ def make_judge(spec: JudgeSpec, data: PreparedData, start: ModelRef, out_dir: Pa
         def plain(text):  # an answer as the judge sees generated ones: special tokens (EOS) dropped
             return tokenizer.decode(tokenizer(text)["input_ids"], skip_special_tokens=True).strip()
 
-        pairs = [(generation.plain_question(tokenizer, r["prompt"]), plain(r["chosen"]), plain(r["rejected"]))
-                 for r in read_rows(data.train)]
+        pairs = [(generation.plain_question(tokenizer, prompt), plain(better), plain(worse))
+                 for prompt, better, worse in reward_pairs(data)]
         path = str(tiny_reward.build_tiny_reward_model(pairs, out_dir / "reward_model", generation.device(), log))
     return judging.RewardModelJudge(path, generation.device(), spec.batch_size)
 

@@ -1,6 +1,8 @@
-"""prepare: read preference data from every source, turn each row into normalized pairs, clean them,
+"""prepare: read preference data from every source, turn each row into normalized pairs (or, for unpaired
+thumbs-up/down rows, one example each: dpoflow.engine.unpaired), clean them,
 render them with the chat template (once, for SFT, DPO and evaluation alike), split train/held-out by
-prompt hash and write both as Parquet.
+prompt hash and write both as Parquet (unpaired examples beside the pairs, in {train,heldout}_unpaired.parquet,
+when there are any: the same rules, counts, split and decontamination apply to them).
 
 Streaming in two passes, so memory stays flat in the size of the data apart from the dedup index:
 1. read -> pairs -> checks -> dedup -> render -> token lengths -> split: candidates to scratch files;
@@ -25,10 +27,13 @@ from dpoflow.base.config import DataSpec, SourceSpec
 from dpoflow.engine.datareport import CLEANING_RULES, Tally, build_report, length_histograms, report_markdown
 from dpoflow.engine.models import load_tokenizer
 from dpoflow.base.layouts import grouped_by_prompt
-from dpoflow.engine.pairs import DataError, Pair, Rejection, dedup_key, pairs_of
+from dpoflow.engine.examples import examples_of
+from dpoflow.engine.pairs import DataError, Pair, Rejection, dedup_key
 from dpoflow.base.records import DataSource, ModelRef, PreparedData
 from dpoflow.base.redact import redact
 from dpoflow.engine.sources import read_source
+from dpoflow.engine.unpaired import Unpaired
+from dpoflow.engine.unpaired import dedup_key as unpaired_key
 
 from . import stage_task
 
@@ -37,6 +42,12 @@ if TYPE_CHECKING:
 
 BATCH = 1024
 COLUMNS = ("prompt", "chosen", "rejected", "source")
+UNPAIRED_COLUMNS = ("prompt", "completion", "label", "source")
+ANSWERS = {"pair": ("chosen", "rejected"), "unpaired": ("completion",)}  # the answer fields of each kind
+
+
+def _kind(item: Pair | Unpaired) -> str:
+    return "unpaired" if isinstance(item, Unpaired) else "pair"
 
 
 def is_heldout(prompt: str, fraction: float) -> bool:
@@ -44,17 +55,19 @@ def is_heldout(prompt: str, fraction: float) -> bool:
     return unit_hash(prompt) < fraction
 
 
-def _conversation(pair: Pair, system_prompt: str | None) -> list[dict]:
+def _conversation(pair: Pair | Unpaired, system_prompt: str | None) -> list[dict]:
     messages = pair.messages
     if system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}, *messages]
     return messages
 
 
-def render(tokenizer, pair: Pair, system_prompt: str | None) -> dict:
+def render(tokenizer, pair: Pair | Unpaired, system_prompt: str | None) -> dict:
     """The one place the chat template is applied; SFT, DPO and evaluation all read its output."""
     prompt = tokenizer.apply_chat_template(_conversation(pair, system_prompt), tokenize=False,
                                            add_generation_prompt=True)
+    if isinstance(pair, Unpaired):
+        return {"prompt": prompt, "completion": pair.completion + tokenizer.eos_token, "label": pair.label}
     return {
         "prompt": prompt,
         "chosen": pair.chosen + tokenizer.eos_token,
@@ -62,20 +75,23 @@ def render(tokenizer, pair: Pair, system_prompt: str | None) -> dict:
     }
 
 
-def round_trip_problem(tokenizer, pair: Pair, system_prompt: str | None, rendered: dict) -> tuple[str, str, str] | None:
-    """(reason, field, detail) when the template renders the whole conversation (prompt and chosen answer)
-    otherwise than the rendered prompt followed by the answer: a doubled BOS or system prompt, a turn
-    rendered differently once answered. The model would be trained on a context it never sees."""
+def round_trip_problem(tokenizer, pair: Pair | Unpaired, system_prompt: str | None,
+                       rendered: dict) -> tuple[str, str, str] | None:
+    """(reason, field, detail) when the template renders the whole conversation (prompt and chosen answer,
+    or an unpaired example's completion) otherwise than the rendered prompt followed by the answer: a
+    doubled BOS or system prompt, a turn rendered differently once answered. The model would be trained
+    on a context it never sees."""
+    answer = pair.completion if isinstance(pair, Unpaired) else pair.chosen
     whole = tokenizer.apply_chat_template([*_conversation(pair, system_prompt),
-                                           {"role": "assistant", "content": pair.chosen}], tokenize=False)
+                                           {"role": "assistant", "content": answer}], tokenize=False)
     prompt = rendered["prompt"]
-    if whole.startswith(prompt) and whole[len(prompt):].startswith(pair.chosen):
+    if whole.startswith(prompt) and whole[len(prompt):].startswith(answer):
         return None
-    at = next((n for n, (a, b) in enumerate(zip(whole, prompt + pair.chosen)) if a != b),
-              min(len(whole), len(prompt) + len(pair.chosen)))
+    at = next((n for n, (a, b) in enumerate(zip(whole, prompt + answer)) if a != b),
+              min(len(whole), len(prompt) + len(answer)))
     return ("template_round_trip", "prompt", f"the template renders the whole conversation differently from "
                                              f"character {at}: {whole[max(0, at - 20):at + 20]!r} vs "
-                                             f"{(prompt + pair.chosen)[max(0, at - 20):at + 20]!r}")
+                                             f"{(prompt + answer)[max(0, at - 20):at + 20]!r}")
 
 
 class _Rejects:
@@ -136,9 +152,12 @@ def prepare_data(sources: list[SourceSpec | str], spec: DataSpec, model: ModelRe
     finally:  # also when the data fails: the report of what was read is how to see why
         _write_report(out_dir, tally, lengths, {"max_length": max_length, **extra}, spec.format != "auto")
     counts = tally.totals()
+    unpaired = {split: str(out_dir / f"{split}_unpaired.parquet") if (out_dir / f"{split}_unpaired.parquet").is_file()
+                else "" for split in ("train", "heldout")}
     return PreparedData(path=str(out_dir), digest=seal(out_dir), counts=counts,
                         train=str(out_dir / "train.parquet"), heldout=str(out_dir / "heldout.parquet"),
-                        rejected=str(out_dir / "rejected.jsonl"), report=str(out_dir / "data_report.json"))
+                        rejected=str(out_dir / "rejected.jsonl"), report=str(out_dir / "data_report.json"),
+                        train_unpaired=unpaired["train"], heldout_unpaired=unpaired["heldout"])
 
 
 def _write_report(out_dir: Path, tally: Tally, lengths: dict, extra: dict, explicit_format: bool) -> None:
@@ -158,11 +177,15 @@ def _first_pass(passes: _Passes, tokenizer: PreTrainedTokenizerBase,
     seen: dict[str, str] = {}  # dedup key -> where that pair was first read
     ranks: dict[int, list[float]] = {i: [] for i in range(len(passes.sources))}
 
-    def flush(batch: list[tuple[int, str, Pair, dict, str]]) -> None:
+    def flush(batch: list[tuple[int, str, Pair | Unpaired, dict, str]]) -> None:
+        if not batch:
+            return
+        fields = ANSWERS[_kind(batch[0][2])]  # a batch holds one kind
         rendered = [render(tokenizer, pair, spec.system_prompt) for _, _, pair, _, _ in batch]
-        for (i, where, pair, row, key), out, (lengths, seam) in zip(batch, rendered, token_lengths(tokenizer, rendered)):
+        for (i, where, pair, row, key), out, (lengths, seam) in zip(batch, rendered,
+                                                                    token_lengths(tokenizer, rendered, fields)):
             problem = (round_trip_problem(tokenizer, pair, spec.system_prompt, out) or seam
-                       or (length_problem(lengths, max_length) if max_length else None))
+                       or (length_problem(lengths, max_length, fields) if max_length else None))
             if problem:
                 passes.rejects.add(i, Rejection(where, *problem, row))
                 continue
@@ -175,14 +198,14 @@ def _first_pass(passes: _Passes, tokenizer: PreTrainedTokenizerBase,
 
     try:
         for i, source in enumerate(passes.sources):
-            batch: list = []
+            batches: dict[str, list] = {"pair": [], "unpaired": []}
             for where, row, rejection in grouped_by_prompt(read_source(source), spec.format):
                 if rejection is not None:
                     passes.tally.read[i] += 1
                     passes.rejects.add(i, rejection)
                     continue
-                layout, items = pairs_of(where, row, spec.format, spec.columns, spec.pairing, spec.min_margin,
-                                         spec.prefer)
+                layout, items = examples_of(where, row, spec.format, spec.columns, spec.pairing, spec.min_margin,
+                                            spec.prefer)
                 passes.tally.layouts[i][layout] += 1
                 for at, pair in items:
                     passes.tally.read[i] += 1
@@ -190,17 +213,20 @@ def _first_pass(passes: _Passes, tokenizer: PreTrainedTokenizerBase,
                         pair.row = row
                         passes.rejects.add(i, pair)
                         continue
-                    key = dedup_key(pair)
+                    kind = _kind(pair)
+                    key = unpaired_key(pair) if kind == "unpaired" else dedup_key(pair)
                     if key in seen:
                         # A duplicate is a cleaning outcome, not bad input: set aside in both modes.
-                        passes.rejects.add(i, Rejection(at, "duplicate", None, f"same pair as {seen[key]} (after "
+                        what = "same prompt and completion as" if kind == "unpaired" else "same pair as"
+                        passes.rejects.add(i, Rejection(at, "duplicate", None, f"{what} {seen[key]} (after "
                                                                                 "normalization)", row))
                         continue
                     seen[key] = at
+                    batch = batches[kind]
                     batch.append((i, at, pair, row, key))
                     if len(batch) >= BATCH:
                         flush(batch)
-            if batch:
+            for batch in batches.values():
                 flush(batch)
     finally:
         for f in files.values():
@@ -242,7 +268,7 @@ def _second_pass(passes: _Passes, out_dir: Path, keep: dict[int, float],
                                              f"not sampled: the source is mixed in by weight/count", _pair_row(c)))
         return False
 
-    with _ParquetRows(out_dir / "heldout.parquet") as heldout:
+    with _Split(out_dir, "heldout") as heldout:
         for c in _candidates(passes.scratch / "heldout.jsonl"):
             if used(c):
                 heldout.add(c, passes.tally, lengths)
@@ -262,7 +288,7 @@ def _second_pass(passes: _Passes, out_dir: Path, keep: dict[int, float],
                 found = index.count(c["text"])
                 if found:
                     hits[n] = found
-    with _ParquetRows(out_dir / "train.parquet") as train:
+    with _Split(out_dir, "train") as train:
         for n, c in enumerate(_candidates(passes.scratch / "train.jsonl")):
             if not used(c):
                 continue
@@ -285,7 +311,8 @@ def _second_pass(passes: _Passes, out_dir: Path, keep: dict[int, float],
 
 
 def _pair_row(c: dict) -> dict:
-    return {k: c[k] for k in ("prompt", "chosen", "rejected")}
+    """A candidate as the rendered row it would have been kept as (a pair, or an unpaired example)."""
+    return {k: c[k] for k in ("prompt", "chosen", "rejected", "completion", "label") if k in c}
 
 
 def _candidates(path: Path):
@@ -295,39 +322,60 @@ def _candidates(path: Path):
 
 
 class _ParquetRows:
-    """A split's Parquet file, written in batches."""
+    """A Parquet file of rows, written in batches; opened at the first row, or at the end when `always`."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, columns: tuple[str, ...], always: bool):
         import pyarrow as pa
 
-        self.path, self.rows = path, []
-        self.schema = pa.schema([(c, pa.string()) for c in COLUMNS])
+        self.path, self.columns, self.always, self.rows = path, columns, always, []
+        self.schema = pa.schema([(c, pa.bool_() if c == "label" else pa.string()) for c in columns])
         self.writer = None
 
-    def __enter__(self):
-        import pyarrow.parquet as pq
-
-        self.writer = pq.ParquetWriter(self.path, self.schema)
-        return self
-
-    def add(self, candidate: dict, tally: Tally, lengths: dict[str, list[int]]) -> None:
-        self.rows.append({c: candidate[c] for c in COLUMNS})
-        tally.kept[candidate["i"]][self.path.stem] += 1
-        for field, n in zip(("prompt", "chosen", "rejected"), candidate["lengths"]):
-            lengths[field].append(n)
+    def add(self, candidate: dict) -> None:
+        self.rows.append({c: candidate[c] for c in self.columns})
         if len(self.rows) >= BATCH:
             self._flush()
 
     def _flush(self) -> None:
         import pyarrow as pa
+        import pyarrow.parquet as pq
 
+        if self.writer is None and (self.rows or self.always):
+            self.writer = pq.ParquetWriter(self.path, self.schema)
         if self.rows:
             self.writer.write_table(pa.Table.from_pylist(self.rows, schema=self.schema))
             self.rows = []
 
-    def __exit__(self, *exc):
+    def close(self) -> None:
         self._flush()
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+class _Split:
+    """A split's files: `<split>.parquet` of pairs (always written: later stages read it, empty or not), and
+    `<split>_unpaired.parquet` of unpaired examples when there are any."""
+
+    def __init__(self, out_dir: Path, split: str):
+        self.split = split
+        self.pairs = _ParquetRows(out_dir / f"{split}.parquet", COLUMNS, always=True)
+        self.unpaired = _ParquetRows(out_dir / f"{split}_unpaired.parquet", UNPAIRED_COLUMNS, always=False)
+
+    def __enter__(self):
+        return self
+
+    def add(self, candidate: dict, tally: Tally, lengths: dict[str, list[int]]) -> None:
+        unpaired = "completion" in candidate
+        (self.unpaired if unpaired else self.pairs).add(candidate)
+        tally.kept[candidate["i"]][self.split] += 1
+        if unpaired:
+            tally.count_unpaired(candidate["i"], self.split, candidate["label"])
+        for field, n in zip(("prompt", *ANSWERS["unpaired" if unpaired else "pair"]), candidate["lengths"]):
+            lengths.setdefault(field, []).append(n)
+
+    def __exit__(self, *exc):
+        self.pairs.close()
+        self.unpaired.close()
 
 
 def _require_data(sources: list[SourceSpec], tally: Tally) -> None:

@@ -1,5 +1,6 @@
-"""sft (optional): LoRA supervised fine-tuning on the chosen responses, then the adapter is merged so
-DPO starts from (and uses as its reference) the SFT model itself."""
+"""sft (optional): LoRA supervised fine-tuning on the chosen responses (and the desirable completions of
+unpaired data), then the adapter is merged so DPO starts from (and uses as its reference) the SFT model
+itself."""
 
 from __future__ import annotations
 
@@ -42,8 +43,7 @@ def train_sft(base: ModelRef, data: PreparedData, spec: SFTSpec, setup: TrainSet
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    rows = read_rows(data.train)
-    dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows])
+    dataset = Dataset.from_list(sft_rows(data))
     scratch = out_dir.with_name(out_dir.name + "-scratch")  # one folder every rank sees
     args = SFTConfig(**trainer_args(spec, scratch, seed, plan), completion_only_loss=True)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
@@ -73,6 +73,16 @@ def train_sft(base: ModelRef, data: PreparedData, spec: SFTSpec, setup: TrainSet
     # The curve as trained: a tracked run that finds this stage cached sends it from here.
     (out_dir / "log_history.json").write_text(json.dumps(log, indent=1))
     return ModelRef(path=str(out_dir), digest=seal(out_dir), source=f"sft of {base.source}", role="sft")
+
+
+def sft_rows(data: PreparedData) -> list[dict]:
+    """The answers to imitate: each pair's chosen one, and each unpaired example labelled desirable (a
+    thumbs-down answer is never imitated)."""
+    rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in read_rows(data.train)]
+    if data.train_unpaired:
+        rows += [{"prompt": r["prompt"], "completion": r["completion"]} for r in read_rows(data.train_unpaired)
+                 if r["label"]]
+    return rows
 
 
 @stage_task(depends_on=training_backend)

@@ -119,7 +119,7 @@ def _load(tmp_path, repo, dpo: str, more: str = "", overrides=()):
 
 
 @pytest.mark.parametrize("dpo, error", [
-    ("{method: kto}", ":5: pipelines.p.dpo.method: Input should be 'dpo', 'orpo' or 'simpo'"),
+    ("{method: ipo}", ":5: pipelines.p.dpo.method: Input should be 'dpo', 'orpo', 'simpo' or 'kto'"),
     ("{method: orpo, precompute_ref_log_probs: true}",
      "pipelines.p.dpo.precompute_ref_log_probs: Value error, precompute_ref_log_probs is DPO only (the reference "
      "pass; there is no reference model); method orpo does not read it"),

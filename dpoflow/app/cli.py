@@ -272,6 +272,8 @@ def run_command(args, call_flow) -> int:
     print(text_table(rows))
     print(f"\nbackend:       {summary['backend']['name']} ({summary['backend']['reason']})")
     print(f"objective:     {summary.get('method', 'dpo')}; reference: {summary['reference']}")
+    for note in summary.get("evaluation_notes") or []:  # what evaluation could not measure, and why
+        print(f"evaluation:    {note}")
     if summary.get("forgetting"):
         print(f"forgetting:    {'passed' if summary['forgetting']['passed'] else 'FAILED (warn mode)'} "
               f"({len(summary['forgetting']['table'])} tasks, start model vs tuned)")

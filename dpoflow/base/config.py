@@ -171,14 +171,18 @@ NEEDS_LABEL_SMOOTHING = {"robust": "the probability that a preference label is f
 # The preference objectives the dpo stage trains with. orpo and simpo need no reference model: they
 # score the policy's own log-probs (ORPO with its odds ratio plus the SFT loss, SimPO with the per-token
 # average and a target margin), so no reference pass runs and the DPO-only settings below are refused.
-Method = Literal["dpo", "orpo", "simpo"]
+# kto learns from unpaired examples (a prompt, one completion, a thumbs-up/down label) against the start
+# model as reference, like DPO; pairs are split into one desirable and one undesirable example.
+Method = Literal["dpo", "orpo", "simpo", "kto"]
 REFERENCE_FREE = ("orpo", "simpo")
 SIMPO_GAMMA = 0.5  # TRL's default target margin, used when simpo_gamma is not given
-# Settings only DPO reads, each with its default and what it is for: given with orpo or simpo, refused.
+# Settings only DPO reads, each with its default and what it is for: given with another method, refused.
 DPO_ONLY = {"loss_type": (["sigmoid"], "TRL's DPO losses"),
             "loss_weights": (None, "weights of TRL's DPO losses"),
             "label_smoothing": (0.0, "for DPO's robust and exo_pair losses"),
             "precompute_ref_log_probs": (False, "the reference pass; there is no reference model")}
+# KTO's weights of the desirable and undesirable losses (TRL's default 1.0 when not given): only KTO reads them.
+KTO_ONLY = ("desirable_weight", "undesirable_weight")
 
 
 class DPOSpec(TrainSpec):
@@ -188,15 +192,25 @@ class DPOSpec(TrainSpec):
                            "reference. orpo: odds-ratio preference plus the SFT loss on the chosen answers in one "
                            "step, no reference model (sft.enabled is skipped: ORPO trains that term itself). simpo: "
                            "the per-token average log-prob margin with a target margin simpo_gamma, no reference "
-                           "model (TRL's CPOTrainer with loss_type simpo, cpo_alpha 0). What beta means depends on it.")
+                           "model (TRL's CPOTrainer with loss_type simpo, cpo_alpha 0). kto: KTO on unpaired "
+                           "examples (prompt, completion, label true/false; pairs are split into one of each), the "
+                           "start model (adapter off) as the reference (TRL's KTOTrainer). What beta means depends "
+                           "on it.")
     beta: float = Field(
         0.1, gt=0, description="dpo: DPO's beta, how far the policy may move from the reference (higher: closer to "
                                "it; 0.1 typical). orpo: ORPO's lambda, the weight of the odds-ratio term against the "
                                "SFT loss (0.1 typical). simpo: SimPO's beta, the scale of the per-token average "
-                               "log-prob margin (2-10 in the SimPO paper).")
+                               "log-prob margin (2-10 in the SimPO paper). kto: KTO's beta, how far the policy may "
+                               "move from the reference (0.1 typical).")
     simpo_gamma: float | None = Field(
         None, ge=0, description=f"simpo only: SimPO's target margin gamma between chosen and rejected rewards (None: "
                                 f"{SIMPO_GAMMA}). The paper tunes gamma / beta around 0.5.")
+    desirable_weight: float | None = Field(
+        None, gt=0, description="kto only: weight of the loss on desirable (label true) examples (None: 1.0). With "
+                                "fewer desirable than undesirable examples, raise it so weight x count is about "
+                                "equal, or up to 4/3 of that (the KTO paper).")
+    undesirable_weight: float | None = Field(
+        None, gt=0, description="kto only: weight of the loss on undesirable (label false) examples (None: 1.0).")
     loss_type: list[LossName] = Field(
         ["sigmoid"], min_length=1,
         description="TRL's DPO loss terms, summed with loss_weights: sigmoid (DPO), hinge (SLiC), ipo, robust and "
@@ -233,6 +247,23 @@ class DPOSpec(TrainSpec):
             raise ValueError(f"simpo_gamma is SimPO's target margin; method {method} does not read it: remove it "
                              "or set dpo.method: simpo")
         return value
+
+    @field_validator(*KTO_ONLY)
+    @classmethod
+    def _weights_need_kto(cls, value, info):
+        method = info.data.get("method", "dpo")
+        if value is not None and method != "kto":
+            raise ValueError(f"{info.field_name} weighs KTO's losses; method {method} does not read it: remove it "
+                             "or set dpo.method: kto")
+        return value
+
+    @model_validator(mode="after")
+    def _kto_needs_two_per_batch(self):
+        # TRL's KTO estimates its KL term from the other completions of the same micro-batch.
+        if self.method == "kto" and self.per_device_batch_size < 2:
+            raise ValueError("kto estimates its KL term from the other examples of a micro-batch: "
+                             "per_device_batch_size must be at least 2")
+        return self
 
     @property
     def reference_free(self) -> bool:

@@ -31,7 +31,7 @@ class Unusable(ValueError):
 @dataclass(frozen=True)
 class Layout:
     name: str
-    shape: str  # what `convert` returns: explicit | conversational | implicit | scored (a list of rows)
+    shape: str  # what `convert` returns: explicit | conversational | implicit | scored (a list of rows) | unpaired
     fields: tuple[str, ...]  # all present in a row of this layout
     test: Callable[[dict], bool] = lambda row: True  # a further look at the values, for auto detection
     convert: Callable[[dict, str], dict | list[tuple[str, dict]]] = lambda row, prefer: row
@@ -217,6 +217,12 @@ LAYOUTS: tuple[Layout, ...] = (
     Layout("distilabel-orca", "conversational", ("input", "chosen", "rejected"), _is(str, "chosen", "rejected"),
            _one_answer("input"), "argilla/distilabel-intel-orca-dpo-pairs: system, input, chosen, rejected (status: "
                                  "tie set aside)"),
+    # Not a pair: one answer and its thumbs-up/down (dpoflow.engine.unpaired; dpoflow.engine.examples reads it). A row that
+    # also has chosen or rejected is read as a pair (a label column beside a pair is just an extra column).
+    Layout("unpaired", "unpaired", ("prompt", "completion", "label"),
+           lambda row: not {"chosen", "rejected"} & row.keys(),
+           about="unpaired feedback: prompt, completion, label (true/false, 1/0, thumbs_up/thumbs_down): for "
+                 "dpo.method kto"),
     Layout("conversational", "conversational", ("chosen", "rejected"),
            lambda row: isinstance(row.get("chosen"), list) or isinstance(row.get("prompt"), list),
            about="TRL conversational: chosen/rejected message lists, with or without a prompt list"),
@@ -248,6 +254,8 @@ SYNONYMS = {
     "prompt": ("instruction", "question", "input", "query", "history", "context", "text"),
     "chosen": ("chosen_response", "response_chosen", "preferred", "better", "good", "accepted", "winner"),
     "rejected": ("rejected_response", "response_rejected", "dispreferred", "worse", "bad", "loser"),
+    "completion": ("response", "output", "answer", "generation"),
+    "label": ("thumbs_up", "feedback", "liked", "is_good"),
 }
 
 

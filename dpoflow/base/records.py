@@ -36,11 +36,18 @@ class ModelRef(Artifact):
 
 
 class PreparedData(Artifact):
-    train: str
+    train: str  # the pairs (Parquet; empty when the data is all unpaired)
     heldout: str
     rejected: str
     counts: dict[str, int]
     report: str = ""  # data_report.json
+    # Unpaired examples {prompt, completion, label} (Parquet), for dpo.method kto; "" when the data has none.
+    train_unpaired: str = ""
+    heldout_unpaired: str = ""
+
+    @property
+    def heldout_pairs(self) -> int:
+        return self.counts.get("heldout", 0) - self.counts.get("heldout_unpaired", 0)
 
 
 class ReferenceLogps(Artifact):
@@ -71,6 +78,7 @@ class TaskScores(Artifact):
 
 class EvalReport(Artifact):
     metrics: dict[str, float]
+    notes: list[str] = []  # what could not be measured and why (no held-out pairs, say)
     base_scores: dict[str, float] = {}  # lm-eval accuracy points per task, the start model
     tuned_scores: dict[str, float] = {}
 

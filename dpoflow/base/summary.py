@@ -25,6 +25,9 @@ def key_metric(record) -> str:
     if isinstance(record, TrainedAdapter):
         m = record.metrics
         retried = f", {len(record.retries)} collapse retries" if record.retries else ""
+        if "kto/desirable" in m:  # TRL's KTO logs no reward accuracy
+            return (f"kto on {m['kto/desirable']:.0f} desirable + {m['kto/undesirable']:.0f} undesirable, "
+                    f"margin {m.get('rewards/margins', float('nan')):.3f}, kl {m.get('kl', float('nan')):.3f}{retried}")
         return (f"reward acc {m.get('rewards/accuracies', float('nan')):.2f}, "
                 f"margin {m.get('rewards/margins', float('nan')):.3f}{retried}")
     if isinstance(record, TaskScores):
@@ -33,6 +36,10 @@ def key_metric(record) -> str:
         return f"reference log-probs {record.digest[:12]}"
     if isinstance(record, EvalReport):
         m = record.metrics
+        if "start_accuracy" not in m:  # unpaired held-out data: no pair to compare (EvalReport.notes says so)
+            return (f"held-out pref. acc n/a (unpaired); kto reward acc "
+                    f"{m.get('tuned_kto_reward_accuracy', float('nan')):.3f}, "
+                    f"margin {m.get('tuned_kto_reward_margin', float('nan')):.3f}")
         return f"held-out pref. acc {m['start_accuracy']:.3f} -> {m['tuned_accuracy']:.3f}"
     if isinstance(record, Answers):
         return f"start model answered {record.count} prompts"

@@ -96,7 +96,7 @@ def comparison_row(variant: Variant, summary: dict[str, Any]) -> dict[str, Any]:
         "dpo_loss": summary.get("dpo_metrics", {}).get("loss"),
         "train_reward_accuracy": summary.get("dpo_metrics", {}).get("rewards/accuracies"),
         "heldout_accuracy": metrics.get("tuned_accuracy"),
-        "heldout_reward_margin": metrics.get("tuned_reward_margin"),
+        "heldout_reward_margin": metrics.get("tuned_reward_margin", metrics.get("tuned_kto_reward_margin")),
         "worst_forgetting_points": min(deltas) if deltas else None,
         "judged_win_rate": judge.get("win_rate"),
         "judged_lc_win_rate": judge.get("lc_win_rate"),
@@ -128,6 +128,10 @@ def comparison_markdown(pipeline: str, rows: list[dict[str, Any]], notes: list[s
     if methods & set(REFERENCE_FREE):
         notes = [*notes, "held-out margin: DPO's implicit reward margin against the start model, beta x log-ratio; "
                          "for orpo and simpo, whose beta is no such weight, the log-ratio itself (nats)"]
+    if "kto" in methods:
+        notes = [*notes, "kto: TRL's KTO logs no train reward accuracy; with unpaired held-out data there is no "
+                         "held-out pair accuracy, and the held-out margin is the mean implicit reward of the "
+                         "desirable completions minus that of the undesirable ones"]
     lines += ["", *[f"- {note}" for note in notes], "", "Each variant's run folder (summary, stage links, forgetting table) is under this folder; "
               "re-run or publish one with `dpoflow run " + pipeline + " --set ...` and its items."]
     return "\n".join(lines) + "\n"

@@ -12,37 +12,41 @@ from pathlib import Path
 WORD = re.compile(r"\w+")
 
 
-def token_lengths(tokenizer, rows: list[dict]) -> list[tuple[tuple[int, int, int], tuple[str, str, str] | None]]:
-    """Per rendered row: (prompt, chosen, rejected) token counts, the answers counted in context as the
-    trainer tokenizes them (prompt + answer); and the seam problem when the prompt's own tokens are not
-    the start of prompt + answer (tokens merging across the boundary: TRL then cuts the prompt where the
-    two diverge, and the model trains on a context it never sees). One batched call per text: the fast
-    tokenizer runs a batch in Rust, and one call per row would dominate the stage."""
+def token_lengths(tokenizer, rows: list[dict], fields: tuple[str, ...] = ("chosen", "rejected")
+                  ) -> list[tuple[tuple[int, ...], tuple[str, str, str] | None]]:
+    """Per rendered row: (prompt, *fields) token counts (a pair's chosen and rejected, an unpaired row's
+    completion), the answers counted in context as the trainer tokenizes them (prompt + answer); and the
+    seam problem when the prompt's own tokens are not the start of prompt + answer (tokens merging across
+    the boundary: TRL then cuts the prompt where the two diverge, and the model trains on a context it
+    never sees). One batched call per text: the fast tokenizer runs a batch in Rust, and one call per row
+    would dominate the stage."""
     def ids(texts: list[str]) -> list[list[int]]:
         return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
     prompts = ids([r["prompt"] for r in rows])
-    joined = {f: ids([r["prompt"] + r[f] for r in rows]) for f in ("chosen", "rejected")}
+    joined = {f: ids([r["prompt"] + r[f] for r in rows]) for f in fields}
     out = []
     for n, p in enumerate(prompts):
         problem = None
-        for field in ("chosen", "rejected"):
+        for field in fields:
             if joined[field][n][:len(p)] != p:
                 problem = ("template_seam", field, f"the prompt's last tokens merge with the start of {field}: "
                                                    f"{tokenizer.decode(p[-3:])!r} + {rows[n][field][:12]!r}")
                 break
-        out.append(((len(p), len(joined["chosen"][n]) - len(p), len(joined["rejected"][n]) - len(p)), problem))
+        out.append(((len(p), *(len(joined[f][n]) - len(p) for f in fields)), problem))
     return out
 
 
-def length_problem(lengths: tuple[int, int, int], max_length: int) -> tuple[str, str, str] | None:
-    """(reason, field, detail) when a pair would be truncated by a trainer with this max_length."""
-    prompt, chosen, rejected = lengths
+def length_problem(lengths: tuple[int, ...], max_length: int,
+                   fields: tuple[str, ...] = ("chosen", "rejected")) -> tuple[str, str, str] | None:
+    """(reason, field, detail) when a pair (or an unpaired example) would be truncated by a trainer with this
+    max_length; `lengths` as token_lengths gives them for `fields`."""
+    prompt, answers = lengths[0], dict(zip(fields, lengths[1:]))
     if prompt >= max_length:
         return "prompt_too_long", "prompt", f"prompt is {prompt} tokens; max_length is {max_length}"
-    longest = max(chosen, rejected)
+    field = max(fields, key=lambda f: answers[f])  # the first of equals: chosen before rejected
+    longest = answers[field]
     if prompt + longest > max_length:
-        field = "chosen" if chosen >= rejected else "rejected"
         return ("pair_too_long", field,
                 f"prompt {prompt} + {field} {longest} = {prompt + longest} tokens; max_length is {max_length}")
     return None

@@ -16,6 +16,9 @@ CLEANING_RULES = {"duplicate", "prompt_too_long", "pair_too_long", "contaminated
                   "below_min_margin", "tie", "template_round_trip", "template_seam"}
 
 
+UNPAIRED_COUNTS = ("train_unpaired", "heldout_unpaired", "desirable", "undesirable")
+
+
 class Tally:
     """Per-source counts of items read, kept and rejected by reason, and the first few examples of
     each rejection. `check()` is the invariant: every item read is kept or rejected, once."""
@@ -28,6 +31,12 @@ class Tally:
         self.examples: dict[str, list[dict]] = defaultdict(list)
         self.layouts: dict[int, Counter] = defaultdict(Counter)  # source -> layout that read its rows -> n
         self.first: dict[int, dict[str, dict]] = defaultdict(dict)  # source -> reason -> its first rejection
+        # source -> train_unpaired / heldout_unpaired / desirable / undesirable -> n: the kept unpaired examples
+        self.unpaired: dict[int, Counter] = defaultdict(Counter)
+
+    def count_unpaired(self, source: int, split: str, label: bool) -> None:
+        self.unpaired[source][f"{split}_unpaired"] += 1
+        self.unpaired[source]["desirable" if label else "undesirable"] += 1
 
     def reject(self, source: int, rejection: dict) -> None:
         self.rejected[source][rejection["reason"]] += 1
@@ -76,7 +85,10 @@ class Tally:
         """The flat counts the stage's record carries."""
         reasons = sum(self.rejected.values(), Counter())
         kept = sum(self.kept.values(), Counter())
+        # `train` and `heldout` count every kept item; of those, the unpaired examples (only when there are any).
+        unpaired = sum(self.unpaired.values(), Counter())
         return {"read": sum(self.read.values()), "train": kept["train"], "heldout": kept["heldout"],
+                **{k: unpaired[k] for k in UNPAIRED_COUNTS if unpaired},
                 "rejected": sum(reasons.values()), **{f"rejected_{r}": n for r, n in sorted(reasons.items())}}
 
 
@@ -108,7 +120,8 @@ def build_report(tally: Tally, lengths: dict[str, list[int]], extra: dict, expli
     return {
         "counts": tally.totals(),
         "sources": {label: {"read": tally.read[i], "kept": dict(tally.kept[i]), "rejected": dict(tally.rejected[i]),
-                            "format": tally.layout(i, explicit_format), "formats": dict(tally.layouts[i])}
+                            "format": tally.layout(i, explicit_format), "formats": dict(tally.layouts[i]),
+                            **({"unpaired": dict(tally.unpaired[i])} if tally.unpaired[i] else {})}
                     for i, label in enumerate(tally.labels)},
         "token_lengths": {field: _stats(values) for field, values in lengths.items()},
         "length_bias": bias,
@@ -130,6 +143,7 @@ def report_markdown(report: dict) -> str:
     c = report["counts"]
     lines = [f"## Data: {c['read']} items read, {c['train']} train + {c['heldout']} held-out kept, "
              f"{c['rejected']} set aside", "",
+             *_unpaired_lines(c),
              "| source | read | kept | set aside | format |", "|---|---|---|---|---|"]
     for label, s in report["sources"].items():
         aside = ", ".join(f"{r} {n}" for r, n in sorted(s["rejected"].items())) or "-"
@@ -148,6 +162,16 @@ def report_markdown(report: dict) -> str:
         lines += ["", f"### {reason}"]
         lines += [f"- `{e['source']}`: {e['detail']}" for e in examples]
     return "\n".join(lines) + "\n"
+
+
+def _unpaired_lines(counts: dict) -> list[str]:
+    """The kept unpaired examples by label, under the report's heading (none for pairs only)."""
+    if "desirable" not in counts:
+        return []
+    pairs = counts["train"] + counts["heldout"] - counts["train_unpaired"] - counts["heldout_unpaired"]
+    return [f"Unpaired examples (for dpo.method kto): {counts['desirable']} desirable, {counts['undesirable']} "
+            f"undesirable ({counts['train_unpaired']} train + {counts['heldout_unpaired']} held-out); pairs: "
+            f"{pairs} (with kto each gives one desirable and one undesirable example).", ""]
 
 
 def length_histograms(lengths: dict[str, list[int]], max_length: int | None, out: Path) -> None:

@@ -5,10 +5,15 @@
   the log odds ratio of chosen over rejected. No reference model.
 - simpo: `CPOTrainer` with `loss_type="simpo"` and `cpo_alpha=0` (no behaviour-cloning term), which is
   SimPO: -log sigmoid(beta * (mean token log-prob of chosen - of rejected) - gamma). No reference model.
+- kto: `KTOTrainer`; unpaired examples (prompt, completion, label), each completion's log-ratio against the
+  reference (the start model with the adapter off, `ref_model=None`, as DPO) pushed above (label true) or
+  below (false) a KL estimate taken from the other completions of its micro-batch, weighted by
+  `desirable_weight` / `undesirable_weight`.
 
-TRL 1.15 and 1.16 keep ORPO and CPO under `trl.experimental`. The classes are looked up when a stage
-builds its trainer, after the training backend was activated: Unsloth, imported first, patches the
-trainers TRL then hands out.
+TRL 1.15 and 1.16 keep ORPO and CPO under `trl.experimental`; TRL 1.16 has KTO in `trl` (its
+`trl.experimental.kto` only warns that it moved), older releases under `trl.experimental.kto`. The classes
+are looked up when a stage builds its trainer, after the training backend was activated: Unsloth, imported
+first, patches the trainers TRL then hands out.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Any
 from dpoflow.base.config import SIMPO_GAMMA, DPOSpec
 
 # What each reference-free method's TRL trainer logs beyond DPO's names (rewards/*, logps/*).
-EXTRA_LOGGED = {"orpo": ("nll_loss", "log_odds_ratio", "log_odds_chosen"), "simpo": ()}
+EXTRA_LOGGED = {"orpo": ("nll_loss", "log_odds_ratio", "log_odds_chosen"), "simpo": (), "kto": ("kl",)}
 
 
 def trainer_classes(method: str) -> tuple[type, type]:
@@ -41,6 +46,13 @@ def trainer_classes(method: str) -> tuple[type, type]:
             from trl.experimental.cpo import CPOConfig, CPOTrainer
 
             return CPOTrainer, CPOConfig
+        if method == "kto":
+            try:
+                from trl import KTOConfig, KTOTrainer
+            except ImportError:  # before KTO moved into TRL's stable API
+                from trl.experimental.kto import KTOConfig, KTOTrainer
+
+            return KTOTrainer, KTOConfig
     raise ValueError(f"unknown dpo.method {method!r}")
 
 
@@ -54,6 +66,9 @@ def objective_args(spec: DPOSpec) -> dict[str, Any]:
     if spec.method == "simpo":
         gamma = SIMPO_GAMMA if spec.simpo_gamma is None else spec.simpo_gamma
         return dict(beta=spec.beta, loss_type="simpo", cpo_alpha=0.0, simpo_gamma=gamma)
+    if spec.method == "kto":
+        return dict(beta=spec.beta, loss_type="kto", desirable_weight=spec.desirable_weight or 1.0,
+                    undesirable_weight=spec.undesirable_weight or 1.0)
     raise ValueError(f"unknown dpo.method {spec.method!r}")
 
 

@@ -67,7 +67,7 @@ def pairs_of(where: str, row: dict, fmt: str = "auto", columns: dict[str, str] |
              pairing: str = "best_vs_worst", min_margin: float = 0.0,
              prefer: str = "better") -> tuple[str, list[tuple[str, Pair | Rejection]]]:
     """(the layout that read the row, to_pairs' items)."""
-    row = _mapped(row, columns)
+    row = mapped(row, columns)
     layout = layouts.BY_NAME[fmt] if fmt != "auto" else layouts.detect(row)
     if layout is None:
         if not set(FIELDS) & row.keys():
@@ -93,12 +93,13 @@ def pairs_of(where: str, row: dict, fmt: str = "auto", columns: dict[str, str] |
 
 def _unknown(where: str, row: dict) -> Rejection:
     return Rejection(where, "unknown_format", None,
-                     f"no known format: expected prompt/chosen/rejected, chosen/rejected messages, HH-RLHF "
-                     f"transcripts, prompt + scored completions or a public layout (README, 'Preparing data'); "
+                     f"no known format: expected a pair (prompt/chosen/rejected, chosen/rejected messages, HH-RLHF "
+                     f"transcripts, prompt + scored completions or a public layout: README, 'Preparing data') or "
+                     f"unpaired feedback (prompt/completion/label); "
                      f"got fields {', '.join(sorted(row)) or 'none'} (map yours with data.columns)")
 
 
-def _mapped(row: dict, columns: dict[str, str] | None) -> dict:
+def mapped(row: dict, columns: dict[str, str] | None) -> dict:
     for canonical, column in (columns or {}).items():
         if column in row and canonical not in COMPLETION_KEYS:
             row = {**row, canonical: row[column]}
@@ -114,7 +115,7 @@ def _margin(row: dict) -> float | None:
 
 def to_pair(where: str, row: dict, fmt: str = "auto", columns: dict[str, str] | None = None) -> Pair | Rejection:
     """One input row of a one-pair format as a normalized Pair, or the reason it cannot be one."""
-    row = _mapped(row, columns)
+    row = mapped(row, columns)
     if fmt == "auto":
         fmt = detect_format(row)
     if fmt == "unknown":
@@ -153,7 +154,7 @@ def _scored(where: str, row: dict, columns: dict[str, str], pairing: str,
     prompt = row.get("prompt")
     if isinstance(prompt, str):
         messages = [{"role": "user", "content": prompt}]
-    elif isinstance(prompt, list) and not _bad_messages(prompt) and not _role_order_problem(prompt):
+    elif isinstance(prompt, list) and not bad_messages(prompt) and not role_order_problem(prompt):
         messages = prompt
     else:
         why = ("missing" if prompt is None else
@@ -207,12 +208,12 @@ def _conversational(where: str, row: dict) -> Pair | Rejection:
     for field in ("chosen", "rejected"):
         if field not in row:
             return Rejection(where, "missing_field", field, "missing")
-        bad = _bad_messages(row[field])
+        bad = bad_messages(row[field])
         if bad:
             return Rejection(where, "bad_messages", field, bad)
     chosen, rejected = row["chosen"], row["rejected"]
     if isinstance(row.get("prompt"), list):  # TRL style: prompt turns apart, one answer each
-        bad = _bad_messages(row["prompt"])
+        bad = bad_messages(row["prompt"])
         if bad:
             return Rejection(where, "bad_messages", "prompt", bad)
         prompt, chosen, rejected = row["prompt"], chosen[-1:], rejected[-1:]
@@ -223,7 +224,7 @@ def _conversational(where: str, row: dict) -> Pair | Rejection:
     for field, answer in (("chosen", chosen), ("rejected", rejected)):
         if not answer or answer[-1]["role"] != "assistant":
             return Rejection(where, "no_assistant_turn", field, "does not end with an assistant turn")
-    order = _role_order_problem(prompt)
+    order = role_order_problem(prompt)
     if order:
         return Rejection(where, "roles_out_of_order", "chosen", order)
     return Pair(prompt, chosen[-1]["content"], rejected[-1]["content"])
@@ -246,13 +247,13 @@ def _implicit(where: str, row: dict) -> Pair | Rejection:
         return Rejection(where, "roles_out_of_order", "chosen", "must start with '\\n\\nHuman:'")
     messages = [{"role": "user" if who == "Human" else "assistant", "content": text.strip()}
                 for who, text in zip(parts[1::2], parts[2::2])]
-    order = _role_order_problem(messages)
+    order = role_order_problem(messages)
     if order:
         return Rejection(where, "roles_out_of_order", "chosen", order)
     return Pair(messages, row["chosen"][len(head):].strip(), row["rejected"][len(head):].strip())
 
 
-def _bad_messages(messages) -> str | None:
+def bad_messages(messages) -> str | None:
     if not isinstance(messages, list) or not messages:
         return "expected a non-empty list of {role, content} messages"
     for i, m in enumerate(messages):
@@ -261,7 +262,7 @@ def _bad_messages(messages) -> str | None:
     return None
 
 
-def _role_order_problem(prompt: list[dict]) -> str | None:
+def role_order_problem(prompt: list[dict]) -> str | None:
     turns = prompt[1:] if prompt and prompt[0]["role"] == "system" else prompt
     expected = ["user", "assistant"] * len(turns)
     if not turns or [m["role"] for m in turns] != expected[:len(turns)] or turns[-1]["role"] != "user":

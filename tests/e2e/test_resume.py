@@ -19,15 +19,18 @@ pytestmark = pytest.mark.slow
 KILL_AFTER = 10  # kill once checkpoint-10 (or later) is sealed
 # Per backend: optimizer steps of the run (the GPU's are fast: enough to be stopped mid-way), and how
 # close the resumed run must come to the uninterrupted one. On the CPU two runs compute the same float32
-# numbers (largest weight difference `adapter_tol`). On a GPU, bf16 kernels of two processes differ in
-# the last bits, and Adam's normalised steps turn that into a random walk of about the learning rate a
-# step on weights whose gradient is near zero (0.044 at most after 50 steps at 1e-2, seen on an H200):
-# there the check is each tensor's relative difference, `adapter_rel_tol` of its norm.
+# numbers: the losses agree to `loss_tol` and the final adapters to `adapter_tol`, weight by weight. On a
+# GPU, bf16 kernels of two processes differ in the last bits; the losses still agree step by step, but
+# the weights do not: where a LoRA factor's gradient is near zero (lora_A while lora_B is still small),
+# Adam's normalised steps turn that noise into a random walk of about the learning rate a step (lora_A
+# tensors 0.04 to 0.86 of their norm apart after 200 steps at 1e-2, seen on an H200 in runs whose every
+# loss agreed). There the losses are the check, every step after the resume, and the weights are not
+# compared (`adapter_tol` None).
 BACKENDS = {
     "trl": dict(steps=40, lr=2e-3, loss_tol=1e-4, adapter_tol=1e-5),
     # bf16 moves the tiny model more slowly: a larger rate takes the loss well away from ln 2 by step 10.
     # A warm GPU takes ~0.1 s a step: enough steps that the run is still going when it is stopped.
-    "unsloth": dict(steps=200, lr=1e-2, loss_tol=2e-3, adapter_rel_tol=0.15),
+    "unsloth": dict(steps=200, lr=1e-2, loss_tol=2e-3, adapter_tol=None),
 }
 
 PIPELINE = """
@@ -106,7 +109,7 @@ class Run:
 
 
 def _assert_continues(resumed: dict, uninterrupted: dict, output: str, steps: int, lr: float, loss_tol: float,
-                      adapter_tol: float | None = None, adapter_rel_tol: float | None = None) -> None:
+                      adapter_tol: float | None) -> None:
     step = int(output.split("dpo: resuming from ")[1].split("(step ")[1].split(")")[0])
     assert 0 < step < steps
     # The first step trained after the resume. A fresh adapter (the policy equal to the reference) would
@@ -122,14 +125,9 @@ def _assert_continues(resumed: dict, uninterrupted: dict, output: str, steps: in
     for later in range(step + 1, steps + 1):  # and every step after it
         assert resumed["losses"][later] == pytest.approx(uninterrupted["losses"][later], abs=5 * loss_tol), later
     assert resumed["adapter"].keys() == uninterrupted["adapter"].keys()
-    relative = {}
-    for name, weight in uninterrupted["adapter"].items():
-        difference = resumed["adapter"][name].float() - weight.float()
-        if adapter_tol is not None:
-            assert difference.abs().max().item() < adapter_tol, name
-        else:
-            relative[name] = (difference.norm() / weight.float().norm()).item()
-    assert all(r < adapter_rel_tol for r in relative.values()), sorted(relative.items(), key=lambda kv: -kv[1])[:5]
+    if adapter_tol is not None:
+        for name, weight in uninterrupted["adapter"].items():
+            assert (resumed["adapter"][name].float() - weight.float()).abs().max().item() < adapter_tol, name
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads process trees from /proc")

@@ -6,11 +6,11 @@ One epoch of KTO instead of the demo's three, and no judged comparison, to keep 
 over methods runs in test_methods.py; its table's KTO note is checked in tests/test_kto.py)."""
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
+from cli_runs import demo_runner
 
 pytestmark = pytest.mark.slow
 KTO = ["evaluate.judge.enabled=false", "dpo.method=kto", "dpo.epochs=1"]
@@ -22,17 +22,7 @@ def cli(repo, tmp_path_factory):
     """Runs `dpoflow <command> demo` in one workdir (later runs find the model stage cached) and returns the
     finished process."""
     tmp = tmp_path_factory.mktemp("kto")
-    env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect"), "OMP_NUM_THREADS": "1"}
-    env.pop("PREFECT_API_URL", None)
-
-    def run(command: str, *args: str) -> subprocess.CompletedProcess:
-        cmd = ["python", "-m", "dpoflow", command, "demo", "-f", str(repo / "pipelines.yaml"),
-               "--set", f"workdir={tmp / 'work'}", *args]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-        return proc
-
-    return run
+    return demo_runner(repo, tmp)
 
 
 def _sets(*items: str) -> list[str]:

@@ -6,11 +6,10 @@ The judged comparison (answers, judge) is left out to keep this module short: th
 adapter and the start model whatever trained them."""
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
+from cli_runs import demo_runner
 
 pytestmark = pytest.mark.slow
 QUICK = ["evaluate.judge.enabled=false"]
@@ -21,17 +20,7 @@ def cli(repo, tmp_path_factory):
     """Runs `dpoflow <command> demo` in one workdir (the model and prepare stages are shared through the
     cache) and returns the finished process."""
     tmp = tmp_path_factory.mktemp("methods")
-    env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect"), "OMP_NUM_THREADS": "1"}
-    env.pop("PREFECT_API_URL", None)
-
-    def run(command: str, *args: str) -> subprocess.CompletedProcess:
-        cmd = ["python", "-m", "dpoflow", command, "demo", "-f", str(repo / "pipelines.yaml"),
-               "--set", f"workdir={tmp / 'work'}", *args]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-        return proc
-
-    return run
+    return demo_runner(repo, tmp)
 
 
 def _line_value(stdout: str, label: str) -> str:

@@ -10,11 +10,12 @@ process with the plain-TRL runs); the parent builds the model and data once and 
 
 Reported per configuration: import seconds (trl or unsloth), model load seconds, first step seconds,
 median s/step over the steps after the first 3 (>= 10 of them), tokens/s = tokens per step / median
-s/step, peak allocated and reserved GiB, and MFU = 6 x N x tokens/s / 772e12. N is the parameter count
+s/step, peak allocated and reserved GiB, and MFU = 6 x N x tokens/s / peak. N is the parameter count
 without the input embedding. 6N per token counts the policy forward (2N), the backward through
-activations (2N; LoRA leaves the base weights without gradients) and the reference forward (2N). It
-leaves out recomputation under checkpointing. 772 TFLOP/s is the bf16 matmul ceiling measured on this
-H100 (../shared/gpu/README.md).
+activations (2N; LoRA leaves the base weights without gradients) and the reference forward (2N).
+`mfu_hw` also counts what the GPU did: 8N with gradient checkpointing (the policy forward runs again in
+the backward pass), 6N without. The peak is the bf16 matmul ceiling measured on an H100 (772 TFLOP/s),
+used for the H200 too (same SM count and clocks; its extra memory bandwidth does not raise the ceiling).
 """
 
 from __future__ import annotations
@@ -31,11 +32,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-CONFIGS = ("trl-refcopy", "trl-peft", "unsloth-bf16", "unsloth-4bit", "dpoflow", "dpoflow-noshare", "dpoflow-mb8",
+CONFIGS = ("trl-refcopy", "trl-peft", "unsloth-bf16", "unsloth-bf16-mb8", "unsloth-bf16-mb16", "unsloth-bf16-mb8-nogc",
+           "unsloth-4bit", "dpoflow", "dpoflow-noshare", "dpoflow-mb8", "dpoflow-mb8-gc",
            "dpoflow-4bit", "dpoflow-precomputed", "dpoflow-trl",
            "dpoflow-mb8-precomputed", "dpoflow-mb16-precomputed")
-# dpoflow variants: the `dpo` stage with its GPU defaults (prompt sharing on), changed in one setting each.
+# Unsloth alone: 4 pairs a micro-batch and its gradient checkpointing unless the name says otherwise.
+UNSLOTH = {"unsloth-bf16-mb8": {"pairs": 8}, "unsloth-bf16-mb16": {"pairs": 16},
+           "unsloth-bf16-mb8-nogc": {"pairs": 8, "checkpointing": False}}
+# dpoflow variants: the `dpo` stage with its GPU defaults (prompt sharing on, gradient checkpointing as the
+# planner decides), changed in one setting each.
 DPOFLOW = {"dpoflow": {}, "dpoflow-noshare": {"share_prompt": False}, "dpoflow-mb8": {"pairs": 8},
+           "dpoflow-mb8-gc": {"pairs": 8, "checkpointing": True},
            "dpoflow-4bit": {"quantize": "4bit"}, "dpoflow-precomputed": {"precompute": True},
            "dpoflow-trl": {"backend": "trl"}, "dpoflow-mb8-precomputed": {"pairs": 8, "precompute": True},
            "dpoflow-mb16-precomputed": {"pairs": 16, "precompute": True}}
@@ -64,7 +71,7 @@ def main() -> None:
 
     work = scratch()
     build_model(args.shape, work / "model")
-    make_pairs(load_tokenizer(str(work / "model")), 8 * args.steps, SEQ // 2, SEQ // 2, work / "train.jsonl")
+    make_pairs(load_tokenizer(str(work / "model")), 16 * args.steps, SEQ // 2, SEQ // 2, work / "train.jsonl")
     results = []
     for config in (CONFIGS if args.configs == "all" else args.configs.split(",")):
         result, proc = run_worker([__file__, "--worker", config, "--work", str(work), "--steps", str(args.steps)])
@@ -76,13 +83,14 @@ def main() -> None:
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| config | tok/s | s/step | MFU | peak alloc / reserved GiB | import s | load s | first step s |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| config | tok/s | s/step | MFU (6N) | MFU (hardware) | checkpointing | peak alloc / reserved GiB | "
+            "import s | load s | first step s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
             rows.append(f"| {r['config']} | error: {r['error'][-200:]!r} |")
             continue
-        rows.append(f"| {r['config']} | {r['tok_per_s']:,} | {r['s_per_step']} | {r['mfu']:.0%} | "
+        rows.append(f"| {r['config']} | {r['tok_per_s']:,} | {r['s_per_step']} | {r['mfu']:.0%} | {r['mfu_hw']:.0%} | "
+                    f"{'on' if r['gradient_checkpointing'] else 'off'} | "
                     f"{r['peak_alloc_gib']} / {r['peak_reserved_gib']} | {r['import_s']} | {r['load_s']} | "
                     f"{r['first_step_s']} |")
     return "\n".join(rows)
@@ -102,12 +110,13 @@ def run_config(config: str, work: Path, steps: int) -> dict:
     torch.cuda.reset_peak_memory_stats()
     loaded = time.perf_counter()
     reference_s, sharing = None, None
-    pairs = DPOFLOW.get(config, {}).get("pairs", PAIRS)
+    pairs = {**DPOFLOW, **UNSLOTH}.get(config, {}).get("pairs", PAIRS)
+    checkpointing = UNSLOTH.get(config, {}).get("checkpointing", True)
     if config.startswith("dpoflow"):
-        started, log, reference_s, sharing = _dpoflow(work, steps, clock, **DPOFLOW[config])
+        started, log, reference_s, sharing, checkpointing = _dpoflow(work, steps, clock, **DPOFLOW[config])
         loaded = started
     else:
-        trainer = _trainer(config, work, steps, clock)
+        trainer = _trainer(config, work, steps, clock, pairs, checkpointing)
         loaded = time.perf_counter()
         trainer.train()
         log = trainer.state.log_history
@@ -120,6 +129,8 @@ def run_config(config: str, work: Path, steps: int) -> dict:
             "import_s": round(imported - began, 1), "load_s": round(loaded - imported, 1),
             "first_step_s": round(t[0] - loaded, 1), "s_per_step": round(per_step, 3),
             "tok_per_s": round(tokens / per_step), "mfu": 6 * n * tokens / per_step / PEAK_FLOPS,
+            "gradient_checkpointing": checkpointing,
+            "mfu_hw": (8 if checkpointing else 6) * n * tokens / per_step / PEAK_FLOPS,
             "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
             "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
             "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
@@ -141,16 +152,16 @@ def _dataset(work: Path):
     return Dataset.from_list(read_jsonl_rows(work / "train.jsonl"))
 
 
-def _args(steps: int, **extra):
+def _args(steps: int, pairs: int = PAIRS, checkpointing: bool = True, **extra):
     from trl import DPOConfig
 
-    return DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=PAIRS, gradient_accumulation_steps=1,
+    return DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=pairs, gradient_accumulation_steps=1,
                      max_steps=steps, learning_rate=5e-6, beta=0.1, max_length=SEQ, logging_steps=1,
-                     lr_scheduler_type="constant", bf16=True, gradient_checkpointing=True, save_strategy="no",
+                     lr_scheduler_type="constant", bf16=True, gradient_checkpointing=checkpointing, save_strategy="no",
                      report_to=[], seed=0, **extra)
 
 
-def _trainer(config: str, work: Path, steps: int, clock):
+def _trainer(config: str, work: Path, steps: int, clock, pairs: int = PAIRS, checkpointing: bool = True):
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -164,7 +175,8 @@ def _trainer(config: str, work: Path, steps: int, clock):
         model, tokenizer = FastLanguageModel.from_pretrained(path, max_seq_length=SEQ, dtype=torch.bfloat16,
                                                              load_in_4bit=config == "unsloth-4bit")
         model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0.0,
-                                                 target_modules=TARGETS, use_gradient_checkpointing="unsloth",
+                                                 target_modules=TARGETS,
+                                                 use_gradient_checkpointing="unsloth" if checkpointing else False,
                                                  random_state=0)
         peft_config, ref = None, None
     else:
@@ -173,14 +185,16 @@ def _trainer(config: str, work: Path, steps: int, clock):
         ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda() if config == "trl-refcopy" else None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return DPOTrainer(model=model, ref_model=ref, args=_args(steps), train_dataset=_dataset(work),
+    return DPOTrainer(model=model, ref_model=ref, args=_args(steps, pairs, checkpointing), train_dataset=_dataset(work),
                       processing_class=tokenizer, peft_config=peft_config, callbacks=[clock])
 
 
 def _dpoflow(work: Path, steps: int, clock, precompute: bool = False, share_prompt: bool = True, pairs: int = PAIRS,
-             quantize: str = "auto", backend: str = "auto") -> tuple[float, list[dict], float | None, dict]:
+             quantize: str = "auto", backend: str = "auto", checkpointing: bool | None = None,
+             ) -> tuple[float, list[dict], float | None, dict, bool]:
     """The pipeline's own stage with the defaults a GPU user gets (train: backend/precision/quantize
-    auto, prompt sharing on); only the batch, steps and sequence length are the benchmark's.
+    auto, prompt sharing on, gradient checkpointing as planned); only the batch, steps and sequence
+    length are the benchmark's.
     `precompute`: the reference log-probs come from the `reference` stage's pass first (timed on its
     own)."""
     import torch
@@ -193,7 +207,8 @@ def _dpoflow(work: Path, steps: int, clock, precompute: bool = False, share_prom
     setup = TrainSetup(quantize=quantize, backend=backend)
     spec = DPOSpec(per_device_batch_size=pairs, gradient_accumulation_steps=1, max_steps=steps, max_length=SEQ,
                    logging_steps=1, lr_scheduler="constant", lora=LoraSpec(r=16, alpha=16),
-                   precompute_ref_log_probs=precompute, share_prompt=share_prompt)
+                   precompute_ref_log_probs=precompute, share_prompt=share_prompt,
+                   gradient_checkpointing=checkpointing)
     start, data = bench_records(work, "random")
     plan = plan_stage(setup, spec, start.path)
     reference, reference_s = None, None
@@ -208,7 +223,7 @@ def _dpoflow(work: Path, steps: int, clock, precompute: bool = False, share_prom
     out = Path(adapter.path).parent
     metrics = json.loads((out / "dpo_metrics.json").read_text())
     sharing = {k: v for k, v in metrics.items() if k.startswith("prompt_sharing/")}
-    return began, json.loads((out / "log_history.json").read_text()), reference_s, sharing
+    return began, json.loads((out / "log_history.json").read_text()), reference_s, sharing, plan.gradient_checkpointing
 
 
 def _params_without_embedding(model_dir: Path) -> int:

@@ -181,7 +181,7 @@ def _train(work, pairs, batch, share, name, **variant):
             "after_load_s": round(m["end"] - m["begin"], 1), "first_step_s": round(m["first_step"] - m["begin"], 1),
             "tok_per_s_after_load": round(tokens / (m["end"] - m["begin"])),
             "tok_per_s_steady": round(tokens * (marks.steps - 1) / marks.steps / (m["end"] - m["first_step"])),
-            "steps": marks.steps, "micro_batch": micro_batch,
+            "steps": marks.steps, "micro_batch": micro_batch, "gradient_checkpointing": plan.gradient_checkpointing,
             "accumulation": accumulation, "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
             "losses": [round(x, 4) for x in losses[:3] + losses[-2:]], "backend": adapter.reference}
 

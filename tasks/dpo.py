@@ -263,8 +263,8 @@ def _trainer(backend: BackendChoice, start: ModelRef, dataset, spec: DPOSpec, pl
              output_dir: Path, learning_rate: float, max_steps: int, callbacks: list, keeper: ModelKeeper | None):
     # The same weights, LoRA and length load the same model: with the flow's `keeper` the
     # reference pass and each sweep variant take the one already loaded, reset.
-    key = (backend.name, start.path, start.digest, plan.precision, plan.load_in_4bit, spec.lora.model_dump_json(),
-           spec.max_length, seed)
+    key = (backend.name, start.path, start.digest, plan.precision, plan.load_in_4bit, plan.gradient_checkpointing,
+           spec.lora.model_dump_json(), spec.max_length, seed)
     model, tokenizer, peft_config = training_model(
         keeper, key, lambda: load_for_training(backend, start.path, plan, spec.lora, spec.max_length, seed),
         stage_logger())

@@ -203,3 +203,39 @@ def test_batch_grows_only_where_memory_and_the_effective_batch_allow():
     assert plan(H100, effective=12).per_device_batch == 4  # 8 does not divide 12
     assert plan(RTX_3090).per_device_batch == 4  # 8 pairs would not fit
     assert plan(None).per_device_batch == 4  # CPU: as configured
+
+
+H200 = GpuFacts("NVIDIA H200", (9, 0), 141 * GiB, 139 * GiB, True)
+
+
+def test_checkpointing_is_off_only_where_memory_allows_without_it():
+    # 8B, 8 pairs of 1,024 tokens: ~99 GiB estimated without recomputation
+    big = plan(H200)
+    assert (big.per_device_batch, big.gradient_checkpointing) == (8, False)
+    assert any("checkpointing off" in r for r in big.reasons)
+    assert "grad checkpointing: off" in describe(big)
+    tight = plan(H100)
+    assert (tight.per_device_batch, tight.gradient_checkpointing) == (8, True)
+    assert any("checkpointing on" in r for r in tight.reasons)
+    assert plan(H100, seq_len=512).gradient_checkpointing is False  # half the activations fit an H100
+    assert plan(RTX_3090).gradient_checkpointing is True
+
+
+def test_checkpointing_asked_for_is_kept_and_cpu_keeps_it_off():
+    asked = plan_training(H200, "auto", "auto", N_8B, SHAPE_8B, 1024, 4, 32, gradient_checkpointing=True)
+    assert asked.gradient_checkpointing is True and any("train's gradient_checkpointing" in r for r in asked.reasons)
+    assert plan_training(RTX_3090, "auto", "auto", N_8B, SHAPE_8B, 1024, 4, 32,
+                         gradient_checkpointing=False).gradient_checkpointing is False
+    assert plan(None).gradient_checkpointing is False
+
+
+def test_a_memory_budget_plans_as_on_a_card_that_size():
+    budget = plan_training(H200, "auto", "auto", N_8B, SHAPE_8B, 1024, 4, 32, memory_budget_gib=23)
+    card = plan(RTX_3090)
+    assert (budget.load_in_4bit, budget.per_device_batch, budget.gradient_checkpointing) == \
+        (card.load_in_4bit, card.per_device_batch, card.gradient_checkpointing) == (True, 4, True)
+    assert any("memory_budget_gib 23" in r for r in budget.reasons)
+    # a budget above what is free changes nothing
+    roomy = plan_training(RTX_3090, "auto", "auto", N_8B, SHAPE_8B, 1024, 4, 32, memory_budget_gib=500)
+    assert (roomy.load_in_4bit, roomy.per_device_batch) == (card.load_in_4bit, card.per_device_batch)
+    assert not any("memory_budget_gib" in r for r in roomy.reasons)

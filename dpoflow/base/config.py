@@ -135,7 +135,9 @@ class TrainSpec(Strict):
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
         "cosine", description="How the learning rate changes over the steps.")
     warmup_steps: int = Field(0, ge=0, description="Steps of linear warm-up from 0 to learning_rate.")
-    gradient_checkpointing: bool | None = Field(None, description="None: on with a GPU, off on CPU.")
+    gradient_checkpointing: bool | None = Field(
+        None, description="Recompute activations in the backward pass: less memory, ~1/4 more compute. None: the "
+                          "planner decides on a GPU (off when the memory estimate fits without it), off on CPU.")
     logging_steps: int = Field(10, ge=1, description="Log loss and metrics every N optimizer steps.")
     lora: LoraSpec = Field(LoraSpec(), description="The LoRA adapter that is trained.")
 
@@ -309,6 +311,10 @@ class TrainSetup(Strict):
         True, description="On a GPU, raise the per-device batch (up to 8, with fewer accumulation steps, so the "
                           "effective batch is unchanged) while the memory estimate fits: larger micro-batches "
                           "train faster.")
+    memory_budget_gib: float | None = Field(
+        None, gt=0, description="The most GPU memory a training stage may take: the planner picks batch, weight "
+                                "format and checkpointing to fit it, and the process is held to it (to share a GPU, "
+                                "or to plan as on a smaller card). None: 90% of what is free.")
     distributed: DistributedSpec = Field(
         DistributedSpec(), description="Data-parallel SFT and DPO through torchrun (TRL backend); the "
                                        "effective batch stays per_device_batch_size x gradient_accumulation_steps, "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -46,10 +46,13 @@ class TrainingPlan:
     reasons: list[str] = field(default_factory=list)
     num_processes: int = 1  # data-parallel training processes (torchrun), one per GPU
     strategy: str = "ddp"  # "ddp" | "fsdp"
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass (saves memory, costs ~1/4)
+    memory_budget_gib: float | None = None  # train.memory_budget_gib: the most GPU memory the stage may take
 
     # Left out of a training stage's cache key (dpoflow.base.cache.key_value): they explain the plan, and quote
     # the free memory at planning time, which does not change what training makes.
-    not_key: ClassVar[dict[str, str]] = {"warnings": "explains the plan", "reasons": "explains the plan"}
+    not_key: ClassVar[dict[str, str]] = {"warnings": "explains the plan", "reasons": "explains the plan",
+                                         "memory_budget_gib": "a cap; the batch and checkpointing it led to are keyed"}
 
 
 def detect_gpu() -> GpuFacts | None:
@@ -125,15 +128,25 @@ def estimate_training_bytes(n_params: int, hidden_size: int, num_layers: int, vo
 
 def plan_training(gpu: GpuFacts | None, precision: str, quantize: str, n_params: int, shape: dict, seq_len: int,
                   per_device_batch: int, effective_batch: int, num_processes: int = 1,
-                  strategy: str = "ddp", grow_batch: bool = True) -> TrainingPlan:
+                  strategy: str = "ddp", grow_batch: bool = True, gradient_checkpointing: bool | None = None,
+                  memory_budget_gib: float | None = None) -> TrainingPlan:
     """The decision tree. `precision` is auto|bf16|fp16|fp8, `quantize` auto|none|4bit; an explicit
-    request the hardware cannot meet raises ValueError rather than silently training something else."""
+    request the hardware cannot meet raises ValueError rather than silently training something else.
+    `gradient_checkpointing` None lets the memory estimate decide on a GPU (off when everything fits
+    without it); `memory_budget_gib` plans as if no more than that were free."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize {quantize!r}: choose one of {', '.join(QUANTIZE)}")
-    plan = TrainingPlan("fp32", False, max(1, per_device_batch), 1, num_processes=num_processes, strategy=strategy)
+    plan = TrainingPlan("fp32", False, max(1, per_device_batch), 1, num_processes=num_processes, strategy=strategy,
+                        gradient_checkpointing=bool(gradient_checkpointing), memory_budget_gib=memory_budget_gib)
     _check_processes(gpu, plan)
+    if gpu is not None and memory_budget_gib is not None:
+        budget = int(memory_budget_gib * GiB)
+        if budget < gpu.free_bytes:
+            plan.reasons.append(f"train.memory_budget_gib {memory_budget_gib:g}: planned for {memory_budget_gib:g} "
+                                f"GiB of the {gpu.free_bytes / GiB:.1f} GiB free")
+            gpu = replace(gpu, free_bytes=budget)
     if gpu is None:
         if precision == "fp8" or quantize == "4bit":
             raise ValueError(f"{'precision fp8' if precision == 'fp8' else 'quantize 4bit'} needs a CUDA GPU "
@@ -147,6 +160,7 @@ def plan_training(gpu: GpuFacts | None, precision: str, quantize: str, n_params:
             raise ValueError("precision fp8 and quantize 4bit exclude each other: pick one weight format")
         grow_to = _growth_limit(plan.per_device_batch, effective_batch, num_processes) if grow_batch else 0
         _fit_memory(gpu, quantize, n_params, shape, seq_len, plan, grow_to)
+        _choose_checkpointing(gpu, n_params, shape, seq_len, plan, gradient_checkpointing)
 
     # The effective batch is the config's, however many processes share it.
     if num_processes > 1 and plan.per_device_batch * num_processes > effective_batch:
@@ -163,6 +177,29 @@ def plan_training(gpu: GpuFacts | None, precision: str, quantize: str, n_params:
         plan.warnings.append(f"effective batch is {actual}, not {effective_batch} "
                              f"({effective_batch} is not a multiple of {per_step})")
     return plan
+
+
+def _choose_checkpointing(gpu: GpuFacts, n_params: int, shape: dict, seq_len: int, plan: TrainingPlan,
+                          asked: bool | None) -> None:
+    """Recomputation costs about a quarter of a LoRA DPO step's compute (the policy forward runs twice:
+    8N instead of 6N FLOPs a token), so it is on only where memory needs it: when the estimate without
+    it, at the batch already chosen, exceeds the budget."""
+    if asked is not None:
+        plan.gradient_checkpointing = asked
+        plan.reasons.append(f"gradient checkpointing {'on' if asked else 'off'} (train's gradient_checkpointing)")
+        return
+    bytes_per_param = FOUR_BIT_BYTES_PER_PARAM if plan.load_in_4bit else WEIGHT_BYTES[plan.precision]
+    without = estimate_training_bytes(n_params, shape["hidden_size"], shape["num_hidden_layers"], shape["vocab_size"],
+                                      plan.per_device_batch, seq_len, bytes_per_param, gradient_checkpointing=False)
+    budget = gpu.free_bytes * FIT_FRACTION
+    plan.gradient_checkpointing = without > budget
+    if plan.gradient_checkpointing:
+        plan.reasons.append(f"estimated {_gib(without)} without gradient checkpointing exceeds 90% of "
+                            f"{gpu.free_bytes / GiB:.1f} GiB free: checkpointing on (activations recomputed)")
+    else:
+        plan.reasons.append(f"estimated {_gib(without)} without gradient checkpointing fits in "
+                            f"{gpu.free_bytes / GiB:.1f} GiB free: checkpointing off (no recomputation, ~1/4 "
+                            "less compute a step)")
 
 
 def _check_processes(gpu: GpuFacts | None, plan: TrainingPlan) -> None:
@@ -189,9 +226,9 @@ def _choose_precision(gpu: GpuFacts, precision: str, plan: TrainingPlan) -> str:
             raise ValueError(f"precision fp8 needs compute capability >= 8.9; {gpu.name} has {cc}")
         plan.reasons.append(f"compute capability {cc} >= 8.9 and train.precision fp8 asked: FP8 weights")
         # docs/benchmarks.md: with Unsloth's compile the first FP8 step never finished; without it FP8 ran
-        # at about half of bf16's tokens/s.
+        # at about half of bf16's tokens/s (1B on an H100, 8B on an H200).
         plan.warnings.append("FP8 needs UNSLOTH_COMPILE_DISABLE=1 (Unsloth's compile stalls on FP8 layers) "
-                             "and was measured slower than bf16 here")
+                             "and was measured slower than bf16 here (0.56x at 8B on an H200)")
         return "fp8"
     if precision == "bf16" and not gpu.bf16_supported:
         raise ValueError(f"precision bf16: {gpu.name} (compute capability {cc}) has no bf16; use auto or fp16")
@@ -289,7 +326,8 @@ def plan_stage(setup, spec, model_dir: str | Path, gpu: GpuFacts | None = None) 
     return plan_training(gpu, setup.precision, setup.quantize, count_parameters(model_dir), model_shape(model_dir),
                          spec.max_length, spec.per_device_batch_size,
                          spec.per_device_batch_size * spec.gradient_accumulation_steps,
-                         setup.distributed.num_processes, setup.distributed.strategy, setup.grow_batch)
+                         setup.distributed.num_processes, setup.distributed.strategy, setup.grow_batch,
+                         spec.gradient_checkpointing, setup.memory_budget_gib)
 
 
 def _gib(n: float) -> str:
@@ -302,6 +340,7 @@ def describe(plan: TrainingPlan) -> str:
         f"4-bit weights:      {'yes' if plan.load_in_4bit else 'no'}",
         f"per-device batch:   {plan.per_device_batch}",
         f"grad accumulation:  {plan.gradient_accumulation_steps}",
+        f"grad checkpointing: {'on' if plan.gradient_checkpointing else 'off'}",
         f"processes:          {plan.num_processes} ({plan.strategy})" if plan.num_processes > 1 else "processes:          1",
         "why:",
         *(f"  - {r}" for r in plan.reasons),

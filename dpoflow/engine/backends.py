@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dpoflow.base.config import LoraSpec, TrainSetup
 from dpoflow.base.errors import Explained
-from dpoflow.base.hardware import TrainingPlan, weights_dtype
+from dpoflow.base.hardware import GiB, TrainingPlan, weights_dtype
 from dpoflow.base.runtime import cache_root
 
 # Unsloth takes explicit module names; "all-linear" means these on Llama-style models.
@@ -90,6 +90,17 @@ def activate(choice: BackendChoice, setup: TrainSetup | None = None) -> None:
         import unsloth  # noqa: F401
 
 
+def cap_memory(plan: TrainingPlan) -> None:
+    """Hold this process to `train.memory_budget_gib` (an out-of-memory error past it, as on a card that
+    size), so the plan made for that budget is what runs; GPU memory only."""
+    import torch
+
+    if plan.memory_budget_gib is None or not torch.cuda.is_available():
+        return
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, plan.memory_budget_gib * GiB / total))
+
+
 def load_for_training(choice: BackendChoice, path: str, plan: TrainingPlan, lora: LoraSpec, max_length: int,
                       seed: int):
     """(model, tokenizer, peft_config) ready for a TRL trainer with ref_model=None.
@@ -108,6 +119,7 @@ def load_for_training(choice: BackendChoice, path: str, plan: TrainingPlan, lora
         if plan.load_in_4bit or plan.precision == "fp8":
             raise BackendError("4-bit and FP8 weights need the unsloth backend (pip install 'dpoflow[gpu]' on a "
                                "CUDA machine), or set train.quantize: none and train.precision: bf16")
+        cap_memory(plan)
         model, tokenizer = load_model(path, dtype), load_tokenizer(path)
         if world_size() > 1:
             return model, tokenizer, lora_config(lora)
@@ -118,6 +130,7 @@ def load_for_training(choice: BackendChoice, path: str, plan: TrainingPlan, lora
         return get_peft_model(model, lora_config(lora)), tokenizer, None
 
     activate(choice)
+    cap_memory(plan)
     from unsloth import FastLanguageModel, PatchDPOTrainer
 
     model, tokenizer = FastLanguageModel.from_pretrained(
@@ -131,7 +144,7 @@ def load_for_training(choice: BackendChoice, path: str, plan: TrainingPlan, lora
     targets = LLAMA_LINEAR if lora.target_modules == "all-linear" else lora.target_modules
     model = FastLanguageModel.get_peft_model(
         model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-        use_gradient_checkpointing="unsloth", random_state=seed,
+        use_gradient_checkpointing="unsloth" if plan.gradient_checkpointing else False, random_state=seed,
     )
     PatchDPOTrainer()  # a no-op in current Unsloth (import does the patching); older releases need it
     reference_tokenizer = load_tokenizer(path)

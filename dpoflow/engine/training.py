@@ -24,11 +24,11 @@ def lora_config(spec: LoraSpec):
 
 def trainer_args(spec: TrainSpec, scratch_dir: Path, seed: int, plan) -> dict[str, Any]:
     """Keyword arguments shared by SFTConfig and DPOConfig (both are transformers TrainingArguments);
-    batch, accumulation and precision come from the hardware plan."""
+    batch, accumulation, precision and gradient checkpointing come from the hardware plan."""
     import torch
 
     on_gpu = torch.cuda.is_available()
-    checkpointing = spec.gradient_checkpointing if spec.gradient_checkpointing is not None else on_gpu
+    checkpointing = plan.gradient_checkpointing  # asked for, or chosen by the planner from the memory estimate
     return dict(**_parallel_args(plan, checkpointing),
         output_dir=str(scratch_dir),
         learning_rate=spec.learning_rate,

@@ -9,6 +9,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The test Hub server (tests/hubserver.py) speaks the classic LFS upload protocol, not Xet; huggingface_hub
 # reads this when it is first imported, so it is set before any test imports it.
 os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
+# The CLI's startup allowance for Prefect's temporary server (dpoflow.base.runtime), for tests that run
+# flows in this process too, set before Prefect reads its settings: under pytest-xdist the machine is
+# loaded and the server's default 20 s ran out. (Not all of the CLI's defaults: the UI must stay on for
+# the servers the deployment tests start.)
+from dpoflow.base.runtime import PREFECT_DEFAULTS  # noqa: E402
+
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
+                      PREFECT_DEFAULTS["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])
 
 import pytest  # noqa: E402
 from cli_runs import demo_command  # noqa: E402
@@ -22,7 +30,29 @@ def pytest_configure(config):
     torch.set_num_threads(1)
 
 
+# Modules that share the session's demo workdir (demo_first_run): one xdist worker runs them all, so
+# the demo trains once.
+DEMO_HOME_MODULES = ("tests/e2e/test_demo.py", "tests/e2e/test_judge.py")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Under `-n 2 --dist loadfile` (the README's test command) each module runs on one worker, so its
+    module-scoped fixtures (a trained demo, a server) are built once; the demo's modules share one."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class ModuleScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = super()._split_scope(nodeid)
+            return DEMO_HOME_MODULES[0] if module in DEMO_HOME_MODULES else module
+
+    return ModuleScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
+    # The end-to-end modules first, so that the longest do not start last on a worker.
+    items.sort(key=lambda item: item.path.parent.name != "e2e")
     import torch
 
     if torch.cuda.is_available():

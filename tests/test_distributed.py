@@ -2,6 +2,7 @@
 same effective batch, and a failing rank surfaces as an error with its output."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -86,3 +87,32 @@ def test_a_failing_rank_raises_with_its_output(yes_no_pairs, tmp_path):
     with pytest.raises(LaunchError, match="no-such-model"):
         run_stage(train_dpo, 2, lambda line: None, start=missing, data=data, spec=spec, setup=_setup(2),
                   plan=plan, seed=0, out_dir=tmp_path / "out")
+
+
+@pytest.mark.parametrize("method", ["orpo", "simpo", "kto"])
+def test_the_other_objectives_train_on_two_processes_as_on_one(method, yes_no_pairs, tmp_path):
+    """ORPO and SimPO (TRL's CPO trainer, no reference) and KTO (the pairs unpaired, the reference through
+    the adapter) through torchrun: with every example in each step, two ranks log one rank's losses (KTO:
+    up to how its per-micro-batch mean groups the examples)."""
+    start, data, _ = yes_no_pairs
+    # KTO sees each pair as two examples: 32, so 16 a rank-step keeps every example in every step.
+    batch = 16 if method == "kto" else 8
+    spec = DPOSpec(method=method, learning_rate=1e-2, max_steps=3, per_device_batch_size=batch,
+                   gradient_accumulation_steps=2, logging_steps=1, lr_scheduler="constant")
+    lines: list[str] = []
+    losses = {}
+    for n in (1, 2):
+        plan = plan_stage(_setup(n), spec, start.path)
+        run_stage(train_dpo, n, lines.append, start=start, data=data, spec=spec, setup=_setup(n), plan=plan, seed=0,
+                  out_dir=tmp_path / f"out-{n}")
+        log = json.loads((tmp_path / f"out-{n}" / "log_history.json").read_text())
+        losses[n] = [e["loss"] for e in log if "loss" in e]
+    assert "[rank 1] dpoflow rank 1 of 2: train_dpo" in lines
+    assert len(losses[2]) == 3 and all(math.isfinite(x) for x in losses[2])
+    assert losses[2][-1] < losses[2][0]
+    # KTO averages its loss within each micro-batch over that micro-batch's examples: one rank with two
+    # accumulation steps and two ranks with one group the 32 examples differently (measured 7e-4 apart at
+    # step 3); the step-1 loss, where every reward is 0, must agree exactly.
+    assert losses[2] == pytest.approx(losses[1], abs=2e-3 if method == "kto" else 1e-4), (losses[1], losses[2])
+    assert losses[2][0] == pytest.approx(losses[1][0], abs=1e-6)
+    assert (tmp_path / "out-2" / "adapter" / "adapter_model.safetensors").is_file()

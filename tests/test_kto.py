@@ -97,11 +97,14 @@ def _load(tmp_path, repo, dpo: str):
 
 
 @pytest.mark.parametrize("dpo, error", [
-    ("{desirable_weight: 1.5}", ":5: pipelines.p.dpo.desirable_weight: Value error, desirable_weight weighs KTO's "
-                                "losses; method dpo does not read it: remove it or set dpo.method: kto"),
-    ("{method: simpo, undesirable_weight: 2}", "undesirable_weight weighs KTO's losses; method simpo does not read it"),
+    ("{desirable_weight: 1.5}", ":5: pipelines.p.dpo.desirable_weight: Value error, desirable_weight is KTO only "
+                                "(weighs KTO's loss on desirable examples); method dpo does not read it: remove it "
+                                "or set dpo.method: kto"),
+    ("{method: simpo, undesirable_weight: 2}", "undesirable_weight is KTO only (weighs KTO's loss on undesirable "
+                                               "examples); method simpo does not read it"),
     ("{method: kto, loss_type: [ipo]}", "pipelines.p.dpo.loss_type: Value error, loss_type is DPO only"),
-    ("{method: kto, simpo_gamma: 0.5}", "simpo_gamma is SimPO's target margin; method kto does not read it"),
+    ("{method: kto, simpo_gamma: 0.5}", "simpo_gamma is SimPO only (SimPO's target margin); method kto does not "
+                                        "read it"),
     ("{method: kto, precompute_ref_log_probs: true}", "precompute_ref_log_probs is DPO only"),
     ("{method: kto, desirable_weight: 0}", "pipelines.p.dpo.desirable_weight: Input should be greater than 0"),
     ("{method: kto, per_device_batch_size: 1}", "pipelines.p.dpo: Value error, kto estimates its KL term from the "

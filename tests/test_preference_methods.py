@@ -126,9 +126,10 @@ def _load(tmp_path, repo, dpo: str, more: str = "", overrides=()):
     ("{method: simpo, loss_type: [ipo]}", "pipelines.p.dpo.loss_type: Value error, loss_type is DPO only"),
     ("{method: orpo, loss_weights: [1.0]}", "pipelines.p.dpo.loss_weights: Value error, loss_weights is DPO only"),
     ("{method: simpo, label_smoothing: 0.1}", "pipelines.p.dpo.label_smoothing: Value error, label_smoothing is DPO"),
-    ("{simpo_gamma: 0.5}", "pipelines.p.dpo.simpo_gamma: Value error, simpo_gamma is SimPO's target margin; method "
-                           "dpo does not read it: remove it or set dpo.method: simpo"),
-    ("{method: orpo, simpo_gamma: 0.5}", "simpo_gamma is SimPO's target margin; method orpo does not read it"),
+    ("{simpo_gamma: 0.5}", "pipelines.p.dpo.simpo_gamma: Value error, simpo_gamma is SimPO only (SimPO's target "
+                           "margin); method dpo does not read it: remove it or set dpo.method: simpo"),
+    ("{method: orpo, simpo_gamma: 0.5}", "simpo_gamma is SimPO only (SimPO's target margin); method orpo does "
+                                         "not read it"),
     ("{method: simpo, simpo_gamma: -1}", "pipelines.p.dpo.simpo_gamma: Input should be greater than or equal to 0"),
 ])
 def test_what_a_method_does_not_read_is_refused_in_one_line_naming_the_field(dpo, error, tmp_path, repo):

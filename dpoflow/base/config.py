@@ -178,13 +178,16 @@ NEEDS_LABEL_SMOOTHING = {"robust": "the probability that a preference label is f
 Method = Literal["dpo", "orpo", "simpo", "kto"]
 REFERENCE_FREE = ("orpo", "simpo")
 SIMPO_GAMMA = 0.5  # TRL's default target margin, used when simpo_gamma is not given
-# Settings only DPO reads, each with its default and what it is for: given with another method, refused.
-DPO_ONLY = {"loss_type": (["sigmoid"], "TRL's DPO losses"),
-            "loss_weights": (None, "weights of TRL's DPO losses"),
-            "label_smoothing": (0.0, "for DPO's robust and exo_pair losses"),
-            "precompute_ref_log_probs": (False, "the reference pass; there is no reference model")}
-# KTO's weights of the desirable and undesirable losses (TRL's default 1.0 when not given): only KTO reads them.
-KTO_ONLY = ("desirable_weight", "undesirable_weight")
+# Settings one method alone reads: field -> (that method, the field's default, what it is). Given with
+# another method (set away from the default), refused in one line.
+METHOD_ONLY = {"loss_type": ("dpo", ["sigmoid"], "TRL's DPO losses"),
+               "loss_weights": ("dpo", None, "weights of TRL's DPO losses"),
+               "label_smoothing": ("dpo", 0.0, "for DPO's robust and exo_pair losses"),
+               "precompute_ref_log_probs": ("dpo", False, "the reference pass; there is no reference model"),
+               "simpo_gamma": ("simpo", None, "SimPO's target margin"),
+               "desirable_weight": ("kto", None, "weighs KTO's loss on desirable examples"),
+               "undesirable_weight": ("kto", None, "weighs KTO's loss on undesirable examples")}
+METHOD_NAMES = {"dpo": "DPO", "orpo": "ORPO", "simpo": "SimPO", "kto": "KTO"}
 
 
 class DPOSpec(TrainSpec):
@@ -231,32 +234,14 @@ class DPOSpec(TrainSpec):
                           "once per answer: the same log-probs from fewer tokens (dpoflow/engine/prompt_sharing.py).")
     guards: GuardSpec = Field(GuardSpec(), description="Checkpoints, and what stops or retries a diverging run.")
 
-    @field_validator(*DPO_ONLY)
+    @field_validator(*METHOD_ONLY)
     @classmethod
-    def _dpo_only_settings_need_dpo(cls, value, info):
-        default, what = DPO_ONLY[info.field_name]
+    def _set_only_for_the_method_that_reads_it(cls, value, info):
+        owner, default, what = METHOD_ONLY[info.field_name]
         method = info.data.get("method", "dpo")  # absent when method itself was refused
-        if method != "dpo" and value != default:
-            raise ValueError(f"{info.field_name} is DPO only ({what}); method {method} does not read it: remove "
-                             f"it or set dpo.method: dpo")
-        return value
-
-    @field_validator("simpo_gamma")
-    @classmethod
-    def _gamma_needs_simpo(cls, value, info):
-        method = info.data.get("method", "dpo")
-        if value is not None and method != "simpo":
-            raise ValueError(f"simpo_gamma is SimPO's target margin; method {method} does not read it: remove it "
-                             "or set dpo.method: simpo")
-        return value
-
-    @field_validator(*KTO_ONLY)
-    @classmethod
-    def _weights_need_kto(cls, value, info):
-        method = info.data.get("method", "dpo")
-        if value is not None and method != "kto":
-            raise ValueError(f"{info.field_name} weighs KTO's losses; method {method} does not read it: remove it "
-                             "or set dpo.method: kto")
+        if method != owner and value != default:
+            raise ValueError(f"{info.field_name} is {METHOD_NAMES[owner]} only ({what}); method {method} does not "
+                             f"read it: remove it or set dpo.method: {owner}")
         return value
 
     @model_validator(mode="after")

@@ -120,9 +120,12 @@ def client_of(ref: TrackerRef):
 
 def reachable_here(ref: TrackerRef) -> bool:
     """Whether this process can write to the run: any process can for MLflow and TensorBoard; a W&B or
-    Trackio run only from the process that opened it (the flow's)."""
-    tracker = client_of(ref)
-    return tracker.any_process or tracker.holds(ref.run_id)
+    Trackio run only from the process that opened it (the flow's). Asked in a rank, it makes no client
+    there (a W&B or Trackio client that could not write anyway)."""
+    if tracker_class(ref.backend).any_process:
+        return True
+    opened = _CLIENTS.get((ref.backend, ref.uri, ref.folder))
+    return opened is not None and opened.holds(ref.run_id)
 
 
 def send(ref: TrackerRef, method: str, *args: Any) -> None:
@@ -156,7 +159,7 @@ def curve_to_send(ref: TrackerRef, stage: str, status: str) -> bool:
     offline)."""
     if status == "cached":
         return True
-    return status == "ran" and not client_of(ref).any_process and (ref.run_id, stage) not in _SENT_LIVE
+    return status == "ran" and not tracker_class(ref.backend).any_process and (ref.run_id, stage) not in _SENT_LIVE
 
 
 def curve_callback(ref: TrackerRef, stage: str):

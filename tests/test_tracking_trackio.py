@@ -100,3 +100,17 @@ def test_a_missing_client_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(TrackingError, match=r"^tracking.backend trackio needs the trackio package: pip install "
                                             r"'dpoflow\[tracking\]'$"):
         open_run(config(tmp_path, tmp_path / "missing", "x"), "run-1")
+
+
+def test_a_sweep_opens_every_variant_first_and_each_run_still_gets_its_own_values(tmp_path, folder):
+    # trackio.init of the second run marks the first finished: values sent to the first after it still land.
+    first, second = (open_run(config(tmp_path, folder, "sweep"), f"v{i}", {"dpoflow.sweep": "s1"}) for i in (1, 2))
+    send(first.ref, "metrics", {"dpo/loss": 0.7}, 1)
+    send(second.ref, "metrics", {"dpo/loss": 0.6}, 1)
+    first.end("FAILED", "boom")
+    second.end("FINISHED")
+    project = TrackioProject(folder, "sweep")
+    assert project.curve("v1", "dpo/loss") == [(1, 0.7)] and project.curve("v2", "dpo/loss") == [(1, 0.6)]
+    assert project.alerts("v1") == {"dpoflow.failure": "boom", "dpoflow.status FAILED": None}
+    assert project.alerts("v2") == {}
+    assert project.config("v1")["tag.dpoflow.sweep"] == "s1"

@@ -171,3 +171,15 @@ def test_a_missing_client_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(TrackingError, match=r"^tracking.backend wandb needs the wandb client: pip install "
                                             r"'dpoflow\[tracking\]'$"):
         open_run(config(tmp_path / "elsewhere"), "run-1")
+
+
+def test_a_sweep_opens_every_variant_first_and_each_run_still_gets_its_own_values(tmp_path):
+    first, second = (open_run(config(tmp_path), f"v{i}", {"dpoflow.sweep": "s1"}) for i in (1, 2))
+    send(first.ref, "metrics", {"dpo/loss": 0.7}, 1)
+    send(second.ref, "metrics", {"dpo/loss": 0.6}, 1)
+    first.end("FAILED", "boom")
+    second.end("FINISHED")
+    one, two = (WandbRun.read(Path(run.location)) for run in (first, second))
+    assert one.curve("dpo/loss") == [(1, 0.7)] and two.curve("dpo/loss") == [(1, 0.6)]
+    assert (one.exit_code, two.exit_code) == (1, 0) and one.summary["dpoflow.failure"] == "boom"
+    assert "dpoflow.sweep:s1" in one.tags

@@ -39,7 +39,7 @@ class TrackerRef:
     """One tracked run: enough to reach it from another process (a rank torchrun launched)."""
 
     backend: str  # mlflow | wandb | trackio | tensorboard
-    uri: str  # MLflow tracking URI, W&B server ("": W&B's default), Trackio folder or server, TensorBoard log folder
+    uri: str  # MLflow tracking URI, W&B server ("": W&B's default), Trackio folder, TensorBoard log folder
     run_id: str
     experiment: str = ""
     folder: str = ""  # W&B: the folder its local run folders go under (the workdir)

@@ -233,7 +233,7 @@ def test_wandb_cached_rerun_is_a_new_run_with_the_same_curves(demo, wandb_twice)
     assert {row["status"] for row in second["stages"]} == {"cached"}
     assert second["tracking"]["run_id"] != first["tracking"]["run_id"]
     folders = wandb_run_folders(demo.tmp / "work")
-    before, after = WandbRun.read(folders[first["tracking"]["run_id"]]), WandbRun.read(folders[second["tracking"]["run_id"]])
+    before, after = (WandbRun.read(folders[s["tracking"]["run_id"]]) for s in (first, second))
     assert after.exit_code == 0
     for key in ("sft/loss", "sft/train_loss", "dpo/loss", "dpo/rewards/margins", "dpo/learning_rate"):
         assert before.curve(key) and after.curve(key) == before.curve(key), key

@@ -3,7 +3,7 @@
 #   GPU (default): CUDA runtime, the `gpu` extra (Unsloth) and the `gguf` extra (llama.cpp's converter
 #                  and quantizer, built here, so exports need no network at run time)
 #   Both variants carry the `workers` extra, so the image can also run `prefect worker start --type
-#   docker|kubernetes`, and the `tracking` extra (MLflow's client, TensorBoard) for `tracking:`.
+#   docker|kubernetes`, and the `tracking` extra (MLflow's client, W&B, Trackio, TensorBoard) for `tracking:`.
 #       docker build -t dpoflow:gpu .
 #   CPU:  docker build --build-arg VARIANT=cpu -t dpoflow:cpu .
 #

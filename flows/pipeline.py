@@ -40,7 +40,7 @@ from dpoflow.base.records import (Artifact, DataSource, EvalReport, Exports, Jud
                              Published, ReferenceLogps, TrainedAdapter)
 from dpoflow.base.runtime import set_cpu_threads
 from dpoflow.base.summary import StageRow, key_metric, markdown, rows_as_dicts
-from dpoflow.engine.tracking import TrackedRun, TrackerRef, open_run, replay
+from dpoflow.engine.tracking import TrackedRun, TrackerRef, curve_to_send, open_run, replay
 from dpoflow.tasks import stage_policy
 from dpoflow.tasks.dpo import dpo_task, reference_spec, reference_task
 from dpoflow.tasks.evaluate import apply_gate, evaluate_task, start_scores_task, write_gate_report
@@ -372,13 +372,13 @@ def ending_tracked_run(tracked: TrackedRun | None):
 
 
 def track_training(tracked: TrackedRun, run: StageRunner) -> None:
-    """The curves of training stages that came from the cache, sent from what they recorded (the stages
-    that ran sent theirs live)."""
+    """The curves of training stages that did not reach the run as they were logged, sent from what they
+    recorded: a stage from the cache, or one that ran on ranks that cannot write to a W&B or Trackio run."""
     for row in run.rows:
-        if row.stage in ("sft", "dpo") and row.status == "cached":
+        if row.stage in ("sft", "dpo") and curve_to_send(tracked.ref, row.stage, row.status):
             lines = replay(tracked.ref, row.stage, row.output)
-            get_run_logger().info("tracking: %s came from the cache: sent its recorded curve (%d log lines)",
-                                  row.stage, lines)
+            why = "came from the cache" if row.status == "cached" else "ran outside the flow process"
+            get_run_logger().info("tracking: %s %s: sent its recorded curve (%d log lines)", row.stage, why, lines)
 
 
 def start_backend(config: PipelineConfig):

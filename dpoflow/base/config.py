@@ -472,16 +472,19 @@ class DeploySpec(Strict):
 
 
 class TrackingSpec(Strict):
-    backend: Literal["none", "mlflow", "tensorboard"] = Field(
+    backend: Literal["none", "mlflow", "wandb", "trackio", "tensorboard"] = Field(
         "none", description="Where each run's config, training curves, evaluation figures and reports are sent: "
-                            "none, mlflow (the tracking extra: pip install 'dpoflow[tracking]') or tensorboard "
-                            "(event files).")
+                            "none, mlflow, wandb (Weights & Biases; offline unless configured), trackio "
+                            "(Hugging Face's local tracker) or tensorboard (event files). The clients come "
+                            "with the tracking extra: pip install 'dpoflow[tracking]'.")
     uri: str | None = Field(
         None, description="mlflow: the tracking URI, e.g. sqlite:///mlruns.db, file:/path/mlruns or "
-                          "http://host:5000; tensorboard: the log folder. None: mlflow.db / tensorboard/ in the "
-                          "workdir.")
-    experiment: str | None = Field(None, description="MLflow experiment (tensorboard: a subfolder of the log folder); "
-                                                     "None: the pipeline's name.")
+                          "http://host:5000; wandb: a W&B server, e.g. https://api.wandb.ai (the run is online); "
+                          "trackio and tensorboard: the folder. None: mlflow.db, trackio/ or tensorboard/ in the "
+                          "workdir; wandb: online when WANDB_API_KEY is set, else an offline run in "
+                          "<workdir>/wandb.")
+    experiment: str | None = Field(None, description="MLflow experiment, W&B or Trackio project (tensorboard: a "
+                                                     "subfolder of the log folder); None: the pipeline's name.")
     tags: dict[str, str] = Field({}, description="More tags set on every tracked run, e.g. {team: nlp}.")
 
     not_key: ClassVar[dict[str, str]] = {
@@ -506,7 +509,7 @@ class PipelineConfig(Strict):
     export: ExportSpec = Field(ExportSpec(), description="What the tuned model is exported as.")
     publish: PublishSpec = Field(PublishSpec(), description="Pushing the release to the Hugging Face Hub.")
     deploy: DeploySpec = Field(DeploySpec(), description="The pipeline as a Prefect deployment (dpoflow sync / serve).")
-    tracking: TrackingSpec = Field(TrackingSpec(), description="An experiment tracker (MLflow, TensorBoard) each run "
+    tracking: TrackingSpec = Field(TrackingSpec(), description="An experiment tracker (MLflow, W&B, Trackio, TensorBoard) each run "
                                                                "is sent to.")
 
     @property

@@ -1,11 +1,14 @@
 """Experiment tracking (`tracking:` in a pipeline): each run's config, training curves, evaluation figures
-and reports sent to MLflow or TensorBoard.
+and reports sent to MLflow, Weights & Biases, Trackio or TensorBoard (one module each:
+dpoflow.engine.tracking_<backend>).
 
 A run is opened when the flow starts (`open_run`) and named by a `TrackerRef`: a small picklable value
 the training stages are given, so a stage (or each rank torchrun launched) reaches the same run to send
-its curve live (`curve_callback`). A stage that came from the cache sends the curve it recorded
-(`replay`), so a cached re-run's curves equal the first run's. What is sent is redacted
-(dpoflow.base.redact) and the tracking URI, which may hold a password, is never printed.
+its curve live (`curve_callback`). W&B and Trackio runs are written by the process that opened them
+only: a stage that ran on several ranks has its recorded curve sent from the flow process after it
+(`curve_to_send`). A stage that came from the cache sends the curve it recorded (`replay`), so a cached
+re-run's curves equal the first run's. What is sent is redacted (dpoflow.base.redact) and the tracking
+URI, which may hold a password or token, is never printed.
 """
 
 from __future__ import annotations
@@ -13,15 +16,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-from dpoflow.base.errors import Explained
 from dpoflow.base.redact import redact, redact_text
+from dpoflow.engine.tracking_base import TrackingError, reason, shown_uri
+
+__all__ = ["TrackingError", "TrackerRef", "TrackedRun", "open_run", "curve_callback", "replay", "send",
+           "shown_uri", "flat_params", "result_metrics", "curve_to_send"]
 
 # Training log keys that are wall-clock figures (dpoflow.engine.training.deterministic_log leaves them out too).
 _TIMING = ("runtime", "per_second")
@@ -31,34 +34,23 @@ REPORTS = ("summary.md", "summary.json", "config.json", "data_report.md", "data_
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
 
 
-class TrackingError(RuntimeError, Explained):
-    """The tracker cannot be reached or its client is missing: one line naming the backend and setting."""
-
-
 @dataclass(frozen=True)
 class TrackerRef:
     """One tracked run: enough to reach it from another process (a rank torchrun launched)."""
 
-    backend: str  # mlflow | tensorboard
-    uri: str  # MLflow tracking URI, or the TensorBoard log folder of this run
+    backend: str  # mlflow | wandb | trackio | tensorboard
+    uri: str  # MLflow tracking URI, W&B server ("": W&B's default), Trackio folder, TensorBoard log folder
     run_id: str
     experiment: str = ""
+    folder: str = ""  # W&B: the folder its local run folders go under (the workdir)
 
 
 def default_uri(backend: str, workdir: str) -> str:
-    if backend == "mlflow":
-        return f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
-    return str(Path(workdir).resolve() / "tensorboard")
-
-
-def shown_uri(uri: str) -> str:
-    """The URI as it may be printed: any user name and password taken out."""
-    parts = urlsplit(uri)
-    if parts.password is not None or parts.username is not None:
-        host = parts.hostname or ""
-        netloc = host + (f":{parts.port}" if parts.port else "")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return redact_text(uri)
+    """Where a backend's runs go when tracking.uri is not set: a store in the workdir (W&B: its own default
+    server when an API key is set, else an offline run in the workdir)."""
+    root = Path(workdir).resolve()
+    return {"mlflow": f"sqlite:///{root / 'mlflow.db'}", "wandb": "", "trackio": str(root / "trackio"),
+            "tensorboard": str(root / "tensorboard")}[backend]
 
 
 def flat_params(config: dict, prefix: str = "") -> dict[str, str]:
@@ -95,147 +87,51 @@ def result_metrics(summary: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-# --- Backends ------------------------------------------------------------------------------------------
-
-class MlflowTracker:
-    """A run in MLflow, through `mlflow.MlflowClient` (the mlflow-skinny client)."""
-
-    def __init__(self, uri: str):
-        try:
-            from mlflow import MlflowClient
-        except ImportError:
-            raise TrackingError("tracking.backend mlflow needs the MLflow client: pip install "
-                                "'dpoflow[tracking]'") from None
-        self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
-
-    def start(self, experiment: str, run_name: str, tags: dict[str, str]) -> str:
-        found = self.client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else self.client.create_experiment(
-            experiment, artifact_location=self.artifact_location())
-        return self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
-
-    def artifact_location(self) -> str | None:
-        """A SQLite store's artifacts beside its database (MLflow's default is ./mlruns in whatever
-        folder the run was started from); other stores and servers keep their own default."""
-        if self.uri.startswith("sqlite:///"):
-            return (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
-        return None
-
-    def metrics(self, run_id: str, values: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, v, now, step) for k, v in values.items()]
-        for i in range(0, len(batch), 1000):  # MLflow's limit per batch
-            self.client.log_batch(run_id, metrics=batch[i:i + 1000])
-
-    def params(self, run_id: str, values: dict[str, str]) -> None:
-        from mlflow.entities import Param
-
-        batch = [Param(k, v[:6000]) for k, v in values.items()]  # MLflow's longest parameter value
-        for i in range(0, len(batch), 100):
-            self.client.log_batch(run_id, params=batch[i:i + 100])
-
-    def tags(self, run_id: str, values: dict[str, str]) -> None:
-        from mlflow.entities import RunTag
-
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in values.items()])
-
-    def text(self, run_id: str, name: str, text: str) -> None:
-        self.client.log_text(run_id, text, name)
-
-    def files(self, run_id: str, paths: list[Path]) -> None:
-        for path in paths:
-            self.client.log_artifact(run_id, str(path), artifact_path="reports")
-
-    def end(self, run_id: str, status: str) -> None:
-        self.client.set_terminated(run_id, status=status)
-
-    def location(self, run_id: str, experiment: str) -> str:
-        shown = shown_uri(self.uri)
-        if shown.startswith(("http://", "https://")):
-            experiment_id = self.client.get_run(run_id).info.experiment_id
-            return f"{shown.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-        return shown
+_CLIENTS: dict[tuple[str, str, str], Any] = {}  # (backend, uri, folder) -> its client, one per process
+# (run id, stage) of the curves this process sent to a run as they were logged.
+_SENT_LIVE: set[tuple[str, str]] = set()
 
 
-class TensorBoardTracker:
-    """A run as TensorBoard event files: one folder per run under <log dir>/<experiment>/."""
-
-    def __init__(self, uri: str):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise TrackingError("tracking.backend tensorboard needs the tensorboard package: pip install "
-                                "'dpoflow[tracking]'") from None
-        self.root, self.writer_class, self.writers = Path(uri), SummaryWriter, {}
-
-    def start(self, experiment: str, run_name: str, tags: dict[str, str]) -> str:
-        run_id = run_name
-        folder = self.root / experiment / run_id
-        try:
-            folder.mkdir(parents=True, exist_ok=False)
-        except OSError as e:
-            raise TrackingError(f"tracking.uri (tensorboard log folder {self.root}): cannot make {folder}: "
-                                f"{e.strerror or e}") from None
-        self.tags(run_id, tags, experiment)
-        return run_id
-
-    def _writer(self, run_id: str, experiment: str):
-        if run_id not in self.writers:
-            self.writers[run_id] = self.writer_class(log_dir=str(self.root / experiment / run_id))
-        return self.writers[run_id]
-
-    def metrics(self, run_id: str, values: dict[str, float], step: int, experiment: str = "") -> None:
-        writer = self._writer(run_id, experiment)
-        for k, v in values.items():
-            writer.add_scalar(k, v, step)
-        writer.flush()
-
-    def params(self, run_id: str, values: dict[str, str], experiment: str = "") -> None:
-        table = "| parameter | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in values.items())
-        self.text(run_id, "config", table, experiment)
-
-    def tags(self, run_id: str, values: dict[str, str], experiment: str = "") -> None:
-        if values:
-            self.text(run_id, "tags", "\n".join(f"- {k}: {v}" for k, v in values.items()), experiment)
-
-    def text(self, run_id: str, name: str, text: str, experiment: str = "") -> None:
-        writer = self._writer(run_id, experiment)
-        writer.add_text(name, text)
-        writer.flush()
-
-    def files(self, run_id: str, paths: list[Path], experiment: str = "") -> None:
-        for path in paths:
-            if path.suffix in (".md", ".json"):
-                self.text(run_id, f"reports/{path.name}", path.read_text(), experiment)
-
-    def end(self, run_id: str, status: str, experiment: str = "") -> None:
-        self.text(run_id, "status", status, experiment)
-        writer = self.writers.pop(run_id, None)
-        if writer is not None:
-            writer.close()
-
-    def location(self, run_id: str, experiment: str) -> str:
-        return str(self.root / experiment / run_id)
+def tracker_class(backend: str):
+    """The backend's client class, imported when first used (each needs its own optional package)."""
+    if backend == "mlflow":
+        from dpoflow.engine.tracking_mlflow import MlflowTracker
+        return MlflowTracker
+    if backend == "wandb":
+        from dpoflow.engine.tracking_wandb import WandbTracker
+        return WandbTracker
+    if backend == "trackio":
+        from dpoflow.engine.tracking_trackio import TrackioTracker
+        return TrackioTracker
+    from dpoflow.engine.tracking_tensorboard import TensorBoardTracker
+    return TensorBoardTracker
 
 
-_CLIENTS: dict[tuple[str, str], Any] = {}  # (backend, uri) -> its client, one per process
+def client(backend: str, uri: str, folder: str = ""):
+    """The backend's client for `uri`, made once per process (it keeps open writers and runs)."""
+    if (backend, uri, folder) not in _CLIENTS:
+        _CLIENTS[backend, uri, folder] = tracker_class(backend)(uri, folder)
+    return _CLIENTS[backend, uri, folder]
 
 
-def client(backend: str, uri: str):
-    """The backend's client for `uri`, made once per process (a TensorBoard writer is kept open)."""
-    if (backend, uri) not in _CLIENTS:
-        _CLIENTS[backend, uri] = MlflowTracker(uri) if backend == "mlflow" else TensorBoardTracker(uri)
-    return _CLIENTS[backend, uri]
+def client_of(ref: TrackerRef):
+    return client(ref.backend, ref.uri, ref.folder)
+
+
+def reachable_here(ref: TrackerRef) -> bool:
+    """Whether this process can write to the run: any process can for MLflow and TensorBoard; a W&B or
+    Trackio run only from the process that opened it (the flow's). Asked in a rank, it makes no client
+    there (a W&B or Trackio client that could not write anyway)."""
+    if tracker_class(ref.backend).any_process:
+        return True
+    opened = _CLIENTS.get((ref.backend, ref.uri, ref.folder))
+    return opened is not None and opened.holds(ref.run_id)
 
 
 def send(ref: TrackerRef, method: str, *args: Any) -> None:
     """`method` of the run's client called for this run (TensorBoard also needs the experiment folder)."""
-    tracker = client(ref.backend, ref.uri)
     extra = (ref.experiment,) if ref.backend == "tensorboard" else ()
-    getattr(tracker, method)(ref.run_id, *args, *extra)
+    getattr(client_of(ref), method)(ref.run_id, *args, *extra)
 
 
 def send_curve(ref: TrackerRef, stage: str, entries: list[dict[str, Any]]) -> int:
@@ -256,10 +152,22 @@ def replay(ref: TrackerRef, stage: str, out_dir: str | Path) -> int:
     return send_curve(ref, stage, json.loads(file.read_text())) if file.is_file() else 0
 
 
+def curve_to_send(ref: TrackerRef, stage: str, status: str) -> bool:
+    """Whether the flow sends a training stage's recorded curve after it: the stage came from the cache,
+    or it ran where its curve could not reach the run live (the ranks torchrun launched, for a W&B or
+    Trackio run; sending from there would open a second writer of one run, which neither supports
+    offline)."""
+    if status == "cached":
+        return True
+    return status == "ran" and not tracker_class(ref.backend).any_process and (ref.run_id, stage) not in _SENT_LIVE
+
+
 def curve_callback(ref: TrackerRef, stage: str):
     """A Trainer callback that sends the stage's log lines as they come (`dpo/loss`, `dpo/rewards/accuracies`
     ...), on the main process only. Resumed from a checkpoint, it first sends the lines the checkpoint's
-    log_history already holds, so the run has the whole curve."""
+    log_history already holds, so the run has the whole curve. Where the run cannot be reached from this
+    process (a W&B or Trackio run, in a rank torchrun launched) it sends nothing: the flow sends the
+    recorded curve after the stage (`curve_to_send`)."""
     from transformers import TrainerCallback
 
     from dpoflow.base.ranks import is_main_process
@@ -270,10 +178,11 @@ def curve_callback(ref: TrackerRef, stage: str):
 
         def _send(self, entries: list[dict[str, Any]]) -> None:
             fresh = [e for e in entries if e.get("step", -1) > self.sent_through or "train_loss" in e]
-            if not fresh or not is_main_process():
+            if not fresh or not is_main_process() or not reachable_here(ref):
                 return
             try:
                 send_curve(ref, stage, fresh)
+                _SENT_LIVE.add((ref.run_id, stage))
             except Exception as e:  # noqa: BLE001 - a tracker hiccup must not end hours of training
                 print(f"{stage}: tracking: could not send the curve at step {fresh[-1].get('step')}: "
                       f"{type(e).__name__}: {redact_text(str(e))}")
@@ -300,7 +209,7 @@ class TrackedRun:
 
     @property
     def location(self) -> str:
-        return client(self.ref.backend, self.ref.uri).location(self.ref.run_id, self.ref.experiment)
+        return client_of(self.ref).location(self.ref.run_id, self.ref.experiment)
 
     def record(self) -> dict[str, str]:
         """summary["tracking"]: where to look (never the URI's password)."""
@@ -335,38 +244,30 @@ def open_run(config, run_name: str, tags: dict[str, str] | None = None) -> Track
     if spec.backend == "none":
         return None
     uri = spec.uri or default_uri(spec.backend, config.workdir)
+    folder = str(Path(config.workdir).resolve()) if spec.backend == "wandb" else ""
     experiment = spec.experiment or config.name
     all_tags = {"dpoflow.pipeline": config.name, **(tags or {}), **spec.tags}
+    params = flat_params(redact(config.model_dump(mode="json", exclude={"tracking": {"uri"}})))
     try:
-        tracker = client(spec.backend, uri)
+        tracker = client(spec.backend, uri, folder)
         with _quick_failure():
-            run_id = tracker.start(experiment, run_name, redact(all_tags))
+            run_id = tracker.start(experiment, run_name, redact(all_tags), params)
     except TrackingError:
         raise
     except Exception as e:  # noqa: BLE001 - any client error: one line, the URI without its password
-        raise TrackingError(f"tracking.backend {spec.backend}: cannot reach tracking.uri {shown_uri(uri)}: "
+        where = shown_uri(uri) if uri else "(W&B's default server)"
+        raise TrackingError(f"tracking.backend {spec.backend}: cannot reach tracking.uri {where}: "
                             f"{reason(e)}") from None
-    run = TrackedRun(TrackerRef(spec.backend, uri, run_id, experiment), spec)
-    shown = redact(config.model_dump(mode="json", exclude={"tracking": {"uri"}}))
-    send(run.ref, "params", flat_params(shown))
-    return run
-
-
-def reason(error: Exception) -> str:
-    """A client error in a few words: the operating system's reason when there is one (a refused
-    connection is wrapped in three layers of urllib3 text), never a user name or password of a URL."""
-    text = str(error) or type(error).__name__
-    found = re.search(r"\[Errno -?\d+\] [^'\"()]+", text)
-    why = found.group(0) if found else " ".join(text.split())
-    why = re.sub(r"://[^/\s@]+@", "://", why)  # user:password@ of any URL in it
-    return f"{type(error).__name__}: {redact_text(why)[:200]}"
+    return TrackedRun(TrackerRef(spec.backend, uri, run_id, experiment, folder), spec)
 
 
 class _quick_failure:
-    """MLflow's REST client retries a refused connection with backoff for minutes by default; opening a
-    run tries a few times only, so an unreachable tracker is said at once. A value the user set is kept."""
+    """MLflow's REST client retries a refused connection with backoff for minutes by default, W&B for its
+    90 s init timeout; opening a run tries for a few seconds only, so an unreachable tracker is said at
+    once. A value the user set is kept."""
 
-    VARIABLES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+    VARIABLES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+                 "WANDB_INIT_TIMEOUT": "20"}
 
     def __enter__(self):
         self.set = [k for k in self.VARIABLES if k not in os.environ]

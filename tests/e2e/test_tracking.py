@@ -1,15 +1,17 @@
 """Experiment tracking through the CLI, as a user turns it on: the short demo sent to a real local MLflow
-(a SQLite store) and to TensorBoard event files, read back with their own readers. The curves MLflow
-holds are the ones the stages recorded, live on the first run and replayed from the cache on the second;
-a sweep's variants are runs of their own; a gate-blocked run is FAILED; an unreachable tracker is one
-line without its password."""
+(a SQLite store), to W&B offline, to Trackio and to TensorBoard event files, read back from what those
+clients wrote. The curves MLflow and W&B hold are the ones the stages recorded, live on the first run and
+replayed from the cache on the second; a sweep's variants are runs of their own; a gate-blocked run is
+FAILED; an unreachable tracker is one line without its password."""
 
 import json
 import os
+import sqlite3
 import subprocess
 from pathlib import Path
 
 import pytest
+from tracker_stores import TrackioProject, WandbRun, wandb_run_folders
 
 pytestmark = pytest.mark.slow
 
@@ -24,6 +26,8 @@ def demo(repo, tmp_path_factory):
     env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect"), "OMP_NUM_THREADS": "1"}
     env.pop("PREFECT_API_URL", None)
     env.pop("MLFLOW_TRACKING_URI", None)
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_DIR", "TRACKIO_DIR"):
+        env.pop(name, None)  # no W&B account here: a key would send the run online
 
     def run(*items: str, command: str = "run", vary: tuple = (), expect: int = 0) -> subprocess.CompletedProcess:
         cmd = ["python", "-m", "dpoflow", command, "demo", "-f", str(repo / "pipelines.yaml"), *vary]
@@ -168,3 +172,93 @@ def test_an_unreachable_tracker_is_one_line_without_the_password(demo):
     assert "Hunter2-pass" not in output and "alice" not in output
     (said,) = [line for line in proc.stderr.splitlines() if line.startswith("dpoflow:")]
     assert said.startswith("dpoflow: tracking.backend mlflow: cannot reach tracking.uri http://127.0.0.1:1: ")
+
+
+# A DPO setting no other test here uses: the first W&B run trains dpo live (its curve sent as logged),
+# with sft from the cache the MLflow runs left when they ran first (its curve replayed); the second run
+# is all cached. Cheaper than a workdir of its own, and both ways a curve reaches W&B are in one run.
+WANDB_RUN = ("tracking.backend=wandb", "dpo.beta=0.2")
+
+
+def prefect_summary_artifact(tmp: Path, flow_run: str) -> str:
+    """The run's summary as the Prefect artifact holds it, from the temporary server's database (it is
+    stopped when the command ends)."""
+    with sqlite3.connect(tmp / "prefect" / "prefect.db") as db:
+        (data,) = db.execute("SELECT a.data FROM artifact a JOIN flow_run f ON f.id = a.flow_run_id "
+                             "WHERE f.name = ? AND a.key = 'dpoflow-demo'", (flow_run,)).fetchone()
+    return json.loads(data)
+
+
+@pytest.fixture(scope="module")
+def wandb_twice(demo):
+    """The short demo run twice with W&B (offline: no key here): (first summary, second summary)."""
+    return summary_of(demo(*WANDB_RUN)), summary_of(demo(*WANDB_RUN))
+
+
+def test_wandb_offline_gets_config_curves_results_and_reports_in_the_workdir(demo, wandb_twice):
+    summary, _ = wandb_twice
+    tracking = summary["tracking"]
+    folder = wandb_run_folders(demo.tmp / "work")[tracking["run_id"]]
+    assert tracking["backend"] == "wandb" and tracking["location"] == str(folder)
+    assert not (Path.cwd() / "wandb").exists()  # nothing where the command was started
+    run = WandbRun.read(folder)
+    assert run.exit_code == 0 and run.summary["dpoflow.status"] == "FINISHED" and run.project == "demo"
+    assert run.config["dpo.beta"] == "0.2" and run.config["model.source"] == "builtin:tiny-llama"
+    assert "tracking.uri" not in run.config and run.summary["dpoflow.pipeline"] == "demo"
+    run_dir = Path(summary["run_dir"])
+    stages = {row["stage"]: row["status"] for row in summary["stages"]}
+    assert stages["dpo"] == "ran"  # its curve went live; sft's (cached or not) was sent after it
+    for stage, key in (("sft", "loss"), ("sft", "train_loss"), ("dpo", "loss"), ("dpo", "rewards/accuracies")):
+        recorded = curve(run_dir / stage / "log_history.json", key)
+        assert recorded and run.curve(f"{stage}/{key}") == recorded, (stage, key)
+    for name, value in summary["metrics"].items():
+        assert run.summary[f"eval/{name}"] == pytest.approx(value)
+    for row in summary["forgetting"]["table"]:
+        assert run.summary[f"forgetting/{row['task']}/tuned"] == pytest.approx(row["tuned"])
+    assert run.summary["judge/win_rate"] == pytest.approx(summary["judge"]["win_rate"])
+    for name in ("summary.md", "summary.json", "data_report.md", "forgetting.md", "forgetting.png", "judge.md"):
+        assert f"reports/{name}" in run.files
+        assert (folder / "files" / "reports" / name).read_bytes() == (run_dir / name).read_bytes(), name
+    assert run.summary["reports/forgetting"]["_type"] == "image-file"
+    # Where to find it: the run folder's summary, the Prefect artifact, the model card (no folder).
+    line = f"tracked: wandb experiment 'demo', run {tracking['run_id']} ({folder})"
+    assert line in (run_dir / "summary.md").read_text()
+    assert line in prefect_summary_artifact(demo.tmp, summary["flow_run"])
+    card = (run_dir / "card" / "README.md").read_text()
+    assert "Tracked: wandb, experiment `demo`" in card and str(demo.tmp) not in card
+
+
+def test_wandb_cached_rerun_is_a_new_run_with_the_same_curves(demo, wandb_twice):
+    first, second = wandb_twice
+    assert {row["status"] for row in second["stages"]} == {"cached"}
+    assert second["tracking"]["run_id"] != first["tracking"]["run_id"]
+    folders = wandb_run_folders(demo.tmp / "work")
+    before, after = (WandbRun.read(folders[s["tracking"]["run_id"]]) for s in (first, second))
+    assert after.exit_code == 0
+    for key in ("sft/loss", "sft/train_loss", "dpo/loss", "dpo/rewards/margins", "dpo/learning_rate"):
+        assert before.curve(key) and after.curve(key) == before.curve(key), key
+    results = [k for k in before.summary if k.startswith(("eval/", "forgetting/", "judge/"))]
+    assert results and {k: after.summary[k] for k in results} == {k: before.summary[k] for k in results}
+
+
+def test_trackio_gets_config_curves_results_and_reports_in_the_workdir(demo, wandb_twice):
+    summary = summary_of(demo("tracking.backend=trackio", "dpo.beta=0.2", "tracking.experiment=demo-trackio"))
+    tracking = summary["tracking"]
+    store = demo.tmp / "work" / "trackio"
+    assert tracking["location"] == f"{store / 'demo-trackio.db'} (trackio project 'demo-trackio')"
+    project = TrackioProject(store, "demo-trackio")
+    run = tracking["run_id"]
+    assert project.runs() == [run]
+    params = project.config(run)
+    assert params["dpo.beta"] == "0.2" and params["tag.dpoflow.pipeline"] == "demo" and "tracking.uri" not in params
+    run_dir = Path(summary["run_dir"])
+    for stage, key in (("sft", "loss"), ("dpo", "loss"), ("dpo", "rewards/accuracies")):
+        recorded = curve(run_dir / stage / "log_history.json", key)
+        assert recorded and project.curve(run, f"{stage}/{key}") == recorded, (stage, key)
+    assert project.curve(run, "eval/tuned_accuracy") == [(0, pytest.approx(summary["metrics"]["tuned_accuracy"]))]
+    reports = project.artifacts(run)
+    for name in ("summary.md", "data_report.md", "forgetting.md", "forgetting.png", "judge.md"):
+        assert reports[name] == (run_dir / name).read_bytes(), name
+    assert project.alerts(run) == {}
+    assert f"tracked: trackio experiment 'demo-trackio', run {run}" in (run_dir / "summary.md").read_text()
+    assert "Tracked: trackio, experiment `demo-trackio`" in (run_dir / "card" / "README.md").read_text()

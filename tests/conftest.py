@@ -1,6 +1,9 @@
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 # Tiny models on a 2-core machine: one thread, or steps get many times slower under any other load.
@@ -9,6 +12,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The test Hub server (tests/hubserver.py) speaks the classic LFS upload protocol, not Xet; huggingface_hub
 # reads this when it is first imported, so it is set before any test imports it.
 os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
+# Trackio reads its folder (TRACKIO_DIR) once, when something in the process first imports it: one
+# folder for each test process, set before anything can, never the user's ~/.cache
+# (tests/test_tracking_trackio.py writes its runs there; the CLI's runs choose their own).
+if "TRACKIO_DIR" not in os.environ:
+    os.environ["TRACKIO_DIR"] = tempfile.mkdtemp(prefix="dpoflow-tests-trackio-")
+    atexit.register(shutil.rmtree, os.environ["TRACKIO_DIR"], ignore_errors=True)
 # The CLI's startup allowance for Prefect's temporary server (dpoflow.base.runtime), for tests that run
 # flows in this process too, set before Prefect reads its settings: under pytest-xdist the machine is
 # loaded and the server's default 20 s ran out. (Not all of the CLI's defaults: the UI must stay on for
@@ -42,6 +51,8 @@ def pytest_xdist_make_scheduler(config, log):
         return None
     from xdist.scheduler import LoadFileScheduling
 
+    config.option.loadscopereorder = False  # keep pytest_collection_modifyitems' order: the longest first
+
     class ModuleScheduling(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
             module = super()._split_scope(nodeid)
@@ -50,9 +61,13 @@ def pytest_xdist_make_scheduler(config, log):
     return ModuleScheduling(config, log)
 
 
+# The longest module by far (Gemma 3 270M on CPU, ~12 minutes): started first, so no worker waits on it.
+LONGEST_MODULE = "test_demo_real.py"
+
+
 def pytest_collection_modifyitems(config, items):
-    # The end-to-end modules first, so that the longest do not start last on a worker.
-    items.sort(key=lambda item: item.path.parent.name != "e2e")
+    # The end-to-end modules first, the longest of them at the head, so that no long one starts last.
+    items.sort(key=lambda item: (item.path.parent.name != "e2e", item.path.name != LONGEST_MODULE))
     import torch
 
     if torch.cuda.is_available():

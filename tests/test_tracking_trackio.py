@@ -4,7 +4,9 @@ process share one folder (a run per test), and a second folder is refused in one
 
 import importlib.util
 import json
+import os
 import sys
+from pathlib import Path
 
 import pytest
 from tracker_stores import TrackioProject
@@ -19,8 +21,10 @@ SECRET = "hf_" + "Zq8xK2mP4vN7wR1tY6uB3cD9eF0gH5jL"  # a Hub token's shape: reda
 
 
 @pytest.fixture(scope="session")
-def folder(tmp_path_factory):
-    return tmp_path_factory.mktemp("trackio")
+def folder():
+    """This test process's Trackio folder (tests/conftest.py): whichever test imports trackio first, it is
+    the one trackio writes to."""
+    return Path(os.environ["TRACKIO_DIR"]).resolve()
 
 
 def config(tmp_path, folder, project, **more):

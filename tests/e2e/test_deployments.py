@@ -87,7 +87,10 @@ def server(tmp_path_factory, repo):
            "PREFECT_SERVER_UI_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5", "PREFECT_WORKER_QUERY_SECONDS": "1",
            "PREFECT_WORKER_PREFETCH_SECONDS": "5", "PREFECT_RUNNER_POLL_FREQUENCY": "1", "OMP_NUM_THREADS": "1",
-           "PREFECT_LOGGING_LEVEL": "INFO"}
+           "PREFECT_LOGGING_LEVEL": "INFO",
+           # the UI test reads its pages; an in-process CLI test of the same worker may have turned it off
+           # in os.environ (the CLI's quiet defaults, dpoflow.base.runtime)
+           "PREFECT_UI_ENABLED": "true"}
     env.pop("CI", None)  # sync refuses pool deployments without a repository on CI; tests set CI on purpose
     log = open(tmp / "server.log", "w")
     proc = subprocess.Popen(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,

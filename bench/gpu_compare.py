@@ -32,21 +32,27 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-CONFIGS = ("trl-refcopy", "trl-peft", "unsloth-bf16", "unsloth-bf16-mb8", "unsloth-bf16-mb16", "unsloth-bf16-mb8-nogc",
-           "unsloth-4bit", "dpoflow", "dpoflow-noshare", "dpoflow-mb8", "dpoflow-mb8-gc",
+CONFIGS = ("trl-refcopy", "trl-peft", "unsloth-bf16", "unsloth-bf16-mb8", "unsloth-bf16-mb16", "unsloth-bf16-mb32",
+           "unsloth-bf16-mb8-nogc", "unsloth-4bit", "dpoflow", "dpoflow-gc", "dpoflow-noshare", "dpoflow-mb8",
+           "dpoflow-mb8-gc", "dpoflow-mb16", "dpoflow-budget24", "dpoflow-4bit-budget24",
            "dpoflow-4bit", "dpoflow-precomputed", "dpoflow-trl",
            "dpoflow-mb8-precomputed", "dpoflow-mb16-precomputed")
 # Unsloth alone: 4 pairs a micro-batch and its gradient checkpointing unless the name says otherwise.
-UNSLOTH = {"unsloth-bf16-mb8": {"pairs": 8}, "unsloth-bf16-mb16": {"pairs": 16},
+UNSLOTH = {"unsloth-bf16-mb8": {"pairs": 8}, "unsloth-bf16-mb16": {"pairs": 16}, "unsloth-bf16-mb32": {"pairs": 32},
            "unsloth-bf16-mb8-nogc": {"pairs": 8, "checkpointing": False}}
 # dpoflow variants: the `dpo` stage with its GPU defaults (prompt sharing on, gradient checkpointing as the
 # planner decides), changed in one setting each.
-DPOFLOW = {"dpoflow": {}, "dpoflow-noshare": {"share_prompt": False}, "dpoflow-mb8": {"pairs": 8},
-           "dpoflow-mb8-gc": {"pairs": 8, "checkpointing": True},
+DPOFLOW = {"dpoflow": {}, "dpoflow-gc": {"checkpointing": True}, "dpoflow-noshare": {"share_prompt": False},
+           "dpoflow-mb8": {"pairs": 8}, "dpoflow-mb8-gc": {"pairs": 8, "checkpointing": True},
+           "dpoflow-mb16": {"pairs": 16},
+           # planned for a 24 GiB card (train.memory_budget_gib: 24), 16-bit and 4-bit weights
+           "dpoflow-budget24": {"pairs": 8, "budget": 24},
+           "dpoflow-4bit-budget24": {"pairs": 8, "quantize": "4bit", "budget": 24},
            "dpoflow-4bit": {"quantize": "4bit"}, "dpoflow-precomputed": {"precompute": True},
            "dpoflow-trl": {"backend": "trl"}, "dpoflow-mb8-precomputed": {"pairs": 8, "precompute": True},
            "dpoflow-mb16-precomputed": {"pairs": 16, "precompute": True}}
 PAIRS, SEQ, WARMUP = 4, 512, 3
+MOST_PAIRS = 32  # the largest micro-batch of any configuration: the data holds that many a step
 PEAK_FLOPS = 772e12
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -71,7 +77,7 @@ def main() -> None:
 
     work = scratch()
     build_model(args.shape, work / "model")
-    make_pairs(load_tokenizer(str(work / "model")), 16 * args.steps, SEQ // 2, SEQ // 2, work / "train.jsonl")
+    make_pairs(load_tokenizer(str(work / "model")), MOST_PAIRS * args.steps, SEQ // 2, SEQ // 2, work / "train.jsonl")
     results = []
     for config in (CONFIGS if args.configs == "all" else args.configs.split(",")):
         result, proc = run_worker([__file__, "--worker", config, "--work", str(work), "--steps", str(args.steps)])
@@ -109,11 +115,12 @@ def run_config(config: str, work: Path, steps: int) -> dict:
     clock = step_clock(work / f"clock-{config}.json")
     torch.cuda.reset_peak_memory_stats()
     loaded = time.perf_counter()
-    reference_s, sharing = None, None
+    reference_s, sharing, plan = None, None, None
     pairs = {**DPOFLOW, **UNSLOTH}.get(config, {}).get("pairs", PAIRS)
     checkpointing = UNSLOTH.get(config, {}).get("checkpointing", True)
     if config.startswith("dpoflow"):
-        started, log, reference_s, sharing, checkpointing = _dpoflow(work, steps, clock, **DPOFLOW[config])
+        started, log, reference_s, sharing, plan = _dpoflow(work, steps, clock, **DPOFLOW[config])
+        checkpointing = plan["gradient_checkpointing"]
         loaded = started
     else:
         trainer = _trainer(config, work, steps, clock, pairs, checkpointing)
@@ -139,7 +146,7 @@ def run_config(config: str, work: Path, steps: int) -> dict:
                             for e in log if "loss" in e][:4],
             # With the reference pass precomputed: its seconds, and tokens/s over pass + steady steps.
             "reference_pass_s": round(reference_s, 2) if reference_s is not None else None,
-            "prompt_sharing": sharing,
+            "prompt_sharing": sharing, "plan": plan,
             "tok_per_s_incl_reference": round(tokens * len(t) / (len(t) * per_step + reference_s))
             if reference_s is not None else None}
 
@@ -191,26 +198,27 @@ def _trainer(config: str, work: Path, steps: int, clock, pairs: int = PAIRS, che
 
 def _dpoflow(work: Path, steps: int, clock, precompute: bool = False, share_prompt: bool = True, pairs: int = PAIRS,
              quantize: str = "auto", backend: str = "auto", checkpointing: bool | None = None,
-             ) -> tuple[float, list[dict], float | None, dict, bool]:
+             budget: float | None = None) -> tuple[float, list[dict], float | None, dict, dict]:
     """The pipeline's own stage with the defaults a GPU user gets (train: backend/precision/quantize
     auto, prompt sharing on, gradient checkpointing as planned); only the batch, steps and sequence
     length are the benchmark's.
     `precompute`: the reference log-probs come from the `reference` stage's pass first (timed on its
-    own)."""
+    own). `budget`: train.memory_budget_gib."""
     import torch
 
     from dpoflow.base.config import DPOSpec, LoraSpec, TrainSetup
     from dpoflow.base.hardware import plan_stage
+    from dpoflow.engine.backends import choose_backend
     from dpoflow.tasks.dpo import compute_reference_logps, train_dpo
     from gpu_dpo import bench_records
 
-    setup = TrainSetup(quantize=quantize, backend=backend)
+    setup = TrainSetup(quantize=quantize, backend=backend, memory_budget_gib=budget)
     spec = DPOSpec(per_device_batch_size=pairs, gradient_accumulation_steps=1, max_steps=steps, max_length=SEQ,
                    logging_steps=1, lr_scheduler="constant", lora=LoraSpec(r=16, alpha=16),
                    precompute_ref_log_probs=precompute, share_prompt=share_prompt,
                    gradient_checkpointing=checkpointing)
     start, data = bench_records(work, "random")
-    plan = plan_stage(setup, spec, start.path)
+    plan = plan_stage(setup, spec, start.path, backend=choose_backend(setup).name)
     reference, reference_s = None, None
     if precompute:
         began = time.perf_counter()
@@ -223,7 +231,9 @@ def _dpoflow(work: Path, steps: int, clock, precompute: bool = False, share_prom
     out = Path(adapter.path).parent
     metrics = json.loads((out / "dpo_metrics.json").read_text())
     sharing = {k: v for k, v in metrics.items() if k.startswith("prompt_sharing/")}
-    return began, json.loads((out / "log_history.json").read_text()), reference_s, sharing, plan.gradient_checkpointing
+    planned = {k: getattr(plan, k) for k in ("per_device_batch", "gradient_accumulation_steps", "load_in_4bit",
+                                             "gradient_checkpointing")}
+    return began, json.loads((out / "log_history.json").read_text()), reference_s, sharing, planned
 
 
 def _params_without_embedding(model_dir: Path) -> int:

@@ -119,7 +119,7 @@ def main() -> None:
         began = time.perf_counter()
         result = {"mode": mode, "shape": args.shape, "gpu": torch.cuda.get_device_name()}
         try:
-            plan = plan_stage(setup, spec, start.path)
+            plan = plan_stage(setup, spec, start.path, backend="unsloth")
             result["plan"] = {"precision": plan.precision, "load_in_4bit": plan.load_in_4bit,
                               "per_device_batch": plan.per_device_batch}
             adapter = dpo.train_dpo(start, data, spec, setup, plan, 0, work / f"out-{mode}", callbacks=(timer,))

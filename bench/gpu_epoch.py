@@ -100,7 +100,9 @@ def _inputs(work: Path, pairs: int, batch: int, share: bool, beta: float = 0.1, 
                    logging_steps=10, lr_scheduler="constant", lora=LoraSpec(r=16, alpha=16), beta=beta,
                    learning_rate=lr, share_prompt=share, precompute_ref_log_probs=precompute)
     start, data = bench_records(work, "random")
-    return start, data, spec, setup, plan_stage(setup, spec, start.path)
+    from dpoflow.engine.backends import choose_backend
+
+    return start, data, spec, setup, plan_stage(setup, spec, start.path, backend=choose_backend(setup).name)
 
 
 def _train_clock():

@@ -67,19 +67,19 @@ def main() -> None:
         print(name, json.dumps(report[name])[:3000], flush=True)
 
     def load_only():
-        loaded = load_for_training(backend, start.path, plan_stage(setup, dpo, start.path), lora, SEQ, 0)
+        loaded = load_for_training(backend, start.path, plan_stage(setup, dpo, start.path, backend=backend.name), lora, SEQ, 0)
         del loaded
 
     load_only()
     after("after_load_and_free")
     from dpoflow.tasks.dpo import train_dpo
 
-    train_dpo(start, data, dpo, setup, plan_stage(setup, dpo, start.path), 0, work / "dpo")
+    train_dpo(start, data, dpo, setup, plan_stage(setup, dpo, start.path, backend=backend.name), 0, work / "dpo")
     after("after_dpo_stage")
     if args.with_sft:
         from dpoflow.tasks.sft import train_sft
 
-        train_sft(start, data, sft, setup, plan_stage(setup, sft, start.path), 0, work / "sft")
+        train_sft(start, data, sft, setup, plan_stage(setup, sft, start.path, backend=backend.name), 0, work / "sft")
         after("after_sft_stage")
     torch._dynamo.reset()
     print("RESULT " + json.dumps(report), flush=True)

@@ -144,7 +144,7 @@ def explain(config: PipelineConfig) -> dict[str, Any]:
         def plan_for(spec, model) -> TrainingPlan | None:
             folder = model.path if not isinstance(model, Pending) else _model_for_planning(config, Path(tmp),
                                                                                           planning_model)
-            return plan_stage(config.train, spec, folder) if folder else None
+            return plan_stage(config.train, spec, folder, backend=backend.name) if folder else None
 
         try:
             out = compose(config, peek, plan_for)

@@ -343,7 +343,7 @@ def pipeline(config: PipelineConfig, overrides: list[str] | None = None) -> dict
         blocked = None
         try:
             with keep_failed_data_report(workspace, config, run):
-                out = compose(config, run, hardware_plans(config), tracked.ref if tracked else None)
+                out = compose(config, run, hardware_plans(config, backend.name), tracked.ref if tracked else None)
         except GateBlocked as e:  # still leave the summary and the score table before failing the run
             blocked, out = e, e.outputs
         summary = record_run(config, backend, run, out, blocked, new_run_folder(workspace, config), overrides or [],
@@ -389,8 +389,8 @@ def start_backend(config: PipelineConfig):
     return backend
 
 
-def hardware_plans(config: PipelineConfig):
-    return lambda spec, model: plan_stage(config.train, spec, model.path)
+def hardware_plans(config: PipelineConfig, backend: str):
+    return lambda spec, model: plan_stage(config.train, spec, model.path, backend=backend)
 
 
 def record_run(config: PipelineConfig, backend, run: StageRunner, out: Outputs, blocked: GateBlocked | None,

@@ -62,7 +62,7 @@ def sweep(variants: list[Variant], overrides: list[str] | None = None) -> dict[s
             for i, (variant, run, backend) in enumerate(zip(variants, runs, backends)):
                 logger.info("sweep variant %d of %d: %s: training", i + 1, len(variants), variant.label)
                 try:
-                    trained[i] = compose_training(variant.config, run, hardware_plans(variant.config), kept,
+                    trained[i] = compose_training(variant.config, run, hardware_plans(variant.config, backend.name), kept,
                                                   tracked[i].ref if tracked[i] else None)
                 except Exception as e:  # noqa: BLE001 - recorded in the table; the other variants go on
                     errors[i] = _failure(logger, variant, e, tracked[i])

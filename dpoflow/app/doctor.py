@@ -72,7 +72,7 @@ def doctor(config) -> int:
             print(f"plan for the {stage} stage (precision {setup.precision}, quantize {setup.quantize}, "
                   f"max_length {spec.max_length}):")
             try:
-                plan = plan_stage(setup, spec, folder, gpu)
+                plan = plan_stage(setup, spec, folder, gpu, backend or "trl")
             except ValueError as e:
                 print(f"  not possible: {e}")
                 problems.append(f"training plan: {e}")

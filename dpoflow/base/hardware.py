@@ -16,12 +16,14 @@ from typing import ClassVar
 GiB = 2**30
 FP8_MIN_CC = (8, 9)  # Ada / Hopper: the first GPUs with FP8 tensor cores
 FIT_FRACTION = 0.9  # the estimate is rough and the allocator fragments: keep 10% of free memory spare
-FOUR_BIT_BYTES_PER_PARAM = 0.56  # NF4 is 0.5 bytes; block scales and the layers bitsandbytes skips add ~0.06
 LORA_RANK = 16  # the LoraSpec default; the adapter is small next to the weights, so its exact r barely matters
-# Larger micro-batches ran faster at the same effective batch (8B shape on an H100: 4 pairs 8,609 tok/s,
-# 8 pairs 10,242; docs/benchmarks.md); growing stops here, where it was measured.
-MAX_GROWN_BATCH = 8
-WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0}
+# Larger micro-batches ran faster at the same effective batch (docs/benchmarks.md, 8B shape): with
+# checkpointing, 4 pairs 8,609 tok/s and 8 pairs 10,242 on an H100; without it, 8 pairs 13,608 and 16 pairs
+# 14,236 on an H200. Growing stops where it was measured.
+MAX_GROWN_BATCH = {True: 8, False: 16}  # gradient checkpointing on/off -> the largest grown micro-batch
+BACKENDS = ("trl", "unsloth")
+# Bytes a base weight. NF4 ("4bit") is 0.5 bytes a quantized weight; its block scales add ~0.06.
+WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "4bit": 0.56}
 PRECISIONS = ("auto", "bf16", "fp16", "fp8")
 QUANTIZE = ("auto", "none", "4bit")
 
@@ -96,44 +98,62 @@ def model_shape(model_dir: str | Path) -> dict:
 
 
 def estimate_training_bytes(n_params: int, hidden_size: int, num_layers: int, vocab_size: int,
-                            per_device_batch: int, seq_len: int, weight_bytes_per_param: float,
-                            gradient_checkpointing: bool = True) -> int:
-    """Peak GPU memory of one LoRA DPO step, a deliberately rough estimate. The parts:
+                            per_device_batch: int, seq_len: int, weights: str,
+                            gradient_checkpointing: bool = True, backend: str = "trl") -> int:
+    """Peak GPU memory of one LoRA DPO step, a deliberately rough estimate that errs high. The parts:
 
-    - base weights (frozen): n_params x weight_bytes_per_param (2 bf16/fp16, 1 FP8, ~0.56 4-bit);
+    - base weights (frozen), `weights` one of WEIGHT_BYTES: 2 bytes a parameter bf16/fp16, 1 FP8. 4-bit
+      quantizes the linear layers only: the input embedding and the output head (vocab x hidden each)
+      stay 16-bit, which at a 128k vocabulary is an eighth of an 8B model;
     - LoRA adapter: rank 16 on the seven Llama projections is ~20 x r x hidden parameters a layer, each
       with an fp32 weight, gradient and two Adam moments (16 bytes);
-    - activations: DPO runs chosen and rejected through the model, so 2 x batch x seq_len tokens. With
-      gradient checkpointing each layer keeps only its 16-bit input (2 x hidden bytes a token) and one
-      layer at a time is recomputed in full (~34 x hidden bytes a token; Korthikanti et al. 2022, with
-      flash/SDPA attention so no seq_len^2 term); without it every layer keeps the full 34;
-    - logits: tokens x vocab in fp32, x2 for the log-softmax and its gradient. This dominates at 128k
-      vocabularies.
+    - activations: DPO runs chosen and rejected through the model, so 2 x batch x seq_len tokens. A layer
+      recomputed in full holds ~34 x hidden bytes a token (Korthikanti et al. 2022, with flash/SDPA
+      attention so no seq_len^2 term). Without gradient checkpointing every layer keeps that. With it, one
+      layer at a time is recomputed and each layer's 16-bit input (2 x hidden bytes a token) is kept: on
+      the GPU by TRL, in CPU memory by Unsloth's checkpointing ("unsloth" offloads them);
+    - logits: tokens x vocab. TRL: fp32 with the log-softmax's gradient (8 bytes); Unsloth: bf16 (2).
 
-    Against the measured peaks at 4 pairs x 512 tokens (8B shape: 17.8 GiB bf16 TRL, 7.2 GiB Unsloth
-    4-bit, ../shared/gpu/README.md; 1B shape: 3.1 GiB Unsloth bf16, docs/benchmarks.md) this gives ~21,
-    ~10 and ~7 GiB: it errs high (mostly the logits, which Unsloth chunks), the safe side for planning.
+    Against the measured peaks (docs/benchmarks.md, 8B shape, 512-token sequences): TRL + PEFT 4 pairs
+    17.8 GiB, estimated 21.0; Unsloth 8 pairs 17.6 and 16 pairs 19.6 (dpoflow's stage 8 pairs 16.6),
+    estimated 18.6 and 21.6; without checkpointing, dpoflow 8 pairs 36.5 and Unsloth 45.4, estimated 51.6;
+    Unsloth 4-bit 4 pairs 7.2, estimated 7.7.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     tokens = 2 * per_device_batch * seq_len
-    weights = n_params * weight_bytes_per_param
+    if weights == "4bit":
+        sixteen_bit = min(n_params, 2 * vocab_size * hidden_size)
+        weight_bytes = (n_params - sixteen_bit) * WEIGHT_BYTES["4bit"] + sixteen_bit * 2
+    else:
+        weight_bytes = n_params * WEIGHT_BYTES[weights]
     lora = 20 * LORA_RANK * hidden_size * num_layers * 16
     per_layer = 34 * hidden_size * tokens
+    offloaded = backend == "unsloth"
     if gradient_checkpointing:
-        activations = num_layers * 2 * hidden_size * tokens + per_layer
+        activations = (0 if offloaded else num_layers * 2 * hidden_size * tokens) + per_layer
     else:
         activations = num_layers * per_layer
-    logits = tokens * vocab_size * 4 * 2
-    return int(weights + lora + activations + logits)
+    logits = tokens * vocab_size * (2 if offloaded else 8)
+    return int(weight_bytes + lora + activations + logits)
 
 
 def plan_training(gpu: GpuFacts | None, precision: str, quantize: str, n_params: int, shape: dict, seq_len: int,
                   per_device_batch: int, effective_batch: int, num_processes: int = 1,
                   strategy: str = "ddp", grow_batch: bool = True, gradient_checkpointing: bool | None = None,
-                  memory_budget_gib: float | None = None) -> TrainingPlan:
+                  memory_budget_gib: float | None = None, backend: str = "trl") -> TrainingPlan:
     """The decision tree. `precision` is auto|bf16|fp16|fp8, `quantize` auto|none|4bit; an explicit
     request the hardware cannot meet raises ValueError rather than silently training something else.
     `gradient_checkpointing` None lets the memory estimate decide on a GPU (off when everything fits
-    without it); `memory_budget_gib` plans as if no more than that were free."""
+    without it); `memory_budget_gib` plans as if no more than that were free; `backend` (trl|unsloth,
+    the engine that will train) is what the memory estimate assumes keeps what where.
+
+    On a GPU, in this order: the weight format (4-bit only when 16-bit weights do not fit even with
+    checkpointing), the micro-batch grown while it fits with checkpointing, checkpointing off if that
+    batch fits without it, and then the micro-batch grown further while it fits without. At one batch no
+    recomputation is faster (8B, H200: 8 pairs 13,608 tok/s without, 10,759 with); a doubled batch with
+    recomputation ran as fast as the smaller one without it (10,759 vs 4 pairs without 10,598) in half
+    the memory, so the batch comes first."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if quantize not in QUANTIZE:
@@ -158,9 +178,13 @@ def plan_training(gpu: GpuFacts | None, precision: str, quantize: str, n_params:
         plan.precision = _choose_precision(gpu, precision, plan)
         if plan.precision == "fp8" and quantize == "4bit":
             raise ValueError("precision fp8 and quantize 4bit exclude each other: pick one weight format")
-        grow_to = _growth_limit(plan.per_device_batch, effective_batch, num_processes) if grow_batch else 0
-        _fit_memory(gpu, quantize, n_params, shape, seq_len, plan, grow_to)
-        _choose_checkpointing(gpu, n_params, shape, seq_len, plan, gradient_checkpointing)
+        need = _estimator(n_params, shape, seq_len, backend)
+        _fit_memory(gpu, quantize, need, plan)
+        if grow_batch and gradient_checkpointing is not False:
+            _grow_batch(gpu, need, plan, effective_batch, num_processes, checkpointing=True)
+        _choose_checkpointing(gpu, need, plan, gradient_checkpointing)
+        if grow_batch and not plan.gradient_checkpointing:
+            _grow_batch(gpu, need, plan, effective_batch, num_processes, checkpointing=False)
 
     # The effective batch is the config's, however many processes share it.
     if num_processes > 1 and plan.per_device_batch * num_processes > effective_batch:
@@ -179,27 +203,55 @@ def plan_training(gpu: GpuFacts | None, precision: str, quantize: str, n_params:
     return plan
 
 
-def _choose_checkpointing(gpu: GpuFacts, n_params: int, shape: dict, seq_len: int, plan: TrainingPlan,
-                          asked: bool | None) -> None:
+def _estimator(n_params: int, shape: dict, seq_len: int, backend: str):
+    """need(weights, batch, checkpointing) -> estimate_training_bytes for this model, length and engine."""
+    def need(weights: str, batch: int, checkpointing: bool = True) -> int:
+        return estimate_training_bytes(n_params, shape["hidden_size"], shape["num_hidden_layers"],
+                                       shape["vocab_size"], batch, seq_len, weights, checkpointing, backend)
+    return need
+
+
+def _weights(plan: TrainingPlan) -> str:
+    return "4bit" if plan.load_in_4bit else plan.precision
+
+
+def _choose_checkpointing(gpu: GpuFacts, need, plan: TrainingPlan, asked: bool | None) -> None:
     """Recomputation costs about a quarter of a LoRA DPO step's compute (the policy forward runs twice:
     8N instead of 6N FLOPs a token), so it is on only where memory needs it: when the estimate without
-    it, at the batch already chosen, exceeds the budget."""
+    it, at the batch chosen, exceeds the budget."""
     if asked is not None:
         plan.gradient_checkpointing = asked
         plan.reasons.append(f"gradient checkpointing {'on' if asked else 'off'} (train's gradient_checkpointing)")
         return
-    bytes_per_param = FOUR_BIT_BYTES_PER_PARAM if plan.load_in_4bit else WEIGHT_BYTES[plan.precision]
-    without = estimate_training_bytes(n_params, shape["hidden_size"], shape["num_hidden_layers"], shape["vocab_size"],
-                                      plan.per_device_batch, seq_len, bytes_per_param, gradient_checkpointing=False)
-    budget = gpu.free_bytes * FIT_FRACTION
-    plan.gradient_checkpointing = without > budget
+    without = need(_weights(plan), plan.per_device_batch, False)
+    plan.gradient_checkpointing = without > gpu.free_bytes * FIT_FRACTION
+    at = f"at per-device batch {plan.per_device_batch}"
     if plan.gradient_checkpointing:
-        plan.reasons.append(f"estimated {_gib(without)} without gradient checkpointing exceeds 90% of "
+        plan.reasons.append(f"estimated {_gib(without)} without gradient checkpointing {at} exceeds 90% of "
                             f"{gpu.free_bytes / GiB:.1f} GiB free: checkpointing on (activations recomputed)")
     else:
-        plan.reasons.append(f"estimated {_gib(without)} without gradient checkpointing fits in "
+        plan.reasons.append(f"estimated {_gib(without)} without gradient checkpointing {at} fits in "
                             f"{gpu.free_bytes / GiB:.1f} GiB free: checkpointing off (no recomputation, ~1/4 "
                             "less compute a step)")
+
+
+def _grow_batch(gpu: GpuFacts, need, plan: TrainingPlan, effective_batch: int, num_processes: int,
+                checkpointing: bool) -> None:
+    """Double the per-device batch while the estimate (with or without checkpointing) fits, the doubled
+    batch still divides the effective batch evenly over the processes (so gradient accumulation keeps it
+    exactly) and it stays within MAX_GROWN_BATCH."""
+    start = batch = plan.per_device_batch
+    weights = _weights(plan)
+    while (batch * 2 <= MAX_GROWN_BATCH[checkpointing] and effective_batch % (batch * 2 * num_processes) == 0
+           and need(weights, batch * 2, checkpointing) <= gpu.free_bytes * FIT_FRACTION):
+        batch *= 2
+    if batch > start:
+        plan.per_device_batch = batch
+        plan.reasons.append(f"estimated {_gib(need(weights, batch, checkpointing))} at per-device batch {batch} "
+                            f"{'with' if checkpointing else 'without'} checkpointing fits in "
+                            f"{gpu.free_bytes / GiB:.1f} GiB free: batch raised from {start}, fewer accumulation "
+                            "steps, same effective batch (larger micro-batches ran faster; train.grow_batch false "
+                            "keeps it)")
 
 
 def _check_processes(gpu: GpuFacts | None, plan: TrainingPlan) -> None:
@@ -248,23 +300,14 @@ def _choose_precision(gpu: GpuFacts, precision: str, plan: TrainingPlan) -> str:
     return chosen
 
 
-def _growth_limit(batch: int, effective_batch: int, num_processes: int) -> int:
-    """The largest doubling of `batch`, up to MAX_GROWN_BATCH, that still divides the effective batch
-    evenly over the processes (so gradient accumulation keeps it exactly)."""
-    while batch * 2 <= MAX_GROWN_BATCH and effective_batch % (batch * 2 * num_processes) == 0:
-        batch *= 2
-    return batch
-
-
-def _fit_memory(gpu: GpuFacts, quantize: str, n_params: int, shape: dict, seq_len: int,
-                plan: TrainingPlan, grow_to: int = 0) -> None:
+def _fit_memory(gpu: GpuFacts, quantize: str, need, plan: TrainingPlan) -> None:
     """Pick 16-bit (or FP8) vs 4-bit weights and the largest per-device batch (halving down to 1) whose
-    estimate fits in FIT_FRACTION of free memory; 4-bit only when the wider weights don't fit. A batch
-    that fits as asked is doubled up to `grow_to` while the estimate still fits."""
+    estimate with checkpointing fits in FIT_FRACTION of free memory; 4-bit only when the wider weights
+    don't fit."""
     budget = gpu.free_bytes * FIT_FRACTION
     free = f"{gpu.free_bytes / GiB:.1f} GiB free"
-    wide = (f"{plan.precision} weights", WEIGHT_BYTES[plan.precision], False)
-    four = ("4-bit weights", FOUR_BIT_BYTES_PER_PARAM, True)
+    wide = (f"{plan.precision} weights", plan.precision, False)
+    four = ("4-bit weights", "4bit", True)
     if quantize == "4bit":
         options = [four]
     elif quantize == "none" or plan.precision == "fp8":  # FP8 is already a compressed weight format
@@ -272,28 +315,16 @@ def _fit_memory(gpu: GpuFacts, quantize: str, n_params: int, shape: dict, seq_le
     else:
         options = [wide, four]
 
-    def need(bytes_per_param: float, batch: int) -> int:
-        return estimate_training_bytes(n_params, shape["hidden_size"], shape["num_hidden_layers"],
-                                       shape["vocab_size"], batch, seq_len, bytes_per_param)
-
     start = batch = plan.per_device_batch
     while True:
         fitting = [o for o in options if need(o[1], batch) <= budget]
         if fitting or batch == 1:
             break
         batch //= 2  # a smaller batch with more accumulation steps trains the same effective batch
-    label, bytes_per_param, is_4bit = fitting[0] if fitting else options[-1]
-    if fitting and batch == start:
-        while batch * 2 <= grow_to and need(bytes_per_param, batch * 2) <= budget:
-            batch *= 2
-        if batch > start:
-            plan.reasons.append(f"estimated {_gib(need(bytes_per_param, batch))} at per-device batch {batch} fits "
-                                f"in {free}: batch raised from {start}, fewer accumulation steps, same effective "
-                                "batch (larger micro-batches ran faster; train.grow_batch false keeps it)")
-            start = batch
+    label, weights, is_4bit = fitting[0] if fitting else options[-1]
     plan.load_in_4bit, plan.per_device_batch = is_4bit, batch
     if not fitting:
-        plan.warnings.append(f"estimated {_gib(need(bytes_per_param, 1))} with {label} at per-device batch 1 "
+        plan.warnings.append(f"estimated {_gib(need(weights, 1))} with {label} at per-device batch 1 "
                              f"exceeds 90% of {free}: expect out-of-memory (shorter max_length or a bigger GPU)")
         return
     if batch < start:
@@ -320,14 +351,15 @@ def weights_dtype(plan: TrainingPlan) -> str:
     return TORCH_DTYPES[plan.precision]
 
 
-def plan_stage(setup, spec, model_dir: str | Path, gpu: GpuFacts | None = None) -> TrainingPlan:
-    """The plan for one training stage (its TrainSpec's batch and max_length) on this machine."""
+def plan_stage(setup, spec, model_dir: str | Path, gpu: GpuFacts | None = None, backend: str = "trl") -> TrainingPlan:
+    """The plan for one training stage (its TrainSpec's batch and max_length) on this machine, trained by
+    `backend` (dpoflow.engine.backends.choose_backend's name; trl's estimate is the higher one)."""
     gpu = gpu if gpu is not None else detect_gpu()
     return plan_training(gpu, setup.precision, setup.quantize, count_parameters(model_dir), model_shape(model_dir),
                          spec.max_length, spec.per_device_batch_size,
                          spec.per_device_batch_size * spec.gradient_accumulation_steps,
                          setup.distributed.num_processes, setup.distributed.strategy, setup.grow_batch,
-                         spec.gradient_checkpointing, setup.memory_budget_gib)
+                         spec.gradient_checkpointing, setup.memory_budget_gib, backend)
 
 
 def _gib(n: float) -> str:

@@ -3,7 +3,9 @@ the one-line error and how an address is printed (never its password or token)."
 
 from __future__ import annotations
 
+import importlib
 import re
+from types import ModuleType
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from dpoflow.base.errors import Explained
@@ -12,6 +14,34 @@ from dpoflow.base.redact import redact_text, secret_key
 
 class TrackingError(RuntimeError, Explained):
     """The tracker cannot be reached or its client is missing: one line naming the backend and setting."""
+
+
+def import_client(module: str, backend: str, what: str) -> ModuleType:
+    """`module` imported, or the one-line TrackingError saying which extra brings `what`."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise TrackingError(f"tracking.backend {backend} needs {what}: pip install 'dpoflow[tracking]'") from None
+
+
+class ProcessLocalRuns:
+    """For clients whose runs only the process that opened them can write to (W&B, Trackio): a run
+    of another process is a one-line error, not a silently lost curve."""
+
+    any_process = False
+    backend = product = ""  # set by each tracker: its tracking.backend name and the product's name
+
+    def __init__(self):
+        self.runs: dict = {}
+
+    def holds(self, run_id: str) -> bool:
+        return run_id in self.runs
+
+    def _run(self, run_id: str):
+        if run_id not in self.runs:
+            raise TrackingError(f"tracking.backend {self.backend}: run {run_id} is not open in this process "
+                                f"(only the process that opened a {self.product} run writes to it)")
+        return self.runs[run_id]
 
 
 def shown_uri(uri: str) -> str:

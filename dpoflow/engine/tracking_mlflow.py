@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from dpoflow.engine.tracking_base import TrackingError, shown_uri
+from dpoflow.engine.tracking_base import import_client, shown_uri
 
 
 class MlflowTracker:
@@ -16,13 +16,9 @@ class MlflowTracker:
     any_process = True  # any process reaches a run by its id (a rank torchrun launched)
 
     def __init__(self, uri: str, folder: str = ""):
-        try:
-            from mlflow import MlflowClient
-        except ImportError:
-            raise TrackingError("tracking.backend mlflow needs the MLflow client: pip install "
-                                "'dpoflow[tracking]'") from None
+        mlflow = import_client("mlflow", "mlflow", "the MLflow client")
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = mlflow.MlflowClient(tracking_uri=uri)
 
     def start(self, experiment: str, run_name: str, tags: dict[str, str], params: dict[str, str]) -> str:
         found = self.client.get_experiment_by_name(experiment)

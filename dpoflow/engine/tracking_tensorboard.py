@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dpoflow.engine.tracking_base import TrackingError
+from dpoflow.engine.tracking_base import TrackingError, import_client
 
 
 class TensorBoardTracker:
@@ -15,12 +15,8 @@ class TensorBoardTracker:
     any_process = True  # any process reaches a run by its id (a rank torchrun launched)
 
     def __init__(self, uri: str, folder: str = ""):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise TrackingError("tracking.backend tensorboard needs the tensorboard package: pip install "
-                                "'dpoflow[tracking]'") from None
-        self.root, self.writer_class, self.writers = Path(uri), SummaryWriter, {}
+        tensorboard = import_client("torch.utils.tensorboard", "tensorboard", "the tensorboard package")
+        self.root, self.writer_class, self.writers = Path(uri), tensorboard.SummaryWriter, {}
 
     def start(self, experiment: str, run_name: str, tags: dict[str, str], params: dict[str, str]) -> str:
         run_id = run_name

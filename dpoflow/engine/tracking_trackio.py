@@ -15,32 +15,27 @@ import sys
 from contextlib import redirect_stdout
 from pathlib import Path
 
-from dpoflow.engine.tracking_base import TrackingError
+from dpoflow.engine.tracking_base import ProcessLocalRuns, TrackingError, import_client
 
 
-class TrackioTracker:
+class TrackioTracker(ProcessLocalRuns):
     """Runs in a Trackio folder: one SQLite database per experiment, reports as Trackio artifacts."""
 
-    any_process = False  # see the module's docstring
+    backend, product = "trackio", "Trackio"  # runs of this process only: see the module's docstring
 
     def __init__(self, uri: str, folder: str = ""):
+        super().__init__()
         self.root = Path(uri).resolve()
         if "trackio" not in sys.modules:
             os.environ["TRACKIO_DIR"] = str(self.root)  # read by trackio when it is imported, just below
-        try:
-            import trackio
-            from trackio.sqlite_storage import SQLiteStorage
-            from trackio.utils import TRACKIO_DIR
-        except ImportError:
-            raise TrackingError("tracking.backend trackio needs the trackio package: pip install "
-                                "'dpoflow[tracking]'") from None
+        self.trackio = import_client("trackio", "trackio", "the trackio package")
+        from trackio.sqlite_storage import SQLiteStorage
+        from trackio.utils import TRACKIO_DIR
+
         if Path(TRACKIO_DIR).resolve() != self.root:
             raise TrackingError(f"tracking.uri (trackio folder {self.root}): trackio in this process already "
                                 f"writes to {TRACKIO_DIR} (it reads its folder once, when imported)")
-        self.trackio, self.storage, self.runs = trackio, SQLiteStorage, {}
-
-    def holds(self, run_id: str) -> bool:
-        return run_id in self.runs
+        self.storage = SQLiteStorage
 
     def start(self, experiment: str, run_name: str, tags: dict[str, str], params: dict[str, str]) -> str:
         try:
@@ -54,12 +49,6 @@ class TrackioTracker:
                                     embed=False, auto_log_cpu=False, auto_log_gpu=False)
         self.runs[run.name] = run
         return run.name
-
-    def _run(self, run_id: str):
-        if run_id not in self.runs:
-            raise TrackingError(f"tracking.backend trackio: run {run_id} is not open in this process (only the "
-                                "process that opened a Trackio run writes to it)")
-        return self.runs[run_id]
 
     def metrics(self, run_id: str, values: dict[str, float], step: int) -> None:
         # Writing goes through the Run object: trackio.init of another run (a sweep opens every variant's

@@ -18,34 +18,28 @@ import os
 import shutil
 from pathlib import Path
 
-from dpoflow.engine.tracking_base import TrackingError, reason
+from dpoflow.engine.tracking_base import ProcessLocalRuns, TrackingError, import_client, reason
 
 # W&B's longest tag.
 TAG_LENGTH = 64
 
 
-class WandbTracker:
+class WandbTracker(ProcessLocalRuns):
     """Runs in W&B, their local folders under `folder` (the workdir)."""
 
-    any_process = False  # see the module's docstring
+    backend, product = "wandb", "W&B"  # runs of this process only: see the module's docstring
 
     def __init__(self, uri: str, folder: str):
-        try:
-            import wandb
-        except ImportError:
-            raise TrackingError("tracking.backend wandb needs the wandb client: pip install "
-                                "'dpoflow[tracking]'") from None
-        self.wandb, self.uri, self.folder = wandb, uri, Path(folder)
-        self.runs, self.locations = {}, {}
+        super().__init__()
+        self.wandb = import_client("wandb", "wandb", "the wandb client")
+        self.uri, self.folder = uri, Path(folder)
+        self.locations = {}
         self.stepped: dict[str, set[str]] = {}  # run id -> the metric groups given their own step axis
 
     def mode(self) -> str:
         if os.environ.get("WANDB_MODE"):
             return os.environ["WANDB_MODE"]
         return "online" if self.uri or os.environ.get("WANDB_API_KEY") else "offline"
-
-    def holds(self, run_id: str) -> bool:
-        return run_id in self.runs
 
     def start(self, experiment: str, run_name: str, tags: dict[str, str], params: dict[str, str]) -> str:
         mode = self.mode()
@@ -67,12 +61,6 @@ class WandbTracker:
         self.runs[run.id], self.stepped[run.id] = run, set()
         self.locations[run.id] = run.url if mode == "online" else str(Path(run.dir).parent)
         return run.id
-
-    def _run(self, run_id: str):
-        if run_id not in self.runs:
-            raise TrackingError(f"tracking.backend wandb: run {run_id} is not open in this process (only the "
-                                "process that opened a W&B run writes to it)")
-        return self.runs[run_id]
 
     def metrics(self, run_id: str, values: dict[str, float], step: int) -> None:
         """`values` at `step` of their group (`sft/loss` -> `sft/step`). W&B's own step must grow through

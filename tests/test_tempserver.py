@@ -121,6 +121,43 @@ def test_a_startup_error_is_raised_at_the_flow_call_and_nothing_is_left_running(
     assert "RAISED no port" in proc.stdout
 
 
+def test_the_server_process_is_launched_before_this_process_imports_prefects_server(tmp_path, repo):
+    """The point of starting it early: its boot (importing Prefect's server, opening the database)
+    overlaps this process's own import of Prefect's server module, not only what comes after it. If
+    Prefect's start() then fails, the launched process is stopped all the same."""
+    script = textwrap.dedent("""
+        import sys
+        from dpoflow.app import tempserver
+
+        launch = tempserver.launch_server
+        seen = []
+
+        def watched(port):
+            seen.append("prefect.server.api.server" in sys.modules)
+            return launch(port)
+
+        tempserver.launch_server = watched
+        boot = tempserver.start()
+        boot.join()
+        process = boot.server.server_process
+        assert process.poll() is None  # this launched process is the one Prefect started up and waited for
+        print("IMPORTED-FIRST", seen, boot.error)
+
+        port = tempserver.free_port()
+        failing = tempserver._guarded_server_class()(port)  # another instance (one per port argument)
+        failing.launched = launched = launch(port)
+        failing.stop()  # as at exit when start() failed before it took the process up
+        print("STOPPED", failing.launched is None, launched.poll() is not None)
+    """)
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(repo), **PREFECT_DEFAULTS}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "IMPORTED-FIRST [False] None" in proc.stdout
+    assert "STOPPED True True" in proc.stdout
+
+
 def test_a_command_that_fails_before_the_flow_stops_the_server(tmp_path, repo):
     """The boot is still underway when the command exits: the server is stopped all the same."""
     script = textwrap.dedent("""
